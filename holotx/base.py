@@ -1,0 +1,124 @@
+"""The contract every holotx transform keeps.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = holotx.apply_updates(params, updates)
+
+``update`` never mutates its inputs. The one exception is opt-in *donation*: a caller that
+will never read ``updates`` (the incoming gradients) or ``state`` again may pass
+``donate=True``, and the transform is then free to write its outputs into those buffers,
+as JAX does with donated arguments. ``params`` are never donated to ``update``; they are
+changed only by :func:`apply_updates` with ``inplace=True``. The pure and donated paths run
+the same code: each elementwise op is given an ``inplace`` flag, never a second copy of
+the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from holotx import ops, tree
+
+Params = Any
+"""A pytree of tensors (dict, list, tuple, NamedTuple, nested)."""
+Updates = Any
+"""A pytree with the structure of ``Params``; ``None`` leaves mean "no gradient"."""
+State = Any
+"""A pytree of tensors and containers: everything a transform carries between steps."""
+
+
+class TransformInitFn(Protocol):
+    def __call__(self, params: Params) -> State: ...
+
+
+class TransformUpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: State, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, State]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient transformation: ``init(params) -> state`` and
+    ``update(updates, state, params=None, **extra) -> (updates, state)``.
+
+    Recognised extra keyword: ``donate: bool`` (see the module docstring). Every
+    transform accepts and ignores extras it does not know, so a chain can pass them on.
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+def identity() -> GradientTransformation:
+    """The transform that returns its updates unchanged."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        del params, extra
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def stateless(
+    fn: Callable[[Updates, Params | None], Updates],
+) -> GradientTransformation:
+    """A transform from a function ``fn(updates, params) -> updates`` that keeps no state.
+
+    ``fn`` must not modify its arguments; ``None`` leaves are its to handle.
+    """
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra):
+        del extra
+        return fn(updates, params), state
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
+    r"""Return ``params + updates``, each result in its parameter's dtype.
+
+    ``None`` updates leave their parameter as it is. With ``inplace=True`` the parameter
+    tensors are updated in place (``p += u``, grouped multi-tensor) and ``params`` itself
+    is returned; do this only outside autograd, e.g. under ``torch.no_grad()``.
+    """
+    p_leaves, treespec = tree.flatten(params)
+    u_leaves = tree.leaves_matching(updates, treespec, "updates", "params")
+    tree.check_leaves(p_leaves, u_leaves, treespec, "params", "updates", dtype=False)
+    idx = [i for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if p is not None and u is not None]
+    ps = [p_leaves[i] for i in idx]
+    us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
+          for i in idx]
+    out = ops.add(ps, us, inplace=inplace)
+    if inplace:
+        return params
+    new = list(p_leaves)
+    for i, p in zip(idx, out):
+        new[i] = p
+    return tree.unflatten(treespec, new)
+
+
+def init_count(params: Params) -> torch.Tensor:
+    """A 0-d int64 step counter at zero, on the device of the first parameter."""
+    return torch.zeros((), dtype=torch.int64, device=tree.first_device(params))
+
+
+def next_count(count: torch.Tensor, *, donate: bool = False) -> torch.Tensor:
+    """``count + 1``; in place when the state is donated."""
+    return count.add_(1) if donate else count + 1

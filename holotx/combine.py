@@ -1,0 +1,301 @@
+"""Combinators: transforms built from transforms.
+
+``chain`` runs transforms in sequence; ``masked``/``partition``/``freeze`` route subtrees
+to different transforms (``partition`` is how per-group hyperparameters are written
+functionally); ``apply_if_finite`` skips steps with non-finite gradients; ``multi_steps``
+accumulates gradients over micro-steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from holotx import _validate, tree
+from holotx.base import GradientTransformation, Params, init_count
+from holotx.transforms.scale import set_to_zero
+
+__all__ = [
+    "ApplyIfFiniteState",
+    "MaskedState",
+    "MultiStepsState",
+    "PartitionState",
+    "apply_if_finite",
+    "chain",
+    "freeze",
+    "masked",
+    "multi_steps",
+    "named_chain",
+    "partition",
+]
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Extra keyword arguments given to ``update`` (``donate`` included) reach every
+    transform.
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise ValueError(f"chain argument {i} is not a GradientTransformation: {t!r}")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None, **extra):
+        if len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, **extra)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """:func:`chain` whose state is a dict keyed by the given names, so a piece of the
+    state can be found (and logged, or restored) by name."""
+    names = [n for n, _ in transforms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"named_chain names must be unique, got {names}")
+
+    def init(params):
+        return {n: t.init(params) for n, t in transforms}
+
+    def update(updates, state, params=None, **extra):
+        if set(state) != set(names):
+            raise ValueError(f"named_chain state has keys {sorted(state)}, expected {sorted(names)}")
+        new_state = {}
+        for n, t in transforms:
+            updates, new_state[n] = t.update(updates, state[n], params, **extra)
+        return updates, new_state
+
+    return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------- routing subtrees
+
+def _resolve(labels: Any, like: Any, what: str) -> tuple[list[Any], tree.PyTreeSpec]:
+    """Leaves of ``labels`` (a pytree, a prefix of one, or a function of ``like``)
+    broadcast to the structure of ``like``."""
+    if callable(labels):
+        labels = labels(like)
+    leaves, spec = tree.flatten(like)
+    try:
+        full = optree.tree_broadcast_prefix(labels, like, none_is_leaf=True)
+    except ValueError as e:
+        raise ValueError(f"{what} is not a prefix of the params tree: {e}") from None
+    return tree.leaves_matching(full, spec, what, "params"), spec
+
+
+def _select_leaves(leaves: list[Any], keep: list[bool]) -> list[Any]:
+    return [x if k else None for x, k in zip(leaves, keep)]
+
+
+def _routed_update(inner: GradientTransformation, keep: list[bool], spec, u_leaves, p_leaves,
+                   inner_state, extra):
+    sub_u = tree.unflatten(spec, _select_leaves(u_leaves, keep))
+    sub_p = None if p_leaves is None else tree.unflatten(spec, _select_leaves(p_leaves, keep))
+    new_u, new_state = inner.update(sub_u, inner_state, sub_p, **extra)
+    return tree.leaves_matching(new_u, spec, "the inner updates", "updates"), new_state
+
+
+class MaskedState(NamedTuple):
+    inner_state: Any
+
+
+def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -> GradientTransformation:
+    """Apply ``inner`` to the leaves where ``mask`` is True; pass the others through.
+
+    ``mask`` is a pytree of bools with the params' structure, a prefix of it (``{"encoder":
+    False, "decoder": True}`` for nested dicts), or a function ``params -> mask``. The
+    inner transform sees ``None`` at masked-out leaves, so keeps no state for them.
+    """
+
+    def keep_of(tree_like):
+        leaves, spec = _resolve(mask, tree_like, "mask")
+        for path, m in zip(tree.path_strings(spec), leaves):
+            if not isinstance(m, bool):
+                raise ValueError(f"mask at {path} must be a bool, got {m!r}")
+        return leaves
+
+    def init(params):
+        p_leaves, spec = tree.flatten(params)
+        return MaskedState(inner.init(tree.unflatten(spec, _select_leaves(p_leaves, keep_of(params)))))
+
+    def update(updates, state, params=None, **extra):
+        u_leaves, spec = tree.flatten(updates)
+        p_leaves = None if params is None else tree.leaves_matching(params, spec, "params", "updates")
+        keep = keep_of(updates)
+        new_leaves, inner_state = _routed_update(inner, keep, spec, u_leaves, p_leaves,
+                                                 state.inner_state, extra)
+        out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
+        return tree.unflatten(spec, out), MaskedState(inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
+    """Zero the updates of the leaves where ``mask`` is True (those params stay fixed)."""
+    return masked(set_to_zero(), mask)
+
+
+class PartitionState(NamedTuple):
+    inner_states: dict[Hashable, Any]
+
+
+def partition(
+    transforms: Mapping[Hashable, GradientTransformation], param_labels: Any | Callable[[Params], Any]
+) -> GradientTransformation:
+    """Route each leaf to the transform of its label.
+
+    ``param_labels`` is a pytree of labels (keys of ``transforms``) with the params'
+    structure or a prefix of it, or a function ``params -> labels``. This is the
+    functional form of torch's param groups: ``partition({"decay": adamw(1e-3, weight_decay=
+    0.1), "no_decay": adamw(1e-3, weight_decay=0.0)}, labels)``.
+    """
+    transforms = dict(transforms)
+
+    def labels_of(tree_like):
+        leaves, spec = _resolve(param_labels, tree_like, "param_labels")
+        for path, label in zip(tree.path_strings(spec), leaves):
+            if label not in transforms:
+                raise ValueError(f"param_labels at {path} is {label!r}, which is not one of "
+                                 f"the transforms' labels {sorted(map(repr, transforms))}")
+        return leaves
+
+    def init(params):
+        labels = labels_of(params)
+        p_leaves, spec = tree.flatten(params)
+        return PartitionState({
+            name: t.init(tree.unflatten(spec, _select_leaves(p_leaves, [lb == name for lb in labels])))
+            for name, t in transforms.items()
+        })
+
+    def update(updates, state, params=None, **extra):
+        u_leaves, spec = tree.flatten(updates)
+        p_leaves = None if params is None else tree.leaves_matching(params, spec, "params", "updates")
+        labels = labels_of(updates)
+        out = list(u_leaves)
+        new_states = {}
+        for name, t in transforms.items():
+            keep = [lb == name for lb in labels]
+            new_leaves, new_states[name] = _routed_update(
+                t, keep, spec, u_leaves, p_leaves, state.inner_states[name], extra)
+            out = [n if k else o for n, o, k in zip(new_leaves, out, keep)]
+        return tree.unflatten(spec, out), PartitionState(new_states)
+
+    return GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------- conditional steps
+
+def _select_tree(cond: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``cond`` else ``old``, leafwise over two trees of one structure."""
+    new_leaves, spec = tree.flatten(new)
+    old_leaves = tree.leaves_matching(old, spec, "the old state", "the new state")
+    out = []
+    for a, b in zip(new_leaves, old_leaves):
+        out.append(torch.where(cond, a, b) if isinstance(a, torch.Tensor) else a)
+    return tree.unflatten(spec, out)
+
+
+def _all_finite(updates: Any) -> torch.Tensor:
+    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    device = leaves[0].device
+    return torch.stack([torch.isfinite(x).all().to(device) for x in leaves]).all()
+
+
+class ApplyIfFiniteState(NamedTuple):
+    notfinite_count: torch.Tensor
+    """Consecutive steps with non-finite updates so far."""
+    last_finite: torch.Tensor
+    """Whether the last step's updates were all finite."""
+    total_notfinite: torch.Tensor
+    """Steps with non-finite updates, in all."""
+    inner_state: Any
+
+
+def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:
+    """Skip steps whose incoming updates hold a NaN or an infinity.
+
+    A skipped step returns zero updates and leaves the inner state as it was; the
+    counters record it. After more than ``max_consecutive_errors`` skips in a row the
+    step is applied anyway (as optax's ``apply_if_finite``). The decision is a 0-d tensor
+    used by ``torch.where``: no host sync. The inner transform never gets ``donate``: the
+    old state must survive a skipped step.
+    """
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
+            or max_consecutive_errors < 0:
+        raise ValueError(f"max_consecutive_errors must be an integer >= 0, got {max_consecutive_errors!r}")
+
+    def init(params):
+        zero = init_count(params)
+        return ApplyIfFiniteState(zero, torch.ones_like(zero, dtype=torch.bool), zero.clone(),
+                                  inner.init(params))
+
+    def update(updates, state, params=None, **extra):
+        extra.pop("donate", None)
+        finite = _all_finite(updates)
+        notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count),
+                                      state.notfinite_count + 1)
+        reject = ~finite & (notfinite_count <= max_consecutive_errors)
+        new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        new_u = tree.map(lambda u: torch.where(reject, torch.zeros_like(u), u), new_u)
+        return new_u, ApplyIfFiniteState(
+            notfinite_count, finite, state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
+            _select_tree(reject, state.inner_state, new_inner))
+
+    return GradientTransformation(init, update)
+
+
+class MultiStepsState(NamedTuple):
+    mini_step: torch.Tensor
+    """Micro-steps accumulated since the last real step."""
+    gradient_step: torch.Tensor
+    """Real (inner) steps taken."""
+    inner_state: Any
+    acc_grads: Any
+    """Running mean of the micro-steps' gradients."""
+
+
+def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
+    r"""Accumulate gradients over ``every_k`` micro-steps, then take one inner step.
+
+    Same semantics as optax's ``MultiSteps``: the accumulator is the running mean
+    :math:`a \leftarrow a + (g - a)/(n + 1)`; on the ``every_k``-th call the inner transform
+    is applied to it and its updates are returned (and the accumulator reset), on the
+    other calls the updates are zeros and the inner state does not change. Traceable: the
+    inner update runs every micro-step and ``torch.where`` keeps or discards it, which
+    costs one inner update per micro-step. ``None`` gradients add nothing.
+    """
+    _validate.positive_int("every_k", every_k)
+
+    def init(params):
+        zero = init_count(params)
+        return MultiStepsState(zero, zero.clone(), inner.init(params), tree.zeros_like(params))
+
+    def update(updates, state, params=None, **extra):
+        extra.pop("donate", None)
+        n = state.mini_step
+        acc = tree.map(lambda a, g: a if g is None else a + (g - a) / (n + 1).to(a.dtype),
+                       state.acc_grads, updates)
+        emit = n == every_k - 1
+        new_u, new_inner = inner.update(acc, state.inner_state, params, **extra)
+        new_u = tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_u)
+        return new_u, MultiStepsState(
+            torch.where(emit, torch.zeros_like(n), n + 1),
+            state.gradient_step + emit.to(state.gradient_step.dtype),
+            _select_tree(emit, new_inner, state.inner_state),
+            tree.map(lambda a: torch.where(emit, torch.zeros_like(a), a), acc),
+        )
+
+    return GradientTransformation(init, update)

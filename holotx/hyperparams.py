@@ -1,0 +1,112 @@
+"""Hyperparameters that live in the optimizer state.
+
+``inject_hyperparams(factory)(**kwargs)`` builds the same transform as ``factory(**kwargs)``
+but keeps its numeric hyperparameters in the state as 0-d tensors. They can then change
+between steps without rebuilding or re-tracing (write a new value into
+``state.hyperparams``), be logged, be batched with ``torch.func.vmap`` (sweeps) and be
+differentiated (meta-learned learning rates). A hyperparameter given as a schedule is
+evaluated at the step count each step and its value stored, so it can be logged too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from numbers import Number
+from typing import Any, NamedTuple
+
+import torch
+
+from holotx.base import GradientTransformation, init_count, next_count
+from holotx.tree import first_device
+
+__all__ = ["InjectHyperparamsState", "inject_hyperparams"]
+
+
+class InjectHyperparamsState(NamedTuple):
+    count: torch.Tensor
+    """Steps taken; schedules are evaluated at this value."""
+    hyperparams: dict[str, Any]
+    """Each injected hyperparameter: a 0-d tensor, or a tuple of them (``betas``)."""
+    inner_state: Any
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, Number) and not isinstance(x, bool)
+
+
+def _is_numeric(x: Any) -> bool:
+    if _is_number(x) or (isinstance(x, torch.Tensor) and x.dim() == 0):
+        return True
+    return isinstance(x, tuple) and len(x) > 0 and all(_is_number(v) or isinstance(v, torch.Tensor)
+                                                       for v in x)
+
+
+def inject_hyperparams(
+    factory: Callable[..., GradientTransformation],
+    static_args: Iterable[str] = (),
+    hyperparam_dtype: torch.dtype | None = None,
+) -> Callable[..., GradientTransformation]:
+    """Wrap ``factory`` so that its numeric arguments become state.
+
+    Every argument of the call (defaults included) that is a number, a 0-d tensor, a
+    tuple of numbers (``betas``), or a schedule (a callable, evaluated at the step count)
+    is injected, unless named in ``static_args``; booleans, strings and other values stay
+    static. Values are stored as 0-d tensors of ``hyperparam_dtype`` (float64 by default,
+    so a float64 run equals the un-injected one exactly) on the params' device.
+
+    The factory is called again on each update with the current tensors, so it must
+    accept 0-d tensors for those arguments (every holotx factory does) and must not make
+    structural decisions on their values. Extra keywords of ``update`` (``donate``)
+    reach the inner transform.
+    """
+    static = set(static_args)
+    signature = inspect.signature(factory)
+
+    def build(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                raise ValueError(f"inject_hyperparams cannot wrap a factory with *{name}")
+        schedules = {k: v for k, v in arguments.items()
+                     if k not in static and callable(v) and not isinstance(v, torch.Tensor)}
+        numeric = {k: v for k, v in arguments.items()
+                   if k not in static and k not in schedules and _is_numeric(v)}
+        fixed = {k: v for k, v in arguments.items() if k not in schedules and k not in numeric}
+
+        def as_tensor(value: Any, device: torch.device) -> Any:
+            dtype = hyperparam_dtype or (torch.float32 if device.type == "mps" else torch.float64)
+            if isinstance(value, tuple):
+                return tuple(as_tensor(v, device) for v in value)
+            if isinstance(value, torch.Tensor):
+                return value.to(device=device, dtype=dtype)
+            return torch.tensor(value, dtype=dtype, device=device)
+
+        def current(count: torch.Tensor, stored: dict[str, Any]) -> dict[str, Any]:
+            values = dict(stored)
+            device = count.device
+            for name, schedule in schedules.items():
+                values[name] = as_tensor(schedule(count), device)
+            return values
+
+        def init(params):
+            count = init_count(params)
+            device = first_device(params)
+            hyperparams = current(count, {k: as_tensor(v, device) for k, v in numeric.items()})
+            inner = factory(**fixed, **hyperparams)
+            return InjectHyperparamsState(count, hyperparams, inner.init(params))
+
+        def update(updates, state, params=None, **extra):
+            hyperparams = current(state.count, state.hyperparams)
+            inner = factory(**fixed, **hyperparams)
+            updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            count = next_count(state.count, donate=extra.get("donate", False))
+            return updates, InjectHyperparamsState(count, hyperparams, inner_state)
+
+        return GradientTransformation(init, update)
+
+    return build

@@ -1,0 +1,85 @@
+"""Run a list-level kernel over matched pytrees, one call per device/dtype group.
+
+This is the plumbing every elementwise transform shares: flatten the updates once, check
+that state and params line up with them (errors name the path), drop ``None`` gradients
+(their state passes through untouched), group the rest by device and dtype (so foreach
+kernels see homogeneous lists, as torch.optim's multi-tensor path does), call the kernel,
+and put the trees back together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from holotx import tree
+
+Kernel = Callable[..., tuple[list[Any], ...]]
+
+__all__ = ["multi_tensor_update"]
+
+
+def multi_tensor_update(
+    kernel: Kernel,
+    updates: Any,
+    states: Sequence[Any | None] = (),
+    params: Any | None = None,
+    *,
+    state_names: Sequence[str] = (),
+    needs_params: bool = False,
+) -> tuple[Any, list[Any | None]]:
+    """Apply ``kernel(g, *state_lists, p) -> (u, *new_state_lists)`` to grouped leaves.
+
+    ``states`` are trees shaped like ``updates`` (or ``None`` for a buffer the transform
+    does not keep: its list is ``None`` for the kernel and its result must be ``None``).
+    ``p`` is the matching list of params, or ``None`` when ``params`` is ``None``; with
+    ``needs_params=True`` a missing ``params`` is an error. Returns the updates tree and
+    the list of new state trees.
+    """
+    names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
+    g_leaves, spec = tree.flatten(updates)
+    state_leaves: list[list[Any] | None] = []
+    for name, st in zip(names, states):
+        if st is None:
+            state_leaves.append(None)
+            continue
+        leaves = tree.leaves_matching(st, spec, name, "updates")
+        tree.check_leaves(g_leaves, leaves, spec, "updates", name)
+        state_leaves.append(leaves)
+    if params is None:
+        if needs_params:
+            raise ValueError("this transform needs params: call update(updates, state, params)")
+        p_leaves = None
+    else:
+        p_leaves = tree.leaves_matching(params, spec, "params", "updates")
+        tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params")
+        for path, g, p in zip(tree.path_strings(spec), g_leaves, p_leaves):
+            if g is not None and p is None:
+                raise ValueError(f"params at {path} is None but updates has a tensor there")
+
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, g in enumerate(g_leaves):
+        if g is not None:
+            for k, leaves in enumerate(state_leaves):
+                if leaves is not None and leaves[i] is None:
+                    raise ValueError(f"{names[k]} has no entry at {tree.path_strings(spec)[i]}, "
+                                     "where updates has a tensor: was init given this leaf?")
+            groups.setdefault((g.device, g.dtype), []).append(i)
+
+    new_u: list[Any] = [None] * len(g_leaves)
+    new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
+    for idx in groups.values():
+        outs = kernel(
+            [g_leaves[i] for i in idx],
+            *[None if leaves is None else [leaves[i] for i in idx] for leaves in state_leaves],
+            None if p_leaves is None else [p_leaves[i] for i in idx],
+        )
+        for j, i in enumerate(idx):
+            new_u[i] = outs[0][j]
+        for k, out in enumerate(outs[1:]):
+            if new_states[k] is not None:
+                for j, i in enumerate(idx):
+                    new_states[k][i] = out[j]
+    return tree.unflatten(spec, new_u), [
+        None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
+    ]

@@ -1,0 +1,171 @@
+"""Elementwise math over lists of tensors: one call, all leaves.
+
+Each op takes lists of tensors (all leaves of a tree, or one device/dtype group of them),
+scalars that are Python numbers or 0-d tensors, and an ``inplace`` flag. With
+``inplace=True`` the first list is overwritten and returned; otherwise fresh tensors are
+returned and no input changes. Transforms write their math once in these ops and pass
+``inplace=donate`` (or ``inplace=True`` for tensors they created themselves), which is
+how the pure and the donated path share one implementation.
+
+Dispatch: ``torch._foreach_*`` kernels where they apply; a loop of ordinary tensor ops
+per leaf under ``torch.func.vmap`` (foreach ops have no batching rule) and where a
+foreach overload does not accept a tensor scalar. Both compute the same formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Number
+from typing import Union
+
+import torch
+import torch._C._functorch as _functorch
+
+Scalar = Union[float, int, torch.Tensor]
+TensorList = list[torch.Tensor]
+
+__all__ = [
+    "add",
+    "add_scalar",
+    "addcdiv",
+    "addcmul",
+    "clone",
+    "copy",
+    "div",
+    "foreach_supported",
+    "lerp",
+    "maximum",
+    "mul",
+    "norms",
+    "sqrt",
+]
+
+
+def _under_vmap_eager() -> bool:
+    stack = _functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == _functorch.TransformType.Vmap for i in stack)
+
+
+def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``torch._foreach_*`` kernels can run on ``xs`` here (not under vmap)."""
+    if not xs:
+        return False
+    if torch.compiler.is_compiling():
+        # Dynamo cannot call the interpreter-stack query; a batched leaf is what matters.
+        return not _functorch.is_batchedtensor(xs[0])
+    return not _under_vmap_eager()
+
+
+def _is_tensor(s: object) -> bool:
+    return isinstance(s, torch.Tensor)
+
+
+def _scalar_ok(s: object) -> bool:
+    """Foreach ``Scalar`` overloads take numbers; 0-d tensors only where a Tensor overload exists."""
+    return isinstance(s, Number)
+
+
+def _done(xs: TensorList, out: TensorList, inplace: bool) -> TensorList:
+    return xs if inplace else list(out)
+
+
+def mul(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
+    """``x * s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
+    if foreach_supported(xs):
+        fn = torch._foreach_mul_ if inplace else torch._foreach_mul
+        return _done(xs, fn(xs, s), inplace)
+    ss = s if isinstance(s, list) else [s] * len(xs)
+    return [x.mul_(y) if inplace else x * y for x, y in zip(xs, ss)]
+
+
+def div(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
+    """``x / s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
+    if foreach_supported(xs):
+        fn = torch._foreach_div_ if inplace else torch._foreach_div
+        return _done(xs, fn(xs, s), inplace)
+    ss = s if isinstance(s, list) else [s] * len(xs)
+    return [x.div_(y) if inplace else x / y for x, y in zip(xs, ss)]
+
+
+def add_scalar(xs: TensorList, s: Scalar, *, inplace: bool = False) -> TensorList:
+    """``x + s`` for a scalar or 0-d tensor ``s``."""
+    if foreach_supported(xs):
+        fn = torch._foreach_add_ if inplace else torch._foreach_add
+        return _done(xs, fn(xs, s), inplace)
+    return [x.add_(s) if inplace else x + s for x in xs]
+
+
+def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1, *, inplace: bool = False) -> TensorList:
+    """``x + alpha * y``."""
+    if foreach_supported(xs) and _scalar_ok(alpha):
+        fn = torch._foreach_add_ if inplace else torch._foreach_add
+        return _done(xs, fn(xs, ys, alpha=alpha), inplace)
+    if _is_tensor(alpha):
+        return [x.add_(y * alpha) if inplace else x + y * alpha for x, y in zip(xs, ys)]
+    return [x.add_(y, alpha=alpha) if inplace else x.add(y, alpha=alpha) for x, y in zip(xs, ys)]
+
+
+def lerp(xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False) -> TensorList:
+    """``x + weight * (y - x)``, e.g. an EMA ``m <- lerp(m, g, 1 - beta)``."""
+    if foreach_supported(xs) and _scalar_ok(weight):
+        fn = torch._foreach_lerp_ if inplace else torch._foreach_lerp
+        return _done(xs, fn(xs, ys, weight), inplace)
+    return [x.lerp_(y, weight) if inplace else torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+
+
+def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
+            inplace: bool = False) -> TensorList:
+    """``x + value * a * b``."""
+    if foreach_supported(xs) and _scalar_ok(value):
+        fn = torch._foreach_addcmul_ if inplace else torch._foreach_addcmul
+        return _done(xs, fn(xs, a, b, value), inplace)
+    if _is_tensor(value):
+        return [x.add_(p * q * value) if inplace else x + p * q * value for x, p, q in zip(xs, a, b)]
+    return [x.addcmul_(p, q, value=value) if inplace else torch.addcmul(x, p, q, value=value)
+            for x, p, q in zip(xs, a, b)]
+
+
+def addcdiv(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
+            inplace: bool = False) -> TensorList:
+    """``x + value * a / b``."""
+    if foreach_supported(xs) and _scalar_ok(value):
+        fn = torch._foreach_addcdiv_ if inplace else torch._foreach_addcdiv
+        return _done(xs, fn(xs, a, b, value), inplace)
+    if _is_tensor(value):
+        return [x.add_(p / q * value) if inplace else x + p / q * value for x, p, q in zip(xs, a, b)]
+    return [x.addcdiv_(p, q, value=value) if inplace else torch.addcdiv(x, p, q, value=value)
+            for x, p, q in zip(xs, a, b)]
+
+
+def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
+    if foreach_supported(xs):
+        fn = torch._foreach_sqrt_ if inplace else torch._foreach_sqrt
+        return _done(xs, fn(xs), inplace)
+    return [x.sqrt_() if inplace else x.sqrt() for x in xs]
+
+
+def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+    """Elementwise ``max(x, y)`` (NaN propagates, as in ``torch.maximum``)."""
+    if foreach_supported(xs):
+        fn = torch._foreach_maximum_ if inplace else torch._foreach_maximum
+        return _done(xs, fn(xs, ys), inplace)
+    return [x.copy_(torch.maximum(x, y)) if inplace else torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def clone(xs: TensorList) -> TensorList:
+    return [x.clone() for x in xs]
+
+
+def norms(xs: TensorList) -> TensorList:
+    """The L2 norm of each tensor, as 0-d tensors (no host sync)."""
+    if foreach_supported(xs):
+        return list(torch._foreach_norm(xs))
+    return [torch.linalg.vector_norm(x) for x in xs]
+
+
+def copy(dst: TensorList, src: TensorList) -> TensorList:
+    """Write ``src`` into ``dst`` and return ``dst``."""
+    if foreach_supported(dst):
+        torch._foreach_copy_(dst, src)
+        return dst
+    return [d.copy_(s) for d, s in zip(dst, src)]

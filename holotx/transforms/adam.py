@@ -1,0 +1,101 @@
+"""Adam's moment estimates, as a building block."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from holotx import _validate, ops
+from holotx.base import GradientTransformation, init_count, next_count
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.tree import zeros_like
+
+__all__ = ["ScaleByAdamState", "bias_correction", "scale_by_adam", "scalar_dtype"]
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor
+    """Steps taken, a 0-d int64 tensor."""
+    mu: object
+    """First moment (``exp_avg`` in torch.optim)."""
+    nu: object
+    """Second moment (``exp_avg_sq``)."""
+    nu_max: object
+    """Running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``."""
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """Per-step scalars are float64 (so float64 params are exact); MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
+    """``1 - beta**count`` as a 0-d float64 tensor on the count's device.
+
+    Computed from the step tensor, never ``.item()``, so it traces under compile and vmap;
+    in float64 it equals torch.optim's Python-float ``1 - beta ** step`` bit for bit.
+    """
+    t = count.to(scalar_dtype(count.device))
+    return 1 - torch.pow(beta, t)
+
+
+def scale_by_adam(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    r"""Rescale updates by Adam's bias-corrected moments (Kingma & Ba, 2015).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \hat v_t = \max(\hat v_{t-1}, v_t)\ \text{(amsgrad)}
+
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with ``eps`` outside the square root, as in ``torch.optim.Adam``; the bias
+    corrections are computed in float64 from the step count. Defaults ``(0.9, 0.999,
+    1e-8)``. State: :class:`ScaleByAdamState`.
+    """
+    _validate.in_unit_interval("b1", b1)
+    _validate.in_unit_interval("b2", b2)
+    _validate.non_negative("eps", eps)
+
+    def init(params):
+        return ScaleByAdamState(
+            count=init_count(params),
+            mu=zeros_like(params),
+            nu=zeros_like(params),
+            nu_max=zeros_like(params) if amsgrad else None,
+        )
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del params, extra
+        count = next_count(state.count, donate=donate)
+        bc1 = bias_correction(b1, count)
+        bc2_sqrt = torch.sqrt(bias_correction(b2, count))
+
+        def kernel(g, mu, nu, nu_max, _p):
+            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
+            nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+            if nu_max is not None:
+                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+            denom = ops.sqrt(nu if nu_max is None else nu_max)
+            denom = ops.div(denom, bc2_sqrt, inplace=True)
+            denom = ops.add_scalar(denom, eps, inplace=True)
+            u = ops.div(mu, denom)
+            u = ops.div(u, bc1, inplace=True)
+            return u, mu, nu, nu_max
+
+        u, (mu, nu, nu_max) = multi_tensor_update(
+            kernel, updates, (state.mu, state.nu, state.nu_max),
+            state_names=("state.mu", "state.nu", "state.nu_max"),
+        )
+        return u, ScaleByAdamState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)

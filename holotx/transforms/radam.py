@@ -1,0 +1,100 @@
+"""RAdam's rectified adaptive step, as a building block."""
+
+from __future__ import annotations
+
+import torch
+
+from holotx import _validate, ops
+from holotx.base import GradientTransformation, init_count, next_count
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.transforms.adam import ScaleByAdamState, bias_correction
+from holotx.tree import zeros_like
+
+__all__ = ["rectification", "scale_by_radam"]
+
+
+def rectification(
+    b2: Scalar, count: torch.Tensor, bc2: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""RAdam's variance rectification at step ``count``, as 0-d tensors ``(active, r_t)``.
+
+    .. math::
+        \rho_\infty = \frac{2}{1-\beta_2} - 1,\quad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t},\quad
+        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    ``active`` is ``rho_t > threshold``. Where inactive, ``r_t`` is evaluated at
+    ``rho_inf`` instead so that no NaN enters a gradient through ``torch.where``.
+    """
+    t = bc2.new_tensor(0) + count
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * torch.pow(b2, t) / bc2
+    active = rho_t > threshold
+    rho = torch.where(active, rho_t, rho_inf + torch.zeros_like(rho_t))
+    r = torch.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    return active, r
+
+
+def scale_by_radam(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    threshold: float = 5.0,
+) -> GradientTransformation:
+    r"""Rescale updates by Rectified Adam (Liu et al., 2020, "On the Variance of the
+    Adaptive Learning Rate and Beyond").
+
+    With Adam's moments :math:`m_t, v_t` and :func:`rectification`'s :math:`r_t`:
+
+    .. math::
+        u_t = \begin{cases}
+            \frac{m_t}{1-\beta_1^t}\, \frac{r_t \sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon}
+              & \rho_t > \text{threshold} \\
+            \frac{m_t}{1-\beta_1^t} & \text{otherwise}
+        \end{cases}
+
+    ``threshold=5`` is torch.optim.RAdam's rule (rectify from step 6 with the default
+    betas); the paper's is 4. ``eps`` is added to :math:`\sqrt{v_t}` before the bias
+    correction, as in torch. The branch is chosen with ``torch.where`` on 0-d tensors,
+    so the transform traces. State: :class:`~holotx.transforms.ScaleByAdamState`.
+    """
+    _validate.in_unit_interval("b1", b1)
+    _validate.in_unit_interval("b2", b2)
+    _validate.non_negative("eps", eps)
+    if not threshold >= 4:
+        raise ValueError(f"threshold must be >= 4 (the rectifier needs rho_t > 4), got {threshold!r}")
+
+    def init(params):
+        return ScaleByAdamState(init_count(params), zeros_like(params), zeros_like(params), None)
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del params, extra
+        count = next_count(state.count, donate=donate)
+        bc1 = bias_correction(b1, count)
+        bc2 = bias_correction(b2, count)
+        active, r = rectification(b2, count, bc2, threshold)
+        # denom = (sqrt(v) + eps) / (r * sqrt(bc2)) when rectifying, exactly 1 otherwise.
+        zero = torch.zeros_like(bc2)
+        denom_scale = torch.where(active, 1 / (r * torch.sqrt(bc2)), zero)
+        denom_shift = torch.where(active, zero, zero + 1)
+
+        def kernel(g, mu, nu, _nu_max, _p):
+            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
+            nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+            denom = ops.sqrt(nu)
+            denom = ops.add_scalar(denom, eps, inplace=True)
+            denom = ops.mul(denom, denom_scale, inplace=True)
+            denom = ops.add_scalar(denom, denom_shift, inplace=True)
+            u = ops.div(mu, denom)
+            u = ops.div(u, bc1, inplace=True)
+            return u, mu, nu, None
+
+        u, (mu, nu, _) = multi_tensor_update(
+            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", "")
+        )
+        return u, ScaleByAdamState(count, mu, nu, None)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,125 @@
+"""Pytree helpers on optree: flatten once, map, compare with errors that name the path.
+
+Every helper treats ``None`` as a leaf (``none_is_leaf=True``): a ``None`` gradient is a
+leaf that says "no gradient here", and it lines up with the parameter and state leaves at
+the same path. Nothing here broadcasts: two trees that differ in structure, or leaves that
+differ in shape, dtype or device, raise a ``ValueError`` naming the offending path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+from optree import PyTreeSpec
+
+__all__ = [
+    "PyTreeSpec",
+    "check_leaves",
+    "first_device",
+    "flatten",
+    "leaves_matching",
+    "map",
+    "path_strings",
+    "structure",
+    "unflatten",
+    "zeros_like",
+]
+
+
+def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
+    """Leaves (``None`` included) and the structure of ``tree``."""
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def structure(tree: Any) -> PyTreeSpec:
+    return optree.tree_structure(tree, none_is_leaf=True)
+
+
+def unflatten(treespec: PyTreeSpec, leaves: Sequence[Any]) -> Any:
+    return optree.tree_unflatten(treespec, leaves)
+
+
+def path_strings(treespec: PyTreeSpec) -> list[str]:
+    """Each leaf's path as Python would index it, e.g. ``['layer'][0].weight``."""
+    return [a.codify("") or "<root>" for a in treespec.accessors()]
+
+
+def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_name: str) -> str:
+    ref_paths = set(ref.paths())
+    try:
+        other = structure(other_tree)
+        other_paths = set(other.paths())
+        other_names = dict(zip(other.paths(), path_strings(other)))
+    except Exception:  # noqa: BLE001 - describing an error, never raising a new one
+        return f"{other_name} is not a pytree like {ref_name} ({ref})"
+    names = dict(zip(ref.paths(), path_strings(ref)))
+    missing = sorted(names[p] for p in ref_paths - other_paths)
+    extra = sorted(other_names[p] for p in other_paths - ref_paths)
+    parts = []
+    if missing:
+        parts.append(f"{other_name} lacks {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        parts.append(f"{other_name} has {', '.join(extra[:5])} that {ref_name} lacks"
+                     + (" ..." if len(extra) > 5 else ""))
+    if not parts:
+        parts.append(f"the containers differ: {ref_name} is {ref}, {other_name} is {other}")
+    return f"{other_name} does not match the structure of {ref_name}: " + "; ".join(parts)
+
+
+def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -> list[Any]:
+    """Leaves of ``tree``, which must have exactly the structure ``treespec``."""
+    leaves, spec = flatten(tree)
+    if spec != treespec:
+        raise ValueError(_describe_mismatch(treespec, tree, ref_name, name))
+    return leaves
+
+
+def check_leaves(
+    ref: Sequence[Any],
+    other: Sequence[Any],
+    treespec: PyTreeSpec,
+    ref_name: str,
+    other_name: str,
+    *,
+    dtype: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming the first path whose leaves differ in shape, device or
+    (with ``dtype=True``) dtype. ``None`` on either side is not compared."""
+    for i, (a, b) in enumerate(zip(ref, other)):
+        if a is None or b is None:
+            continue
+        what = None
+        if a.shape != b.shape:
+            what = f"shape {tuple(b.shape)} where {ref_name} has {tuple(a.shape)}"
+        elif a.device != b.device:
+            what = f"device {b.device} where {ref_name} has {a.device}"
+        elif dtype and a.dtype != b.dtype:
+            what = f"dtype {b.dtype} where {ref_name} has {a.dtype}"
+        if what is not None:
+            raise ValueError(f"{other_name} at {path_strings(treespec)[i]} has {what}")
+
+
+def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:  # noqa: A001 - optax's name
+    """``fn`` applied leafwise; a ``None`` leaf in ``tree`` stays ``None``."""
+    leaves, spec = flatten(tree)
+    others = [leaves_matching(r, spec, f"tree {k + 1}", "tree 0") for k, r in enumerate(rest)]
+    out = [None if x is None else fn(x, *(o[i] for o in others)) for i, x in enumerate(leaves)]
+    return unflatten(spec, out)
+
+
+def zeros_like(tree: Any, dtype: torch.dtype | None = None) -> Any:
+    """Zeros shaped like each tensor leaf (``None`` stays ``None``)."""
+    return map(lambda x: torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format), tree)
+
+
+def first_device(tree: Any) -> torch.device:
+    """The device of the first tensor leaf, CPU if there is none."""
+    for x in flatten(tree)[0]:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
