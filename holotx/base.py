@@ -9,10 +9,12 @@ A :class:`GradientTransformation` is a pair of pure functions::
 ``update`` never mutates its inputs. The one exception is opt-in *donation*: a caller that
 will never read ``updates`` (the incoming gradients) or ``state`` again may pass
 ``donate=True``, and the transform is then free to write its outputs into those buffers,
-as JAX does with donated arguments. ``params`` are never donated to ``update``; they are
-changed only by :func:`apply_updates` with ``inplace=True``. The pure and donated paths run
-the same code: each elementwise op is given an ``inplace`` flag, never a second copy of
-the math.
+as JAX does with donated arguments. ``donate_updates=True`` donates the incoming updates
+alone (a :func:`~holotx.chain` passes it on when the updates it hands to the next
+transform were freshly made by the previous one). ``params`` are never donated to
+``update``; they are changed only by :func:`apply_updates` with ``inplace=True``. The
+pure and donated paths run the same code: each elementwise op is given an ``inplace``
+flag, never a second copy of the math.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class GradientTransformation(NamedTuple):
     """A pure gradient transformation: ``init(params) -> state`` and
     ``update(updates, state, params=None, **extra) -> (updates, state)``.
 
-    Recognised extra keyword: ``donate: bool`` (see the module docstring). Every
-    transform accepts and ignores extras it does not know, so a chain can pass them on.
+    Recognised extra keywords: ``donate`` and ``donate_updates`` (see the module
+    docstring). Every transform accepts and ignores extras it does not know, so a chain
+    can pass them on.
     """
 
     init: TransformInitFn
@@ -112,6 +115,11 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     for i, p in zip(idx, out):
         new[i] = p
     return tree.unflatten(treespec, new)
+
+
+def updates_donated(donate: bool, extra: dict[str, Any]) -> bool:
+    """Whether ``update`` may overwrite its incoming updates."""
+    return bool(donate or extra.get("donate_updates", False))
 
 
 def init_count(params: Params) -> torch.Tensor:

@@ -15,7 +15,7 @@ import optree
 import torch
 
 from holotx import _validate, tree
-from holotx.base import GradientTransformation, Params, init_count
+from holotx.base import GradientTransformation, Params, init_count, updates_donated
 from holotx.transforms.scale import set_to_zero
 
 __all__ = [
@@ -49,13 +49,43 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(updates, state, params=None, **extra):
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params, **extra)
-            new_state.append(s)
+        updates, new_state = _run_in_sequence(transforms, state, updates, params, extra)
         return updates, tuple(new_state)
 
     return GradientTransformation(init, update)
+
+
+def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
+    """Each transform's update on the previous one's output. The updates a transform made
+    itself (see :func:`_is_fresh`) are donated to the next one."""
+    caller_donated = updates_donated(extra.get("donate", False), extra)
+    owned, grads, new_states = caller_donated, updates, []
+    for i, (t, s) in enumerate(zip(transforms, states)):
+        updates, s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
+        new_states.append(s)
+        if i + 1 < len(transforms) and not caller_donated:
+            owned = _is_fresh(updates, (grads, params, states, new_states))
+    return updates, new_states
+
+
+def _is_fresh(updates: Any, others: tuple[Any, ...]) -> bool:
+    """Whether the updates own their memory: no leaf shares storage with another leaf or
+    with any tensor in ``others`` (the caller's grads, params, old and new states). Then
+    the next transform of a chain may write into them, saving an allocation and a pass.
+
+    Decided only in plain eager mode; under autograd, functorch or compile the answer is
+    False (there the cost is fused away, or in-place writes are not wanted).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
+        return False
+    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
+        return False
+    pointers = [x.untyped_storage().data_ptr() for x in leaves]
+    if len(set(pointers)) != len(pointers):
+        return False
+    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)}
+    return taken.isdisjoint(pointers)
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -71,10 +101,9 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
     def update(updates, state, params=None, **extra):
         if set(state) != set(names):
             raise ValueError(f"named_chain state has keys {sorted(state)}, expected {sorted(names)}")
-        new_state = {}
-        for n, t in transforms:
-            updates, new_state[n] = t.update(updates, state[n], params, **extra)
-        return updates, new_state
+        updates, new_states = _run_in_sequence([t for _, t in transforms], [state[n] for n in names],
+                                               updates, params, extra)
+        return updates, dict(zip(names, new_states))
 
     return GradientTransformation(init, update)
 
@@ -86,7 +115,7 @@ def _resolve(labels: Any, like: Any, what: str) -> tuple[list[Any], tree.PyTreeS
     broadcast to the structure of ``like``."""
     if callable(labels):
         labels = labels(like)
-    leaves, spec = tree.flatten(like)
+    spec = tree.structure(like)
     try:
         full = optree.tree_broadcast_prefix(labels, like, none_is_leaf=True)
     except ValueError as e:
@@ -243,7 +272,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
                                   inner.init(params))
 
     def update(updates, state, params=None, **extra):
-        extra.pop("donate", None)
+        extra.pop("donate", None)  # the old state must survive a skipped step
         finite = _all_finite(updates)
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count),
                                       state.notfinite_count + 1)
@@ -284,7 +313,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         return MultiStepsState(zero, zero.clone(), inner.init(params), tree.zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        extra.pop("donate", None)
+        extra.pop("donate", None)  # the old state must survive a micro-step
         n = state.mini_step
         acc = tree.map(lambda a, g: a if g is None else a + (g - a) / (n + 1).to(a.dtype),
                        state.acc_grads, updates)

@@ -316,7 +316,7 @@ def exponential_decay(
     begin = _check_int("transition_begin", transition_begin, minimum=0)
     if not isinstance(staircase, bool):
         # Contract: every invalid hyperparameter raises ValueError.
-        raise ValueError(f"staircase must be a bool, got {staircase!r}")  # noqa: TRY004
+        raise ValueError(f"staircase must be a bool, got {staircase!r}")
     end = None if end_value is None else _check_real("end_value", end_value)
     lower_bound = rate < 1.0
 
@@ -328,10 +328,7 @@ def exponential_decay(
                 e = torch.floor(e)
             value = init * torch.pow(rate, e)
             if end is not None:
-                if lower_bound:
-                    value = torch.clamp(value, min=end)
-                else:
-                    value = torch.clamp(value, max=end)
+                value = torch.clamp(value, min=end) if lower_bound else torch.clamp(value, max=end)
             return value
         t_int = max(_int_count(count) - begin, 0)
         e_f = float(t_int // steps) if staircase else t_int / steps
@@ -425,7 +422,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     for i, s in enumerate(scheds):
         if not callable(s):
             # Contract: every invalid hyperparameter raises ValueError.
-            raise ValueError(f"schedules[{i}] must be callable, got {s!r}")  # noqa: TRY004
+            raise ValueError(f"schedules[{i}] must be callable, got {s!r}")
     bounds = [_check_int(f"boundaries[{i}]", b, minimum=0) for i, b in enumerate(boundaries)]
     if len(bounds) != len(scheds) - 1:
         raise ValueError(

@@ -53,7 +53,7 @@ def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_na
         other = structure(other_tree)
         other_paths = set(other.paths())
         other_names = dict(zip(other.paths(), path_strings(other)))
-    except Exception:  # noqa: BLE001 - describing an error, never raising a new one
+    except Exception:
         return f"{other_name} is not a pytree like {ref_name} ({ref})"
     names = dict(zip(ref.paths(), path_strings(ref)))
     missing = sorted(names[p] for p in ref_paths - other_paths)
@@ -102,7 +102,7 @@ def check_leaves(
             raise ValueError(f"{other_name} at {path_strings(treespec)[i]} has {what}")
 
 
-def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:  # noqa: A001 - optax's name
+def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """``fn`` applied leafwise; a ``None`` leaf in ``tree`` stays ``None``."""
     leaves, spec = flatten(tree)
     others = [leaves_matching(r, spec, f"tree {k + 1}", "tree 0") for k, r in enumerate(rest)]

@@ -12,7 +12,7 @@ from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
 
-__all__ = ["ScaleByAdamState", "bias_correction", "scale_by_adam", "scalar_dtype"]
+__all__ = ["ScaleByAdamState", "bias_correction", "per_step_scalars", "scale_by_adam", "scalar_dtype"]
 
 
 class ScaleByAdamState(NamedTuple):
@@ -41,6 +41,17 @@ def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
     return 1 - torch.pow(beta, t)
 
 
+def per_step_scalars(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same 0-d tensors, computed once per step under ``torch.compile``.
+
+    Inductor inlines a 0-d computation into every consumer, so a bias correction ends up
+    recomputed (a float64 ``pow``) for each vector of every elementwise loop: +80% time
+    on an AdamW step. Stacking realizes them into one small buffer computed before the
+    loop. In eager mode this costs one tiny op.
+    """
+    return tuple(torch.stack(scalars).unbind(0))
+
+
 def scale_by_adam(
     b1: Scalar = 0.9,
     b2: Scalar = 0.999,
@@ -58,7 +69,8 @@ def scale_by_adam(
         u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
     with ``eps`` outside the square root, as in ``torch.optim.Adam``; the bias
-    corrections are computed in float64 from the step count. Defaults ``(0.9, 0.999,
+    corrections are computed in float64 from the step count (the first one is folded into
+    the denominator, which changes results by rounding only). Defaults ``(0.9, 0.999,
     1e-8)``. State: :class:`ScaleByAdamState`.
     """
     _validate.in_unit_interval("b1", b1)
@@ -77,7 +89,9 @@ def scale_by_adam(
         del params, extra
         count = next_count(state.count, donate=donate)
         bc1 = bias_correction(b1, count)
-        bc2_sqrt = torch.sqrt(bias_correction(b2, count))
+        # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) * (bc1 / sqrt(bc2)) + eps * bc1):
+        # folding bc1 into the denominator saves a pass over memory.
+        denom_scale, denom_shift = per_step_scalars(bc1 / torch.sqrt(bias_correction(b2, count)), eps * bc1)
 
         def kernel(g, mu, nu, nu_max, _p):
             mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
@@ -86,15 +100,14 @@ def scale_by_adam(
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
             denom = ops.sqrt(nu if nu_max is None else nu_max)
-            denom = ops.div(denom, bc2_sqrt, inplace=True)
-            denom = ops.add_scalar(denom, eps, inplace=True)
+            denom = ops.mul(denom, denom_scale, inplace=True)
+            denom = ops.add_scalar(denom, denom_shift, inplace=True)
             u = ops.div(mu, denom)
-            u = ops.div(u, bc1, inplace=True)
             return u, mu, nu, nu_max
 
         u, (mu, nu, nu_max) = multi_tensor_update(
             kernel, updates, (state.mu, state.nu, state.nu_max),
-            state_names=("state.mu", "state.nu", "state.nu_max"),
+            state_names=("state.mu", "state.nu", "state.nu_max"), elementwise=True,
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import EmptyState, GradientTransformation
+from holotx.base import EmptyState, GradientTransformation, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -40,14 +40,15 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        inplace = updates_donated(donate, extra)
         norm = global_norm(updates)
         factor = max_norm / torch.clamp(norm, min=max_norm) if not isinstance(max_norm, torch.Tensor) \
             else max_norm / torch.maximum(norm, max_norm)
 
         def kernel(g, _p):
-            return (ops.mul(g, factor, inplace=donate),)
+            return (ops.mul(g, factor, inplace=inplace),)
 
-        return multi_tensor_update(kernel, updates)[0], state
+        return multi_tensor_update(kernel, updates, elementwise=True)[0], state
 
     return GradientTransformation(init, update)

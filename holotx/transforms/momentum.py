@@ -7,9 +7,10 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_count, next_count
+from holotx.base import GradientTransformation, init_count, next_count, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
+from holotx.transforms.adam import per_step_scalars
 from holotx.tree import zeros_like
 
 __all__ = ["TraceState", "trace"]
@@ -45,26 +46,28 @@ def trace(
         return TraceState(init_count(params), zeros_like(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        inplace = updates_donated(donate, extra)
         count = next_count(state.count, donate=donate)
         if isinstance(dampening, (int, float)) and dampening == 0:
             grad_weight: Scalar = 1.0
         else:  # the first buffer is the undampened gradient
             one = torch.ones((), dtype=torch.float64, device=count.device)
-            grad_weight = torch.where(count == 1, one, 1 - dampening + 0 * one)
+            (grad_weight,) = per_step_scalars(torch.where(count == 1, one, 1 - dampening + 0 * one))
 
         def kernel(g, buf, _p):
             buf = ops.mul(buf, momentum, inplace=donate)
             buf = ops.add(buf, g, alpha=grad_weight, inplace=True)
             if nesterov:
-                u = ops.add(g, buf, alpha=momentum, inplace=donate)
+                u = ops.add(g, buf, alpha=momentum, inplace=inplace)
             elif donate:  # the caller may write into the updates: they must not alias state
                 u = ops.copy(g, buf)
             else:
                 u = buf
             return u, buf
 
-        u, (buf,) = multi_tensor_update(kernel, updates, (state.trace,), state_names=("state.trace",))
+        u, (buf,) = multi_tensor_update(kernel, updates, (state.trace,), state_names=("state.trace",),
+                                         elementwise=True)
         return u, TraceState(count, buf)
 
     return GradientTransformation(init, update)

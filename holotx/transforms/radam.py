@@ -8,7 +8,7 @@ from holotx import _validate, ops
 from holotx.base import GradientTransformation, init_count, next_count
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
-from holotx.transforms.adam import ScaleByAdamState, bias_correction
+from holotx.transforms.adam import ScaleByAdamState, bias_correction, per_step_scalars
 from holotx.tree import zeros_like
 
 __all__ = ["rectification", "scale_by_radam"]
@@ -79,6 +79,7 @@ def scale_by_radam(
         zero = torch.zeros_like(bc2)
         denom_scale = torch.where(active, 1 / (r * torch.sqrt(bc2)), zero)
         denom_shift = torch.where(active, zero, zero + 1)
+        bc1, denom_scale, denom_shift = per_step_scalars(bc1, denom_scale, denom_shift)
 
         def kernel(g, mu, nu, _nu_max, _p):
             mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
@@ -93,7 +94,8 @@ def scale_by_radam(
             return u, mu, nu, None
 
         u, (mu, nu, _) = multi_tensor_update(
-            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", "")
+            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", ""),
+            elementwise=True,
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 

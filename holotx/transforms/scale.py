@@ -8,7 +8,14 @@ from typing import NamedTuple, Union
 import torch
 
 from holotx import _validate, ops
-from holotx.base import EmptyState, GradientTransformation, init_count, next_count, stateless
+from holotx.base import (
+    EmptyState,
+    GradientTransformation,
+    init_count,
+    next_count,
+    stateless,
+    updates_donated,
+)
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import map as tree_map
@@ -33,7 +40,7 @@ def _scaled(updates, factor: Scalar, donate: bool):
     def kernel(g, _p):
         return (ops.mul(g, factor, inplace=donate),)
 
-    return multi_tensor_update(kernel, updates)[0]
+    return multi_tensor_update(kernel, updates, elementwise=True)[0]
 
 
 def scale(step_size: Scalar) -> GradientTransformation:
@@ -44,8 +51,8 @@ def scale(step_size: Scalar) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
-        return _scaled(updates, step_size, donate), state
+        del params
+        return _scaled(updates, step_size, updates_donated(donate, extra)), state
 
     return GradientTransformation(init, update)
 
@@ -60,9 +67,9 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
         return ScaleByScheduleState(init_count(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
         factor = schedule(state.count)
-        return _scaled(updates, factor, donate), ScaleByScheduleState(
+        return _scaled(updates, factor, updates_donated(donate, extra)), ScaleByScheduleState(
             next_count(state.count, donate=donate)
         )
 

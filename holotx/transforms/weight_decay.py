@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from holotx import _validate, ops
-from holotx.base import EmptyState, GradientTransformation
+from holotx.base import EmptyState, GradientTransformation, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -30,14 +30,16 @@ def add_decayed_weights(
         return EmptyState()
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del extra
+        inplace = updates_donated(donate, extra)
         if isinstance(weight_decay, (int, float)) and weight_decay == 0:
             return updates, state
 
         def kernel(g, p):
-            return (ops.add(g, p, alpha=weight_decay, inplace=donate),)
+            return (ops.add(g, p, alpha=weight_decay, inplace=inplace),)
 
-        return multi_tensor_update(kernel, updates, params=params, needs_params=True)[0], state
+        new_updates, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True,
+                                             elementwise=True)
+        return new_updates, state
 
     tx = GradientTransformation(init, update)
     if mask is not None:
