@@ -108,9 +108,14 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
-    out = ops.add(ps, us, inplace=inplace)
     if inplace:
+        if ops.foreach_supported(ps):
+            torch._foreach_add_(ps, us)
+        else:
+            for p, u in zip(ps, us):
+                p.add_(u)
         return params
+    out = ops.add(ps, us)
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p

@@ -1,15 +1,22 @@
 """Elementwise math over lists of tensors: one call, all leaves.
 
 Each op takes lists of tensors (all leaves of a tree, or one device/dtype group of them),
-scalars that are Python numbers or 0-d tensors, and an ``inplace`` flag. With
-``inplace=True`` the first list is overwritten and returned; otherwise fresh tensors are
-returned and no input changes. Transforms write their math once in these ops and pass
-``inplace=donate`` (or ``inplace=True`` for tensors they created themselves), which is
-how the pure and the donated path share one implementation.
+scalars that are Python numbers or 0-d tensors, and an ``inplace`` flag. ``inplace=True``
+is a permission, not an order: the op overwrites the first list when that is safe, and
+the caller always uses the returned list. Transforms write their math once in these ops
+and pass ``inplace=donate`` (or ``inplace=True`` for tensors they created themselves),
+which is how the pure and the donated path share one implementation.
+
+In-place is not safe, and is skipped, under ``torch.func.vmap`` (a batched operand cannot
+be written into an unbatched tensor) and while autograd records the op (an in-place write
+can destroy a value saved for backward; under ``torch.func.grad`` torch 2.13 then gives a
+wrong gradient without an error, e.g. ``_foreach_sqrt`` then ``_foreach_div_``).
 
 Dispatch: ``torch._foreach_*`` kernels where they apply; a loop of ordinary tensor ops
-per leaf under ``torch.func.vmap`` (foreach ops have no batching rule) and where a
-foreach overload does not accept a tensor scalar. Both compute the same formula.
+per leaf under vmap (foreach ops have no batching rule), where a foreach overload does not
+accept a tensor scalar, and for a tensor scalar that requires grad (the backward of
+``_foreach_mul(list, tensor)`` with respect to the tensor fails in torch 2.13). Both
+compute the same formula.
 """
 
 from __future__ import annotations
@@ -35,15 +42,34 @@ __all__ = [
     "foreach_supported",
     "lerp",
     "maximum",
+    "may_overwrite",
     "mul",
     "norms",
     "sqrt",
 ]
 
 
-def _under_vmap_eager() -> bool:
+def _functorch_transforms() -> set[object]:
     stack = _functorch.get_interpreter_stack()
-    return bool(stack) and any(i.key() == _functorch.TransformType.Vmap for i in stack)
+    return {i.key() for i in stack} if stack else set()
+
+
+def _under_vmap_eager() -> bool:
+    return _functorch.TransformType.Vmap in _functorch_transforms()
+
+
+def may_overwrite(xs: Sequence[torch.Tensor], inplace: bool) -> bool:
+    """Whether an op given ``inplace`` may really write into ``xs``: not under vmap,
+    and not while autograd records (a functorch grad transform, or grad mode with an
+    operand that requires grad)."""
+    if not inplace or not xs:
+        return inplace
+    if torch.compiler.is_compiling():
+        if _functorch.is_batchedtensor(xs[0]):
+            return False
+    elif _functorch_transforms() - {_functorch.TransformType.Functionalize}:
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
 
 
 def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
@@ -65,13 +91,20 @@ def _scalar_ok(s: object) -> bool:
     return isinstance(s, Number)
 
 
+def _tensor_scalar_ok(s: object) -> bool:
+    """A scalar for the foreach ``Tensor`` overloads: a number, or a 0-d tensor that does
+    not need a gradient (their backward to the scalar is broken in torch 2.13)."""
+    return not (isinstance(s, torch.Tensor) and s.requires_grad)
+
+
 def _done(xs: TensorList, out: TensorList, inplace: bool) -> TensorList:
     return xs if inplace else list(out)
 
 
 def mul(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
     """``x * s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
-    if foreach_supported(xs):
+    inplace = may_overwrite(xs, inplace)
+    if foreach_supported(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_mul_ if inplace else torch._foreach_mul
         return _done(xs, fn(xs, s), inplace)
     ss = s if isinstance(s, list) else [s] * len(xs)
@@ -80,7 +113,8 @@ def mul(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> Ten
 
 def div(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
     """``x / s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
-    if foreach_supported(xs):
+    inplace = may_overwrite(xs, inplace)
+    if foreach_supported(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_div_ if inplace else torch._foreach_div
         return _done(xs, fn(xs, s), inplace)
     ss = s if isinstance(s, list) else [s] * len(xs)
@@ -89,7 +123,8 @@ def div(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> Ten
 
 def add_scalar(xs: TensorList, s: Scalar, *, inplace: bool = False) -> TensorList:
     """``x + s`` for a scalar or 0-d tensor ``s``."""
-    if foreach_supported(xs):
+    inplace = may_overwrite(xs, inplace)
+    if foreach_supported(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_add_ if inplace else torch._foreach_add
         return _done(xs, fn(xs, s), inplace)
     return [x.add_(s) if inplace else x + s for x in xs]
@@ -97,6 +132,7 @@ def add_scalar(xs: TensorList, s: Scalar, *, inplace: bool = False) -> TensorLis
 
 def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1, *, inplace: bool = False) -> TensorList:
     """``x + alpha * y``."""
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs) and _scalar_ok(alpha):
         fn = torch._foreach_add_ if inplace else torch._foreach_add
         return _done(xs, fn(xs, ys, alpha=alpha), inplace)
@@ -107,6 +143,7 @@ def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1, *, inplace: bool = Fa
 
 def lerp(xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False) -> TensorList:
     """``x + weight * (y - x)``, e.g. an EMA ``m <- lerp(m, g, 1 - beta)``."""
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs) and _scalar_ok(weight):
         fn = torch._foreach_lerp_ if inplace else torch._foreach_lerp
         return _done(xs, fn(xs, ys, weight), inplace)
@@ -116,6 +153,7 @@ def lerp(xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = Fals
 def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
             inplace: bool = False) -> TensorList:
     """``x + value * a * b``."""
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs) and _scalar_ok(value):
         fn = torch._foreach_addcmul_ if inplace else torch._foreach_addcmul
         return _done(xs, fn(xs, a, b, value), inplace)
@@ -128,6 +166,7 @@ def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
 def addcdiv(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
             inplace: bool = False) -> TensorList:
     """``x + value * a / b``."""
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs) and _scalar_ok(value):
         fn = torch._foreach_addcdiv_ if inplace else torch._foreach_addcdiv
         return _done(xs, fn(xs, a, b, value), inplace)
@@ -138,6 +177,7 @@ def addcdiv(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
 
 
 def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs):
         fn = torch._foreach_sqrt_ if inplace else torch._foreach_sqrt
         return _done(xs, fn(xs), inplace)
@@ -146,6 +186,7 @@ def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
 
 def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
     """Elementwise ``max(x, y)`` (NaN propagates, as in ``torch.maximum``)."""
+    inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs):
         fn = torch._foreach_maximum_ if inplace else torch._foreach_maximum
         return _done(xs, fn(xs, ys), inplace)

@@ -47,6 +47,29 @@ def path_strings(treespec: PyTreeSpec) -> list[str]:
     return [a.codify("") or "<root>" for a in treespec.accessors()]
 
 
+def _entry_string(node_type: type, entry: Any) -> str:
+    fields = getattr(node_type, "_fields", None)
+    if fields is not None and isinstance(entry, int):
+        return f".{fields[entry]}"
+    return f"[{entry!r}]"
+
+
+def _first_difference(a: PyTreeSpec, b: PyTreeSpec, path: str = "") -> str | None:
+    """The path of the first node where two structures differ (container type, keys,
+    or arity), or ``None`` if they are equal."""
+    if a.is_leaf() or b.is_leaf():
+        if a.is_leaf() and b.is_leaf():
+            return None
+        return path or "<root>"
+    if a.type != b.type or a.entries() != b.entries():
+        return path or "<root>"
+    for entry, ca, cb in zip(a.entries(), a.children(), b.children()):
+        found = _first_difference(ca, cb, path + _entry_string(a.type, entry))
+        if found is not None:
+            return found
+    return None
+
+
 def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_name: str) -> str:
     ref_paths = set(ref.paths())
     try:
@@ -65,7 +88,8 @@ def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_na
         parts.append(f"{other_name} has {', '.join(extra[:5])} that {ref_name} lacks"
                      + (" ..." if len(extra) > 5 else ""))
     if not parts:
-        parts.append(f"the containers differ: {ref_name} is {ref}, {other_name} is {other}")
+        where = _first_difference(ref, other)
+        parts.append(f"the containers differ at {where}: {ref_name} is {ref}, {other_name} is {other}")
     return f"{other_name} does not match the structure of {ref_name}: " + "; ".join(parts)
 
 

@@ -34,6 +34,10 @@ def sgd(
     """
     _validate.non_negative("momentum", momentum)
     _validate.non_negative("weight_decay", weight_decay)
+    # Tensors (injected hyperparameters) are left to trace(), which cannot read them either.
+    if nesterov and (is_zero(momentum) or (isinstance(dampening, (int, float)) and dampening != 0)):
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
+                         f"got momentum={momentum!r}, dampening={dampening!r}")
     return chain(
         *maximize_first(maximize),
         *([] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]),

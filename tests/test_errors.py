@@ -1,0 +1,300 @@
+"""Specification: bad input fails loudly, early, and says where.
+
+1. Invalid hyperparameters raise ``ValueError`` when the transform is *built*, and the
+   message names the offending argument (as torch.optim does).
+2. A gradient tree that does not line up with the state or the params (keys, nesting,
+   shapes, dtypes, devices) raises ``ValueError`` whose message contains the offending path,
+   written as Python would index it (``['layer']['w']``). Nothing broadcasts silently: a
+   ``(3,)`` gradient for a ``(1, 3)`` parameter is an error, not a broadcast.
+3. :func:`holotx.apply_updates` with mismatched trees raises, naming the path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import holotx
+from holotx import transforms as T
+
+F64 = torch.float64
+
+# --------------------------------------------------------------------------- 1. hyperparameters
+
+# (id, constructor call, words the message must contain)
+INVALID_HYPERPARAMETERS: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
+    # learning rates
+    ("sgd-negative-lr", lambda: holotx.sgd(lr=-0.1), ("lr",)),
+    ("sgd-nan-lr", lambda: holotx.sgd(lr=math.nan), ("lr",)),
+    ("sgd-string-lr", lambda: holotx.sgd(lr="0.1"), ("lr",)),
+    ("adam-negative-lr", lambda: holotx.adam(lr=-1e-3), ("lr",)),
+    ("adamw-negative-lr", lambda: holotx.adamw(lr=-1e-3), ("lr",)),
+    ("radam-negative-lr", lambda: holotx.radam(lr=-1e-3), ("lr",)),
+    ("scale_by_lr-negative", lambda: T.scale_by_lr(-1.0), ("lr",)),
+    # betas must lie in [0, 1): 1.0 itself is out (bias correction 1 - 1**t = 0)
+    ("adam-beta1-one", lambda: holotx.adam(betas=(1.0, 0.999)), ("betas",)),
+    ("adam-beta2-one", lambda: holotx.adam(betas=(0.9, 1.0)), ("betas",)),
+    ("adam-beta1-negative", lambda: holotx.adam(betas=(-0.1, 0.999)), ("betas",)),
+    ("adam-beta2-above-one", lambda: holotx.adam(betas=(0.9, 1.5)), ("betas",)),
+    ("adam-betas-wrong-length", lambda: holotx.adam(betas=(0.9,)), ("betas",)),
+    ("adamw-beta2-one", lambda: holotx.adamw(betas=(0.9, 1.0)), ("betas",)),
+    ("radam-beta1-one", lambda: holotx.radam(betas=(1.0, 0.999)), ("betas",)),
+    ("scale_by_adam-b1-one", lambda: T.scale_by_adam(b1=1.0), ("b1",)),
+    ("scale_by_adam-b2-negative", lambda: T.scale_by_adam(b2=-0.5), ("b2",)),
+    ("scale_by_radam-b2-one", lambda: T.scale_by_radam(b2=1.0), ("b2",)),
+    # eps
+    ("adam-negative-eps", lambda: holotx.adam(eps=-1e-8), ("eps",)),
+    ("adamw-negative-eps", lambda: holotx.adamw(eps=-1e-8), ("eps",)),
+    ("radam-negative-eps", lambda: holotx.radam(eps=-1e-8), ("eps",)),
+    # weight decay
+    ("sgd-negative-weight_decay", lambda: holotx.sgd(weight_decay=-1e-4), ("weight_decay",)),
+    ("adam-negative-weight_decay", lambda: holotx.adam(weight_decay=-1e-4), ("weight_decay",)),
+    ("adamw-negative-weight_decay", lambda: holotx.adamw(weight_decay=-1e-4), ("weight_decay",)),
+    ("radam-negative-weight_decay", lambda: holotx.radam(weight_decay=-1e-4), ("weight_decay",)),
+    ("add_decayed_weights-negative", lambda: T.add_decayed_weights(-1.0), ("weight_decay",)),
+    # momentum
+    ("sgd-negative-momentum", lambda: holotx.sgd(momentum=-0.9), ("momentum",)),
+    ("sgd-dampening-above-one", lambda: holotx.sgd(momentum=0.9, dampening=1.5), ("dampening",)),
+    ("sgd-nesterov-with-dampening", lambda: holotx.sgd(momentum=0.9, dampening=0.1, nesterov=True),
+     ("nesterov", "dampening")),
+    # torch.optim.SGD raises here too: Nesterov momentum needs a momentum.
+    ("sgd-nesterov-without-momentum", lambda: holotx.sgd(lr=0.1, nesterov=True), ("nesterov", "momentum")),
+    ("trace-nesterov-without-momentum", lambda: T.trace(momentum=0.0, nesterov=True),
+     ("nesterov", "momentum")),
+    ("trace-negative-momentum", lambda: T.trace(momentum=-0.5), ("momentum",)),
+    # clipping
+    ("clip-zero-max_norm", lambda: T.clip_by_global_norm(0.0), ("max_norm",)),
+    ("clip-negative-max_norm", lambda: T.clip_by_global_norm(-1.0), ("max_norm",)),
+    # combinators
+    ("multi_steps-every_k-zero", lambda: holotx.multi_steps(holotx.sgd(0.1), every_k=0), ("every_k",)),
+    ("multi_steps-every_k-negative", lambda: holotx.multi_steps(holotx.sgd(0.1), every_k=-2), ("every_k",)),
+    ("multi_steps-every_k-float", lambda: holotx.multi_steps(holotx.sgd(0.1), every_k=1.5), ("every_k",)),
+    ("apply_if_finite-negative", lambda: holotx.apply_if_finite(holotx.sgd(0.1), max_consecutive_errors=-1),
+     ("max_consecutive_errors",)),
+    ("named_chain-duplicate-names",
+     lambda: holotx.named_chain(("decay", T.add_decayed_weights(0.1)), ("decay", T.scale(2.0))),
+     ("names", "decay")),
+    ("chain-not-a-transform", lambda: holotx.chain(T.scale(1.0), lambda g: g), ("chain",)),
+    ("scale_by_schedule-not-callable", lambda: T.scale_by_schedule(3.0), ("schedule",)),
+]
+
+
+@pytest.mark.parametrize(("make", "words"), [c[1:] for c in INVALID_HYPERPARAMETERS],
+                         ids=[c[0] for c in INVALID_HYPERPARAMETERS])
+def test_invalid_hyperparameter_raises_value_error_naming_it(make, words):
+    with pytest.raises(ValueError) as info:
+        make()
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in message {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: holotx.sgd(lr=0.0, momentum=0.0, dampening=1.0, weight_decay=0.0),
+    lambda: holotx.sgd(lr=0.1, momentum=0.9, nesterov=True),
+    lambda: holotx.adam(lr=0.0, betas=(0.0, 0.0), eps=0.0),
+    lambda: holotx.adamw(lr=1e-3, betas=(0.999999, 0.999999), weight_decay=0.0),
+    lambda: holotx.radam(lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True),
+    lambda: holotx.multi_steps(holotx.sgd(0.1), every_k=1),
+    lambda: holotx.apply_if_finite(holotx.sgd(0.1), max_consecutive_errors=0),
+    lambda: holotx.adamw(lr=holotx.linear_schedule(1e-3, 0.0, 10)),
+], ids=["sgd-edges", "sgd-nesterov", "adam-zeros", "adamw-betas-near-one", "radam-decoupled",
+        "multi_steps-1", "apply_if_finite-0", "adamw-schedule"])
+def test_boundary_values_are_accepted(make):
+    """The edges of each valid range are valid (lr = 0, betas = 0, dampening = 1, ...)."""
+    assert isinstance(make(), holotx.GradientTransformation)
+
+
+# --------------------------------------------------------------------------- 2. grads vs state/params
+
+def make_params() -> dict:
+    return {
+        "layer": {"w": torch.randn(2, 3, dtype=F64), "b": torch.randn(3, dtype=F64)},
+        "head": {"w": torch.randn(1, 3, dtype=F64)},
+    }
+
+
+def good_grads() -> dict:
+    return {
+        "layer": {"w": torch.randn(2, 3, dtype=F64), "b": torch.randn(3, dtype=F64)},
+        "head": {"w": torch.randn(1, 3, dtype=F64)},
+    }
+
+
+def _missing_key(g):
+    del g["layer"]["w"]
+    return g, "['layer']['w']"
+
+
+def _extra_key(g):
+    g["layer"]["extra"] = torch.randn(3, dtype=F64)
+    return g, "['layer']['extra']"
+
+
+def _dict_becomes_list(g):
+    g["layer"] = [g["layer"]["b"], g["layer"]["w"]]
+    return g, "['layer']"
+
+
+def _wrong_shape(g):
+    g["layer"]["w"] = torch.randn(3, 2, dtype=F64)
+    return g, "['layer']['w']"
+
+
+def _would_broadcast(g):
+    g["head"]["w"] = torch.randn(3, dtype=F64)  # (3,) for a (1, 3) param
+    return g, "['head']['w']"
+
+
+def _wrong_dtype(g):
+    g["layer"]["b"] = g["layer"]["b"].float()
+    return g, "['layer']['b']"
+
+
+def _wrong_device(g):
+    g["layer"]["w"] = torch.empty(2, 3, dtype=F64, device="meta")
+    return g, "['layer']['w']"
+
+
+MISMATCHES = {
+    "missing-key": _missing_key,
+    "extra-key": _extra_key,
+    "dict-becomes-list": _dict_becomes_list,
+    "wrong-shape": _wrong_shape,
+    "would-broadcast": _would_broadcast,
+    "wrong-dtype": _wrong_dtype,
+    "wrong-device-meta": _wrong_device,
+}
+
+# Transforms with per-parameter state: the state was built from the params, so every
+# mismatch above is a mismatch against the state.
+STATEFUL = {
+    "sgd-momentum": lambda: holotx.sgd(0.1, momentum=0.9),
+    "adam": lambda: holotx.adam(1e-3),
+    "adamw-amsgrad": lambda: holotx.adamw(1e-3, amsgrad=True),
+    "radam": lambda: holotx.radam(1e-3),
+    "trace": lambda: T.trace(0.9),
+}
+
+
+def _meta_supported() -> bool:
+    try:
+        torch.empty(1, device="meta")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("mismatch", list(MISMATCHES))
+@pytest.mark.parametrize("make_tx", list(STATEFUL.values()), ids=list(STATEFUL))
+def test_grads_not_matching_state_raise_naming_path(make_tx, mismatch):
+    if mismatch == "wrong-device-meta" and not _meta_supported():
+        pytest.skip("this torch build has no 'meta' device to fake a second device with")
+    params = make_params()
+    tx = make_tx()
+    state = tx.init(params)
+    tx.update(good_grads(), state, params)  # control: the well-formed tree is accepted
+    grads, path = MISMATCHES[mismatch](good_grads())
+    with pytest.raises(ValueError) as info:
+        tx.update(grads, state, params)
+    assert path in str(info.value), f"{path} not in {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("mismatch", ["missing-key", "extra-key", "dict-becomes-list", "wrong-shape",
+                                      "would-broadcast", "wrong-dtype", "wrong-device-meta"])
+def test_grads_not_matching_params_raise_naming_path(mismatch):
+    """A transform that reads the params (weight decay) checks the grads against them."""
+    if mismatch == "wrong-device-meta" and not _meta_supported():
+        pytest.skip("this torch build has no 'meta' device to fake a second device with")
+    tx = T.add_decayed_weights(0.1)
+    params = make_params()
+    state = tx.init(params)
+    tx.update(good_grads(), state, params)
+    grads, path = MISMATCHES[mismatch](good_grads())
+    with pytest.raises(ValueError) as info:
+        tx.update(grads, state, params)
+    assert path in str(info.value), f"{path} not in {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("mismatch", ["missing-key", "extra-key", "wrong-shape", "would-broadcast"])
+def test_params_not_matching_grads_raise_naming_path(mismatch):
+    """The same checks the other way round: well-formed grads, params that do not fit."""
+    tx = holotx.adamw(1e-3, weight_decay=0.1)
+    params = make_params()
+    state = tx.init(params)
+    bad_params, path = MISMATCHES[mismatch](make_params())
+    with pytest.raises(ValueError) as info:
+        tx.update(good_grads(), state, bad_params)
+    assert path in str(info.value), f"{path} not in {str(info.value)!r}"
+
+
+def test_tuple_vs_list_at_same_path_names_path():
+    """Same paths, different container (tuple vs list): still a mismatch, and still located."""
+    params = {"layer": (torch.zeros(2, dtype=F64), torch.zeros(3, dtype=F64))}
+    tx = holotx.adam(1e-3)
+    state = tx.init(params)
+    grads = {"layer": [torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)]}
+    with pytest.raises(ValueError) as info:
+        tx.update(grads, state, params)
+    assert "['layer']" in str(info.value), str(info.value)
+
+
+def test_state_from_other_params_raises_naming_path():
+    """A state built for different params is rejected, naming the leaf it lacks."""
+    tx = holotx.adam(1e-3)
+    params = make_params()
+    state = tx.init({"layer": params["layer"]})
+    with pytest.raises(ValueError) as info:
+        tx.update(good_grads(), state, params)
+    assert "['head']['w']" in str(info.value)
+
+
+@pytest.mark.parametrize("mismatch", ["missing-key", "extra-key", "wrong-shape", "would-broadcast"])
+def test_plain_sgd_step_never_broadcasts(mismatch):
+    """Stateless SGD (no params read in ``update``): the full step, update + apply, raises."""
+    tx = holotx.sgd(0.1)
+    params = make_params()
+    state = tx.init(params)
+    grads, path = MISMATCHES[mismatch](good_grads())
+
+    def full_step():
+        updates, _ = tx.update(grads, state, params)
+        return holotx.apply_updates(params, updates)
+
+    with pytest.raises(ValueError) as info:
+        full_step()
+    assert path in str(info.value), f"{path} not in {str(info.value)!r}"
+
+
+def test_none_gradients_are_not_a_mismatch():
+    """A ``None`` leaf means "no gradient": accepted, its update is None, its state kept."""
+    tx = holotx.adam(1e-3)
+    params = make_params()
+    state = tx.init(params)
+    grads = good_grads()
+    grads["head"]["w"] = None
+    updates, new_state = tx.update(grads, state, params)
+    assert updates["head"]["w"] is None
+    (adam_state,) = [s for s in new_state if isinstance(s, T.ScaleByAdamState)]
+    assert torch.equal(adam_state.mu["head"]["w"], torch.zeros(1, 3, dtype=F64))
+
+
+# --------------------------------------------------------------------------- 3. apply_updates
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace"])
+@pytest.mark.parametrize("mismatch", ["missing-key", "extra-key", "dict-becomes-list", "wrong-shape",
+                                      "would-broadcast", "wrong-device-meta"])
+def test_apply_updates_mismatch_raises_naming_path(mismatch, inplace):
+    if mismatch == "wrong-device-meta" and not _meta_supported():
+        pytest.skip("this torch build has no 'meta' device to fake a second device with")
+    params = make_params()
+    before = {k: {n: t.clone() for n, t in v.items()} for k, v in params.items()}
+    updates, path = MISMATCHES[mismatch](good_grads())
+    with pytest.raises(ValueError) as info:
+        holotx.apply_updates(params, updates, inplace=inplace)
+    assert path in str(info.value), f"{path} not in {str(info.value)!r}"
+    for k, v in params.items():  # the check runs before anything is written
+        for n, t in v.items():
+            assert torch.equal(t, before[k][n])
