@@ -11,7 +11,8 @@ will never read ``updates`` (the incoming gradients) or ``state`` again may pass
 ``donate=True``, and the transform is then free to write its outputs into those buffers,
 as JAX does with donated arguments. ``donate_updates=True`` donates the incoming updates
 alone (a :func:`~holotx.chain` passes it on when the updates it hands to the next
-transform were freshly made by the previous one). ``params`` are never donated to
+transform were freshly made by the previous one). A transform given ``donate=True`` never
+returns updates that share memory with its state. ``params`` are never donated to
 ``update``; they are changed only by :func:`apply_updates` with ``inplace=True``. The
 pure and donated paths run the same code: each elementwise op is given an ``inplace``
 flag, never a second copy of the math.

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from holotx import _validate, tree
@@ -56,15 +55,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
-    """Each transform's update on the previous one's output. The updates a transform made
-    itself (see :func:`_is_fresh`) are donated to the next one."""
-    caller_donated = updates_donated(extra.get("donate", False), extra)
-    owned, grads, new_states = caller_donated, updates, []
+    """Each transform's update on the previous one's output.
+
+    The next transform may write into the updates when nothing else holds their memory
+    (see :func:`_is_fresh`): not the params, not any state (a momentum buffer can be the
+    updates), and not the caller's grads unless the caller donated them. With
+    ``donate=True`` every transform may, by the donation contract: a transform never
+    returns updates that share memory with its donated state.
+    """
+    donate = extra.get("donate", False)
+    owned = updates_donated(donate, extra)
+    holders = (params, states) if owned else (updates, params, states)
+    new_states: list[Any] = []
     for i, (t, s) in enumerate(zip(transforms, states)):
         updates, s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
         new_states.append(s)
-        if i + 1 < len(transforms) and not caller_donated:
-            owned = _is_fresh(updates, (grads, params, states, new_states))
+        if i + 1 < len(transforms) and not donate:
+            owned = _is_fresh(updates, (*holders, new_states))
     return updates, new_states
 
 
@@ -78,13 +85,14 @@ def _is_fresh(updates: Any, others: tuple[Any, ...]) -> bool:
     """
     if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
         return False
-    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    leaves = [x for x in tree.flatten(updates)[0] if x is not None and x.numel() > 0]
     if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
         return False
     pointers = [x.untyped_storage().data_ptr() for x in leaves]
     if len(set(pointers)) != len(pointers):
         return False
-    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)}
+    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0]
+             if isinstance(x, torch.Tensor) and x.numel() > 0}
     return taken.isdisjoint(pointers)
 
 
@@ -110,17 +118,34 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
 
 # ---------------------------------------------------------------- routing subtrees
 
-def _resolve(labels: Any, like: Any, what: str) -> tuple[list[Any], tree.PyTreeSpec]:
-    """Leaves of ``labels`` (a pytree, a prefix of one, or a function of ``like``)
-    broadcast to the structure of ``like``."""
+def _is_container(node: Any) -> bool:
+    return isinstance(node, (dict, list, tuple))
+
+
+def _resolve(labels: Any, like: Any, what: str) -> list[Any]:
+    """One label per leaf of ``like``, from ``labels``: a pytree with the structure of
+    ``like``, a prefix of it, or a function of ``like`` returning either.
+
+    The prefix is followed along each leaf's path in plain Python (optree's own prefix
+    broadcast cannot be traced by torch.compile).
+    """
     if callable(labels):
         labels = labels(like)
     spec = tree.structure(like)
-    try:
-        full = optree.tree_broadcast_prefix(labels, like, none_is_leaf=True)
-    except ValueError as e:
-        raise ValueError(f"{what} is not a prefix of the params tree: {e}") from None
-    return tree.leaves_matching(full, spec, what, "params"), spec
+    resolved = []
+    for path, name in zip(spec.paths(), tree.path_strings(spec)):
+        node = labels
+        for entry in path:
+            if not _is_container(node):
+                break
+            try:
+                node = node[entry]
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f"{what} has no entry for the params leaf at {name}") from None
+        if _is_container(node):
+            raise ValueError(f"{what} has a container at {name}, where the params have a leaf")
+        resolved.append(node)
+    return resolved
 
 
 def _select_leaves(leaves: list[Any], keep: list[bool]) -> list[Any]:
@@ -143,25 +168,27 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
     """Apply ``inner`` to the leaves where ``mask`` is True; pass the others through.
 
     ``mask`` is a pytree of bools with the params' structure, a prefix of it (``{"encoder":
-    False, "decoder": True}`` for nested dicts), or a function ``params -> mask``. The
-    inner transform sees ``None`` at masked-out leaves, so keeps no state for them.
+    False, "decoder": True}`` for nested dicts), or a function ``params -> mask`` (given
+    the updates instead when ``update`` is called without params). The inner transform
+    sees ``None`` at masked-out leaves, so keeps no state for them.
     """
 
-    def keep_of(tree_like):
-        leaves, spec = _resolve(mask, tree_like, "mask")
-        for path, m in zip(tree.path_strings(spec), leaves):
-            if not isinstance(m, bool):
+    def keep_of(like, leaves):
+        values = _resolve(mask, like, "mask")
+        for path, m, x in zip(tree.path_strings(tree.structure(like)), values, leaves):
+            if not isinstance(m, bool) and not (m is None and x is None):
                 raise ValueError(f"mask at {path} must be a bool, got {m!r}")
-        return leaves
+        return [m is True for m in values]
 
     def init(params):
         p_leaves, spec = tree.flatten(params)
-        return MaskedState(inner.init(tree.unflatten(spec, _select_leaves(p_leaves, keep_of(params)))))
+        keep = keep_of(params, p_leaves)
+        return MaskedState(inner.init(tree.unflatten(spec, _select_leaves(p_leaves, keep))))
 
     def update(updates, state, params=None, **extra):
         u_leaves, spec = tree.flatten(updates)
         p_leaves = None if params is None else tree.leaves_matching(params, spec, "params", "updates")
-        keep = keep_of(updates)
+        keep = keep_of(updates if params is None else params, u_leaves)
         new_leaves, inner_state = _routed_update(inner, keep, spec, u_leaves, p_leaves,
                                                  state.inner_state, extra)
         out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
@@ -185,23 +212,24 @@ def partition(
     """Route each leaf to the transform of its label.
 
     ``param_labels`` is a pytree of labels (keys of ``transforms``) with the params'
-    structure or a prefix of it, or a function ``params -> labels``. This is the
+    structure or a prefix of it, or a function ``params -> labels`` (given the updates
+    when ``update`` is called without params). This is the
     functional form of torch's param groups: ``partition({"decay": adamw(1e-3, weight_decay=
     0.1), "no_decay": adamw(1e-3, weight_decay=0.0)}, labels)``.
     """
     transforms = dict(transforms)
 
-    def labels_of(tree_like):
-        leaves, spec = _resolve(param_labels, tree_like, "param_labels")
-        for path, label in zip(tree.path_strings(spec), leaves):
-            if label not in transforms:
+    def labels_of(like, leaves):
+        labels = _resolve(param_labels, like, "param_labels")
+        for path, label, x in zip(tree.path_strings(tree.structure(like)), labels, leaves):
+            if label not in transforms and not (label is None and x is None):
                 raise ValueError(f"param_labels at {path} is {label!r}, which is not one of "
                                  f"the transforms' labels {sorted(map(repr, transforms))}")
-        return leaves
+        return labels
 
     def init(params):
-        labels = labels_of(params)
         p_leaves, spec = tree.flatten(params)
+        labels = labels_of(params, p_leaves)
         return PartitionState({
             name: t.init(tree.unflatten(spec, _select_leaves(p_leaves, [lb == name for lb in labels])))
             for name, t in transforms.items()
@@ -210,7 +238,7 @@ def partition(
     def update(updates, state, params=None, **extra):
         u_leaves, spec = tree.flatten(updates)
         p_leaves = None if params is None else tree.leaves_matching(params, spec, "params", "updates")
-        labels = labels_of(updates)
+        labels = labels_of(updates if params is None else params, u_leaves)
         out = list(u_leaves)
         new_states = {}
         for name, t in transforms.items():
@@ -304,7 +332,8 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     is applied to it and its updates are returned (and the accumulator reset), on the
     other calls the updates are zeros and the inner state does not change. Traceable: the
     inner update runs every micro-step and ``torch.where`` keeps or discards it, which
-    costs one inner update per micro-step. ``None`` gradients add nothing.
+    costs one inner update per micro-step. A ``None`` gradient adds nothing and its leaf
+    gets a ``None`` update.
     """
     _validate.positive_int("every_k", every_k)
 
@@ -313,18 +342,25 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         return MultiStepsState(zero, zero.clone(), inner.init(params), tree.zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        extra.pop("donate", None)  # the old state must survive a micro-step
+        # The old state must survive a micro-step, and acc is the next state: donate nothing.
+        extra.pop("donate", None)
+        extra.pop("donate_updates", None)
         n = state.mini_step
-        acc = tree.map(lambda a, g: a if g is None else a + (g - a) / (n + 1).to(a.dtype),
-                       state.acc_grads, updates)
+        u_leaves, spec = tree.flatten(updates)
+        acc_leaves = tree.leaves_matching(state.acc_grads, spec, "state.acc_grads", "updates")
+        acc = [a if g is None else a + (g - a) / (n + 1).to(a.dtype) for a, g in zip(acc_leaves, u_leaves)]
         emit = n == every_k - 1
-        new_u, new_inner = inner.update(acc, state.inner_state, params, **extra)
+        # A None gradient stays None for the inner transform: no update, no state change.
+        inner_in = tree.unflatten(spec, [None if g is None else a for a, g in zip(acc, u_leaves)])
+        new_u, new_inner = inner.update(inner_in, state.inner_state, params, **extra)
         new_u = tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_u)
+        new_acc = [a if g is None else torch.where(emit, torch.zeros_like(a), a)
+                   for a, g in zip(acc, u_leaves)]
         return new_u, MultiStepsState(
             torch.where(emit, torch.zeros_like(n), n + 1),
             state.gradient_step + emit.to(state.gradient_step.dtype),
             _select_tree(emit, new_inner, state.inner_state),
-            tree.map(lambda a: torch.where(emit, torch.zeros_like(a), a), acc),
+            tree.unflatten(spec, new_acc),
         )
 
     return GradientTransformation(init, update)

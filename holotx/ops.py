@@ -124,7 +124,10 @@ def div(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> Ten
 def add_scalar(xs: TensorList, s: Scalar, *, inplace: bool = False) -> TensorList:
     """``x + s`` for a scalar or 0-d tensor ``s``."""
     inplace = may_overwrite(xs, inplace)
-    if foreach_supported(xs) and _tensor_scalar_ok(s):
+    # Compiled, _foreach_add(list, tensor) bakes the tensor's value into the graph (a
+    # recompile when it changes); the per-leaf form fuses to the same code.
+    tensor_under_compile = isinstance(s, torch.Tensor) and torch.compiler.is_compiling()
+    if foreach_supported(xs) and _tensor_scalar_ok(s) and not tensor_under_compile:
         fn = torch._foreach_add_ if inplace else torch._foreach_add
         return _done(xs, fn(xs, s), inplace)
     return [x.add_(s) if inplace else x + s for x in xs]

@@ -31,15 +31,58 @@ __all__ = [
 
 def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
     """Leaves (``None`` included) and the structure of ``tree``."""
+    if torch.compiler.is_compiling():
+        leaves, spec = optree.tree_flatten(_box_constants(tree), none_is_leaf=True)
+        return [x.value if isinstance(x, _Boxed) else x for x in leaves], spec
     return optree.tree_flatten(tree, none_is_leaf=True)
 
 
 def structure(tree: Any) -> PyTreeSpec:
-    return optree.tree_structure(tree, none_is_leaf=True)
+    return flatten(tree)[1]
 
 
 def unflatten(treespec: PyTreeSpec, leaves: Sequence[Any]) -> Any:
+    if torch.compiler.is_compiling() and not all(isinstance(x, torch.Tensor) for x in leaves):
+        boxed = [x if isinstance(x, torch.Tensor) else _Boxed(x) for x in leaves]
+        return _unbox(optree.tree_unflatten(treespec, boxed))
     return optree.tree_unflatten(treespec, leaves)
+
+
+class _Boxed:
+    """Holds a non-tensor leaf (``None``, a bool, a label) while torch.compile flattens or
+    unflattens a tree.
+
+    torch 2.13's dynamo cannot flatten or unflatten a dict whose leaves are all constants
+    ("unhashable type: 'list'", "SourcelessBuilder ... DictMetaData"), which masks,
+    partitions and frozen submodules produce. A plain object is no constant to dynamo, so
+    the tree goes through boxed, then is unboxed, every container keeping its type and
+    order."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _map_containers(node: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to every node below dicts, lists, tuples and NamedTuples."""
+    if isinstance(node, dict):
+        return type(node)((key, _map_containers(value, fn)) for key, value in node.items())
+    if isinstance(node, list):
+        return [_map_containers(value, fn) for value in node]
+    if isinstance(node, tuple):
+        values = [_map_containers(value, fn) for value in node]
+        return type(node)(*values) if hasattr(node, "_fields") else tuple(values)
+    return fn(node)
+
+
+def _box_constants(tree: Any) -> Any:
+    return _map_containers(tree, lambda x: _Boxed(x) if x is None or isinstance(x, (bool, int, float, str))
+                           else x)
+
+
+def _unbox(tree: Any) -> Any:
+    return _map_containers(tree, lambda x: x.value if isinstance(x, _Boxed) else x)
 
 
 def path_strings(treespec: PyTreeSpec) -> list[str]:

@@ -1,0 +1,38 @@
+"""Shared pytest setup: the tests folder on the import path (for ``tests/harness.py``),
+the ``--runslow`` option declared by the ``slow`` marker, ``cuda`` skips, and a fresh
+dynamo cache for compile checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Reset dynamo's caches and counters around a compile check, so that one case's
+    compiled code (transforms share code objects, e.g. ``chain``'s ``update``) is never
+    reused for, or counted against, another."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
