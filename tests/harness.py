@@ -149,14 +149,11 @@ TREES: dict[str, tuple[tuple[int, ...], bool]] = {
 """Variants of the params tree: the shape of its ``bulk`` leaf, and whether it has a
 0-size leaf.
 
-* ``big`` trees have 76,800 elements in ``bulk``, more than ``holotx.multi.BLOCK_ELEMENTS``
-  (65,536), so the eager CPU path runs elementwise kernels block by block (slices of the
-  big leaf, runs of the small ones) instead of on whole leaves; compile and vmap run
-  whole leaves, so comparing them with eager compares the two paths.
-* ``dense`` trees have no 0-size leaf. A 0-size tensor has a null data pointer, which
-  holotx's test for "these updates own their memory" (``combine._is_fresh``) takes for
-  shared memory, so one 0-size leaf switches off a chain's donation of fresh
-  intermediate updates; the checks of that path use dense trees.
+* ``big`` trees have 76,800 elements in ``bulk``: multi-threaded CPU kernels split work
+  above a grain size, so a big leaf exercises that path where tiny ones do not.
+* ``dense`` trees have no 0-size leaf, the others one: a 0-size tensor has a null data
+  pointer, which holotx's test for "these updates own their memory"
+  (``combine._is_fresh``) must ignore rather than take for shared memory.
 """
 
 

@@ -107,7 +107,7 @@ def scale_by_adam(
 
         u, (mu, nu, nu_max) = multi_tensor_update(
             kernel, updates, (state.mu, state.nu, state.nu_max),
-            state_names=("state.mu", "state.nu", "state.nu_max"), elementwise=True,
+            state_names=("state.mu", "state.nu", "state.nu_max")
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 

@@ -49,6 +49,6 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         def kernel(g, _p):
             return (ops.mul(g, factor, inplace=inplace),)
 
-        return multi_tensor_update(kernel, updates, elementwise=True)[0], state
+        return multi_tensor_update(kernel, updates)[0], state
 
     return GradientTransformation(init, update)

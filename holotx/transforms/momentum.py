@@ -66,8 +66,7 @@ def trace(
                 u = buf
             return u, buf
 
-        u, (buf,) = multi_tensor_update(kernel, updates, (state.trace,), state_names=("state.trace",),
-                                         elementwise=True)
+        u, (buf,) = multi_tensor_update(kernel, updates, (state.trace,), state_names=("state.trace",))
         return u, TraceState(count, buf)
 
     return GradientTransformation(init, update)

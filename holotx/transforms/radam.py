@@ -94,8 +94,7 @@ def scale_by_radam(
             return u, mu, nu, None
 
         u, (mu, nu, _) = multi_tensor_update(
-            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", ""),
-            elementwise=True,
+            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", "")
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 

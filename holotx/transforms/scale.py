@@ -40,7 +40,7 @@ def _scaled(updates, factor: Scalar, donate: bool):
     def kernel(g, _p):
         return (ops.mul(g, factor, inplace=donate),)
 
-    return multi_tensor_update(kernel, updates, elementwise=True)[0]
+    return multi_tensor_update(kernel, updates)[0]
 
 
 def scale(step_size: Scalar) -> GradientTransformation:

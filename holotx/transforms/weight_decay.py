@@ -37,8 +37,7 @@ def add_decayed_weights(
         def kernel(g, p):
             return (ops.add(g, p, alpha=weight_decay, inplace=inplace),)
 
-        new_updates, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True,
-                                             elementwise=True)
+        new_updates, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True)
         return new_updates, state
 
     tx = GradientTransformation(init, update)
