@@ -128,6 +128,27 @@ def updates_donated(donate: bool, extra: dict[str, Any]) -> bool:
     return bool(donate or extra.get("donate_updates", False))
 
 
+def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
+    """Whether the updates own their memory: no leaf shares storage with another leaf or
+    with any tensor in ``others`` (the caller's grads, params, old and new states). Then
+    the next transform of a chain may write into them, saving an allocation and a pass.
+
+    Decided only in plain eager mode; under autograd, functorch or compile the answer is
+    False (there the cost is fused away, or in-place writes are not wanted).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
+        return False
+    leaves = [x for x in tree.flatten(updates)[0] if x is not None and x.numel() > 0]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
+        return False
+    pointers = [x.untyped_storage().data_ptr() for x in leaves]
+    if len(set(pointers)) != len(pointers):
+        return False
+    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0]
+             if isinstance(x, torch.Tensor) and x.numel() > 0}
+    return taken.isdisjoint(pointers)
+
+
 def init_count(params: Params) -> torch.Tensor:
     """A 0-d int64 step counter at zero, on the device of the first parameter."""
     return torch.zeros((), dtype=torch.int64, device=tree.first_device(params))

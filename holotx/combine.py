@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import _validate, tree
-from holotx.base import GradientTransformation, Params, init_count, updates_donated
+from holotx.base import GradientTransformation, Params, init_count, owns_memory, updates_donated
 from holotx.transforms.scale import set_to_zero
 
 __all__ = [
@@ -58,7 +58,7 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
     """Each transform's update on the previous one's output.
 
     The next transform may write into the updates when nothing else holds their memory
-    (see :func:`_is_fresh`): not the params, not any state (a momentum buffer can be the
+    (see :func:`~holotx.base.owns_memory`): not the params, not any state (a momentum buffer can be the
     updates), and not the caller's grads unless the caller donated them. With
     ``donate=True`` every transform may, by the donation contract: a transform never
     returns updates that share memory with its donated state.
@@ -71,29 +71,8 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
         updates, s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
         new_states.append(s)
         if i + 1 < len(transforms) and not donate:
-            owned = _is_fresh(updates, (*holders, new_states))
+            owned = owns_memory(updates, (*holders, new_states))
     return updates, new_states
-
-
-def _is_fresh(updates: Any, others: tuple[Any, ...]) -> bool:
-    """Whether the updates own their memory: no leaf shares storage with another leaf or
-    with any tensor in ``others`` (the caller's grads, params, old and new states). Then
-    the next transform of a chain may write into them, saving an allocation and a pass.
-
-    Decided only in plain eager mode; under autograd, functorch or compile the answer is
-    False (there the cost is fused away, or in-place writes are not wanted).
-    """
-    if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
-        return False
-    leaves = [x for x in tree.flatten(updates)[0] if x is not None and x.numel() > 0]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
-        return False
-    pointers = [x.untyped_storage().data_ptr() for x in leaves]
-    if len(set(pointers)) != len(pointers):
-        return False
-    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0]
-             if isinstance(x, torch.Tensor) and x.numel() > 0}
-    return taken.isdisjoint(pointers)
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import tree
-from holotx.base import GradientTransformation, Params, State, apply_updates
+from holotx.base import GradientTransformation, Params, State, apply_updates, owns_memory
 
 __all__ = ["FlatLayout", "LeafSlot", "make_step"]
 
@@ -114,6 +114,16 @@ class FlatLayout:
         return buffers
 
 
+def _can_take_memory(params: Params, updates: Any) -> bool:
+    """Whether ``updates`` can hold the new params: a tensor, of the param's dtype, at
+    every path where there is a param (and ``None`` where there is none)."""
+    p_leaves, spec = tree.flatten(params)
+    u_leaves, u_spec = tree.flatten(updates)
+    return u_spec == spec and all(
+        (p is None and u is None) or (p is not None and u is not None and p.dtype == u.dtype)
+        for p, u in zip(p_leaves, u_leaves))
+
+
 def make_step(
     tx: GradientTransformation, *, donate: bool = False
 ) -> Callable[..., tuple[Params, State]]:
@@ -133,7 +143,10 @@ def make_step(
                 updates, state = tx.update(grads, state, params, donate=True, **extra)
                 apply_updates(params, updates, inplace=True)
             return params, state
-        updates, state = tx.update(grads, state, params, **extra)
-        return apply_updates(params, updates), state
+        updates, new_state = tx.update(grads, state, params, **extra)
+        if _can_take_memory(params, updates) and owns_memory(updates, (grads, params, state, new_state)):
+            # The updates are this step's own scratch: the new params can take their memory.
+            return apply_updates(updates, params, inplace=True), new_state
+        return apply_updates(params, updates), new_state
 
     return step

@@ -39,6 +39,7 @@ __all__ = [
     "clone",
     "copy",
     "div",
+    "div_into",
     "foreach_supported",
     "lerp",
     "maximum",
@@ -213,3 +214,13 @@ def copy(dst: TensorList, src: TensorList) -> TensorList:
         torch._foreach_copy_(dst, src)
         return dst
     return [d.copy_(s) for d, s in zip(dst, src)]
+
+
+def div_into(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+    """``x / y``, written into ``ys`` when ``inplace`` allows (the divisor is usually a
+    scratch denominator): one buffer fewer than :func:`div`. On a CPU each leaf gets
+    ``torch.div(x, y, out=y)``; foreach kernels have no ``out=``, so elsewhere this is a
+    fresh foreach division."""
+    if may_overwrite(ys, inplace) and ys[0].device.type == "cpu":
+        return [torch.div(x, y, out=y) for x, y in zip(xs, ys)]
+    return div(xs, ys)

@@ -153,7 +153,7 @@ TREES: dict[str, tuple[tuple[int, ...], bool]] = {
   above a grain size, so a big leaf exercises that path where tiny ones do not.
 * ``dense`` trees have no 0-size leaf, the others one: a 0-size tensor has a null data
   pointer, which holotx's test for "these updates own their memory"
-  (``combine._is_fresh``) must ignore rather than take for shared memory.
+  (``holotx.base.owns_memory``) must ignore rather than take for shared memory.
 """
 
 

@@ -102,7 +102,7 @@ def scale_by_adam(
             denom = ops.sqrt(nu if nu_max is None else nu_max)
             denom = ops.mul(denom, denom_scale, inplace=True)
             denom = ops.add_scalar(denom, denom_shift, inplace=True)
-            u = ops.div(mu, denom)
+            u = ops.div_into(mu, denom, inplace=True)
             return u, mu, nu, nu_max
 
         u, (mu, nu, nu_max) = multi_tensor_update(
