@@ -138,14 +138,14 @@ def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
     """
     if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
         return False
-    leaves = [x for x in tree.flatten(updates)[0] if x is not None and x.numel() > 0]
+    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
         return False
-    pointers = [x.untyped_storage().data_ptr() for x in leaves]
+    # A 0-size tensor has a null data pointer and no memory to share: it is left out.
+    pointers = [p for p in (x.untyped_storage().data_ptr() for x in leaves) if p]
     if len(set(pointers)) != len(pointers):
         return False
-    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0]
-             if isinstance(x, torch.Tensor) and x.numel() > 0}
+    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)}
     return taken.isdisjoint(pointers)
 
 

@@ -65,13 +65,16 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
     """
     donate = extra.get("donate", False)
     owned = updates_donated(donate, extra)
-    holders = (params, states) if owned else (updates, params, states)
+    holders = params if owned else (updates, params)
     new_states: list[Any] = []
     for i, (t, s) in enumerate(zip(transforms, states)):
-        updates, s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
-        new_states.append(s)
+        incoming = updates
+        updates, new_s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
+        new_states.append(new_s)
         if i + 1 < len(transforms) and not donate:
-            owned = owns_memory(updates, (*holders, new_states))
+            # A transform sees only its own state and its input: its output can alias
+            # those, the params and the caller's grads, and nothing else.
+            owned = owns_memory(updates, (holders, s, new_s, () if owned else incoming))
     return updates, new_states
 
 

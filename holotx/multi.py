@@ -53,8 +53,9 @@ def multi_tensor_update(
     else:
         p_leaves = tree.leaves_matching(params, spec, "params", "updates")
         tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params")
-        for path, g, p in zip(tree.path_strings(spec), g_leaves, p_leaves):
+        for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
             if g is not None and p is None:
+                path = tree.path_strings(spec)[i]
                 raise ValueError(f"params at {path} is None but updates has a tensor there")
 
     groups: dict[tuple[Any, Any], list[int]] = {}
