@@ -11,7 +11,8 @@ holotx's paths:
 - pure: ``updates, state = tx.update(...)`` then ``apply_updates``: nothing is mutated;
 - donated: the same code told it owns the state and grads (``donate=True``), in place;
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
-  dtype (:class:`holotx.flat.FlatLayout`), its first (compiling) step time in brackets.
+  dtype (:class:`holotx.flat.FlatLayout`), its first (compiling) step time in brackets,
+  compiled without inductor's on-disk cache unless ``--warm-compile-cache``.
 
 Ratios are to torch's fused kernel and to the memory-traffic floor: the bytes an optimizer
 must move per parameter (AdamW reads p, g, m, v and writes p, m, v: 28 B in float32)
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 
 import holotx
 from holotx.flat import FlatLayout, make_step
@@ -195,8 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best median counts")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # First-step times are those of a first run on a fresh machine unless asked otherwise.
+    torch._inductor.config.force_disable_caches = not args.warm_compile_cache
 
     print(f"torch {torch.__version__}, holotx {holotx.__version__}, {args.threads} thread(s)")
     for set_name in args.sets:

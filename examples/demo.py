@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="training steps per optimizer")
     parser.add_argument("--quick", action="store_true", help="30 steps (for tests)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (1 is as fast for this small model, and is not slowed down "
-                             "when other processes keep the cores busy)")
-    parser.add_argument("--ways", nargs="+", default=["functional"], choices=list(WAYS),
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (more do not help a model this small, and slow it down "
+                             "badly when other processes keep the cores busy)")
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS),
                         help="ways to run each optimizer")
     parser.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
                         help="a subset of the optimizers, by the start of their name")
