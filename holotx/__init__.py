@@ -4,7 +4,7 @@
 ``params = holotx.apply_updates(params, updates)``. See README.md.
 """
 
-from holotx import ops, schedules, tree
+from holotx import flat, ops, schedules, tree
 from holotx.base import (
     EmptyState,
     GradientTransformation,
@@ -84,6 +84,7 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "exponential_decay",
+    "flat",
     "freeze",
     "global_norm",
     "identity",

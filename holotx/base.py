@@ -105,6 +105,10 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     p_leaves, treespec = tree.flatten(params)
     u_leaves = tree.leaves_matching(updates, treespec, "updates", "params")
     tree.check_leaves(p_leaves, u_leaves, treespec, "params", "updates", dtype=False)
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        if p is None and u is not None:
+            path = tree.path_strings(treespec)[i]
+            raise ValueError(f"params at {path} is None but updates has a tensor there")
     idx = [i for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if p is not None and u is not None]
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)

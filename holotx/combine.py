@@ -314,8 +314,13 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     is applied to it and its updates are returned (and the accumulator reset), on the
     other calls the updates are zeros and the inner state does not change. Traceable: the
     inner update runs every micro-step and ``torch.where`` keeps or discards it, which
-    costs one inner update per micro-step. A ``None`` gradient adds nothing and its leaf
-    gets a ``None`` update.
+    costs one inner update per micro-step.
+
+    A ``None`` gradient leaves its leaf out of that micro-step, as everywhere in holotx:
+    ``None`` update, state untouched. The window is counted for all leaves together, so a
+    leaf that has no gradient at a window's last micro-step is not stepped for that
+    window, and the next window's first gradient replaces what it had accumulated. Give
+    such a leaf zeros instead of ``None`` to keep its gradients in the window's mean.
     """
     _validate.positive_int("every_k", every_k)
 

@@ -49,11 +49,14 @@ def inject_hyperparams(
 ) -> Callable[..., GradientTransformation]:
     """Wrap ``factory`` so that its numeric arguments become state.
 
-    Every argument of the call (defaults included) that is a number, a 0-d tensor, a
-    tuple of numbers (``betas``), or a schedule (a callable, evaluated at the step count)
-    is injected, unless named in ``static_args``; booleans, strings and other values stay
-    static. Values are stored as 0-d tensors of ``hyperparam_dtype`` (float64 by default,
-    so a float64 run equals the un-injected one exactly) on the params' device.
+    Every argument given in the call that is a number, a 0-d tensor, a tuple of numbers
+    (``betas``), or a schedule (a callable, evaluated at the step count) is injected,
+    unless named in ``static_args``; booleans, strings and other values stay static, and
+    so do the factory's defaults for arguments not given (a factory may leave a term out
+    when its default is zero, e.g. weight decay: pass ``weight_decay=0.0`` to make it a
+    hyperparameter you can change later). Values are stored as 0-d tensors of
+    ``hyperparam_dtype`` (float64 by default, so a float64 run equals the un-injected one
+    exactly) on the params' device.
 
     The factory is called again on each update with the current tensors, so it must
     accept 0-d tensors for those arguments (every holotx factory does) and must not make
@@ -64,9 +67,7 @@ def inject_hyperparams(
     signature = inspect.signature(factory)
 
     def build(*args: Any, **kwargs: Any) -> GradientTransformation:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(name, {}))

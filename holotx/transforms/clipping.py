@@ -43,8 +43,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         del params
         inplace = updates_donated(donate, extra)
         norm = global_norm(updates)
-        factor = max_norm / torch.clamp(norm, min=max_norm) if not isinstance(max_norm, torch.Tensor) \
-            else max_norm / torch.maximum(norm, max_norm)
+        factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
 
         def kernel(g, _p):
             return (ops.mul(g, factor, inplace=inplace),)

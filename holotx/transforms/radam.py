@@ -63,7 +63,7 @@ def scale_by_radam(
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
-    if not threshold >= 4:
+    if not isinstance(threshold, torch.Tensor) and not threshold >= 4:
         raise ValueError(f"threshold must be >= 4 (the rectifier needs rho_t > 4), got {threshold!r}")
 
     def init(params):
