@@ -16,8 +16,8 @@ holotx's paths:
 
 Ratios are to torch's fused kernel and to the memory-traffic floor: the bytes an optimizer
 must move per parameter (AdamW reads p, g, m, v and writes p, m, v: 28 B in float32)
-times the number of parameters, divided by a bandwidth this script measures itself
-(``out = a + b`` over buffers larger than any cache, best of several runs).
+times the number of parameters, divided by a bandwidth this script measures itself over
+the optimizer's working set (see :func:`measure_bandwidth`).
 """
 
 from __future__ import annotations
@@ -200,15 +200,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    # First-step times are those of a first run on a fresh machine unless asked otherwise.
-    torch._inductor.config.force_disable_caches = not args.warm_compile_cache
+    try:
+        # First-step times are those of a first run on a fresh machine unless asked otherwise.
+        with torch._inductor.config.patch(force_disable_caches=not args.warm_compile_cache):
+            run(args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def run(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, holotx {holotx.__version__}, {args.threads} thread(s)")
     for set_name in args.sets:
         shapes = PARAM_SETS[set_name]()
         numel = sum(torch.Size(s).numel() for s in shapes)
-        bandwidth = measure_bandwidth(numel * 4)
+        bandwidth = measure_bandwidth(numel)
         print(f"\n{set_name}: {len(shapes)} float32 tensors, {numel / 1e6:.2f} M values; "
               f"measured bandwidth {bandwidth / 1e9:.1f} GB/s")
         header = (f"{'optimizer':<13} {'implementation':<24} {'ms/step':>8} {'x fused':>8} "

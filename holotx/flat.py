@@ -124,6 +124,18 @@ def _can_take_memory(params: Params, updates: Any) -> bool:
         for p, u in zip(p_leaves, u_leaves))
 
 
+def _check_distinct(tree_: Any, name: str) -> None:
+    """In place, a tensor that appears twice (tied weights given twice) would be stepped
+    twice: refuse it, as torch.optim refuses duplicate params."""
+    leaves, spec = tree.flatten(tree_)
+    seen: dict[int, int] = {}
+    for i, x in enumerate(leaves):
+        if x is not None and seen.setdefault(id(x), i) != i:
+            paths = tree.path_strings(spec)
+            raise ValueError(f"{name} at {paths[seen[id(x)]]} and {paths[i]} are the same tensor: "
+                             "a donated step would update it twice; give it once")
+
+
 def make_step(
     tx: GradientTransformation, *, donate: bool = False
 ) -> Callable[..., tuple[Params, State]]:
@@ -139,6 +151,8 @@ def make_step(
 
     def step(params: Params, grads: Any, state: State, **extra: Any) -> tuple[Params, State]:
         if donate:
+            _check_distinct(params, "params")
+            _check_distinct(grads, "grads")
             with torch.no_grad():
                 updates, state = tx.update(grads, state, params, donate=True, **extra)
                 apply_updates(params, updates, inplace=True)

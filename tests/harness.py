@@ -349,7 +349,7 @@ def check_pure(case: Case, tree: str = "small") -> None:
     even one that writes the same values back). Afterwards each must be bit-identical
     to its copy (``torch.equal``), still at the same storage, at the same version.
     Re-running the whole sequence must give bit-identical outputs (same inputs, same
-    outputs). Run on several :data:`TREES`: whole-leaf and blockwise kernels, with and
+    outputs). Run on several :data:`TREES`: small and big leaves, with and
     without a chain's donation of intermediate updates (which must never reach the
     caller's buffers).
     """
@@ -589,8 +589,7 @@ def check_vmap(case: Case) -> None:
     torch's ``_foreach_*`` ops have no batching rule, so under vmap ``holotx.ops`` runs a
     per-leaf loop of ordinary ops computing the same formula; the two differ at most by
     rounding, hence 1e-12 relative in float64 (float64 rounding is ~1e-16). The tree is
-    the ``big`` one (:data:`TREES`), so the looped reference runs the blockwise eager path
-    while vmap runs whole leaves.
+    the ``big`` one (:data:`TREES`).
     """
     tx = case.factory()
     params = make_params("float64", batch=VMAP_BATCH, tree="big")
@@ -660,9 +659,8 @@ def check_compile(case: Case, backend: str = "aot_eager") -> None:
     in float32 and rounds once, eager rounds after every op, so they legitimately differ
     by several bfloat16 ulps. ``aot_eager`` runs the traced graph with eager kernels, so
     it tests tracing at a fraction of inductor's compile time; the ``inductor`` cases run
-    the default backend. The tree is ``dense_big`` (:data:`TREES`): eager runs its
-    float32 group blockwise and donates a chain's fresh intermediate updates, the
-    compiled graph does neither.
+    the default backend. The tree is ``dense_big`` (:data:`TREES`): eager donates a
+    chain's fresh intermediate updates, the compiled graph does not.
     """
     tx = case.factory()
     params = make_params(COMPILE_DTYPES, tree="dense_big")
@@ -697,8 +695,7 @@ def check_chain_composition(case: Case, tree: str = "dense") -> None:
       takes them for fresh, ``scale`` doubles the state in place and this fails.
 
     Bit-identical: the same ops run on the same values. Run on the ``dense`` and
-    ``dense_big`` :data:`TREES` (whole-leaf and blockwise kernels; a 0-size leaf would
-    switch the chain's donation off).
+    ``dense_big`` :data:`TREES`.
     """
     params = make_params("float32", tree=tree)
     seq = grads_seq(params, case.steps)
@@ -733,8 +730,9 @@ def check_donated(case: Case, dtype: str, tree: str = "small") -> None:
     ``params`` are never donated (bit-identical, same version counter), and the donated
     updates never share memory with the new state (the caller owns the updates and may
     write into them, e.g. ``apply_updates`` with a donated flat buffer, which would then
-    corrupt the optimizer state). Run on the ``small`` and on the ``dense_big`` tree
-    (blockwise kernels, whose in-place outputs are views reassembled into whole leaves).
+    corrupt the optimizer state), and the new state never shares memory with the
+    donated grads (an owner such as ``FlatLayout.bind_grads`` refills the same grad
+    buffers every step, which would overwrite that state).
     """
     tx = case.factory()
     params = make_params(dtype, tree=tree)
@@ -744,11 +742,14 @@ def check_donated(case: Case, dtype: str, tree: str = "small") -> None:
     for k, grads in enumerate(grads_seq(params, case.steps)):
         step = f"step {k + 1}"
         pure_u, pure_state = tx.update(grads, pure_state, params)
-        don_u, donated_state = tx.update(clone_tree(grads), clone_tree(donated_state), params, donate=True)
+        donated_grads = clone_tree(grads)
+        don_u, donated_state = tx.update(donated_grads, clone_tree(donated_state), params, donate=True)
         assert_trees_close(don_u, pure_u, f"{step} donated updates")
         assert_trees_close(donated_state, pure_state, f"{step} donated state")
         shared = _storages(don_u) & _storages(donated_state)
         assert not shared, f"{step}: donated updates share memory with the new state"
+        shared = _storages(donated_grads) & _storages(donated_state)
+        assert not shared, f"{step}: the new state shares memory with the donated grads"
     for r in param_records:
         assert r.tensor._version == r.version, f"{r.where} was written in place by a donated update"
         assert torch.equal(r.tensor, r.copy), f"{r.where} changed under a donated update"

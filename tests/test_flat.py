@@ -108,3 +108,14 @@ def test_donated_step_changes_params_in_place_and_pure_does_not():
     same, _ = make_step(tx, donate=True)(params, [torch.ones(3)], state)
     assert same is params
     assert torch.equal(params[0], torch.full((3,), 0.5))
+
+
+def test_donated_step_refuses_a_tensor_given_twice():
+    """Tied weights given twice would be stepped twice in place."""
+    shared = torch.ones(3)
+    tx = holotx.sgd(0.1)
+    step = make_step(tx, donate=True)
+    with pytest.raises(ValueError, match=r"params at \['a'\] and \['b'\] are the same tensor"):
+        step({"a": shared, "b": shared}, {"a": torch.ones(3), "b": torch.ones(3)},
+             tx.init({"a": shared, "b": shared}))
+    assert torch.equal(shared, torch.ones(3))

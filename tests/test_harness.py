@@ -242,11 +242,6 @@ def test_donated_equals_pure(case, dtype):
     check_donated(case, dtype)
 
 
-@pytest.mark.parametrize("case", _params(CASES))
-def test_donated_equals_pure_blockwise(case):
-    check_donated(case, "float32", tree="dense_big")
-
-
 @pytest.mark.parametrize("tree", ["dense", "dense_big"])
 @pytest.mark.parametrize("case", _params(CASES))
 def test_same_inside_a_chain(case, tree):

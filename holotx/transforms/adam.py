@@ -12,7 +12,15 @@ from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
 
-__all__ = ["ScaleByAdamState", "bias_correction", "per_step_scalars", "scale_by_adam", "scalar_dtype"]
+__all__ = [
+    "ScaleByAdamState",
+    "adaptive_ratio",
+    "bias_correction",
+    "moments",
+    "per_step_scalars",
+    "scale_by_adam",
+    "scalar_dtype",
+]
 
 
 class ScaleByAdamState(NamedTuple):
@@ -50,6 +58,24 @@ def per_step_scalars(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
     loop. In eager mode this costs one tiny op.
     """
     return tuple(torch.stack(scalars).unbind(0))
+
+
+def moments(g: ops.TensorList, mu: ops.TensorList, nu: ops.TensorList, b1: Scalar, b2: Scalar, *,
+            inplace: bool) -> tuple[ops.TensorList, ops.TensorList]:
+    r"""Adam's moment EMAs: :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`, as ``torch.optim.Adam`` computes them."""
+    mu = ops.lerp(mu, g, 1 - b1, inplace=inplace)
+    nu = ops.mul(nu, b2, inplace=inplace)
+    return mu, ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+
+
+def adaptive_ratio(mu: ops.TensorList, nu: ops.TensorList, scale: Scalar, shift: Scalar) -> ops.TensorList:
+    r""":math:`m / (\sqrt{v}\, a + b)`, the denominator a scratch buffer the quotient is
+    written into."""
+    denom = ops.sqrt(nu)
+    denom = ops.mul(denom, scale, inplace=True)
+    denom = ops.add_scalar(denom, shift, inplace=True)
+    return ops.div_into(mu, denom, inplace=True)
 
 
 def scale_by_adam(
@@ -94,15 +120,10 @@ def scale_by_adam(
         denom_scale, denom_shift = per_step_scalars(bc1 / torch.sqrt(bias_correction(b2, count)), eps * bc1)
 
         def kernel(g, mu, nu, nu_max, _p):
-            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
-            nu = ops.mul(nu, b2, inplace=donate)
-            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            denom = ops.sqrt(nu if nu_max is None else nu_max)
-            denom = ops.mul(denom, denom_scale, inplace=True)
-            denom = ops.add_scalar(denom, denom_shift, inplace=True)
-            u = ops.div_into(mu, denom, inplace=True)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, denom_scale, denom_shift)
             return u, mu, nu, nu_max
 
         u, (mu, nu, nu_max) = multi_tensor_update(

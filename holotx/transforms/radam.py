@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from holotx import _validate, ops
+from holotx import _validate
 from holotx.base import GradientTransformation, init_count, next_count
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
-from holotx.transforms.adam import ScaleByAdamState, bias_correction, per_step_scalars
+from holotx.transforms.adam import (
+    ScaleByAdamState,
+    adaptive_ratio,
+    bias_correction,
+    moments,
+    per_step_scalars,
+)
 from holotx.tree import zeros_like
 
 __all__ = ["rectification", "scale_by_radam"]
@@ -75,23 +81,16 @@ def scale_by_radam(
         bc1 = bias_correction(b1, count)
         bc2 = bias_correction(b2, count)
         active, r = rectification(b2, count, bc2, threshold)
-        # denom = (sqrt(v) + eps) / (r * sqrt(bc2)) when rectifying, exactly 1 otherwise.
+        # u = m / (sqrt(v) * a + b): rectifying, a = bc1 / (r sqrt(bc2)) and b = eps * a, so
+        # u = (m / bc1) * r sqrt(bc2) / (sqrt(v) + eps); otherwise a = 0 and b = bc1.
         zero = torch.zeros_like(bc2)
-        denom_scale = torch.where(active, 1 / (r * torch.sqrt(bc2)), zero)
-        denom_shift = torch.where(active, zero, zero + 1)
-        bc1, denom_scale, denom_shift = per_step_scalars(bc1, denom_scale, denom_shift)
+        scale = torch.where(active, bc1 / (r * torch.sqrt(bc2)), zero)
+        shift = torch.where(active, eps * scale, bc1)
+        scale, shift = per_step_scalars(scale, shift)
 
         def kernel(g, mu, nu, _nu_max, _p):
-            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
-            nu = ops.mul(nu, b2, inplace=donate)
-            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
-            denom = ops.sqrt(nu)
-            denom = ops.add_scalar(denom, eps, inplace=True)
-            denom = ops.mul(denom, denom_scale, inplace=True)
-            denom = ops.add_scalar(denom, denom_shift, inplace=True)
-            u = ops.div(mu, denom)
-            u = ops.div(u, bc1, inplace=True)
-            return u, mu, nu, None
+            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
+            return adaptive_ratio(mu, nu, scale, shift), mu, nu, None
 
         u, (mu, nu, _) = multi_tensor_update(
             kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", "")
