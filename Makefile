@@ -1,7 +1,8 @@
 # Two commands do all the set-up: `make demo` and `make test`. Each creates .venv once
 # (idempotent), with torch pinned to 2.13.0 by constraints.txt. PyTorch's CPU index is
 # offered beside PyPI for torch alone: on Linux, PyPI's torch wheel is the CUDA build,
-# and the "+cpu" local version wins over it for the same release.
+# and the "+cpu" local version wins over it for the same release. torch's own
+# requirements come from PyPI in the next step, under the same constraints.
 PYTHON ?= python3
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV ?= .venv
@@ -15,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt --extra-index-url $(TORCH_INDEX) torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps pylocron==0.3.0
 	touch $(STAMP)
