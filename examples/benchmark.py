@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     try:
         # First-step times are those of a first run on a fresh machine unless asked otherwise.
-        with torch._inductor.config.patch(force_disable_caches=not args.warm_compile_cache):
+        with torch._inductor.config.patch(force_disable_caches=not args.warm_compile_cache), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
             run(args)
     finally:
         torch.set_num_threads(threads)
