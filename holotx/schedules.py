@@ -4,8 +4,7 @@ A *schedule* is a callable ``schedule(count) -> value`` where ``count`` is the
 number of optimizer steps already taken (so the first update uses
 ``schedule(0)``). ``count`` may be either
 
-* a Python ``int``: the value is computed with plain Python float64 arithmetic
-  (:mod:`math`) and returned as a Python ``float``; or
+* a Python ``int``: the value is returned as a Python ``float``; or
 * an integer :class:`torch.Tensor` (normally 0-d, ``int32`` or ``int64``, on any
   device): the value is computed with torch ops only and returned as a tensor
   of the same shape on ``count``'s device, with dtype ``float64`` (``float32``
@@ -17,9 +16,10 @@ The tensor path never inspects tensor values from Python (no ``.item()``, no
 accelerator, under :func:`torch.func.vmap` (a batch of counts),
 :func:`torch.func.grad` (the schedule is a constant with respect to the
 differentiated inputs) and ``torch.compile(..., fullgraph=True)`` without graph
-breaks; changing the value of the count does not trigger a recompilation. Both
-paths evaluate the same float64 expression in the same order, so they agree to
-within about one ulp.
+breaks; changing the value of the count does not trigger a recompilation. Each
+schedule's math is written once, as its tensor formula: an ``int`` count is
+evaluated as a 0-d int64 tensor on the CPU, so both kinds of count give the same
+float64 value.
 
 Hyperparameters are plain Python numbers, validated when the schedule is
 built: a bad value raises :class:`ValueError` whose message names the argument
@@ -31,7 +31,6 @@ numbers.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import numbers
@@ -122,6 +121,18 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
+def _from_tensor_formula(formula: Callable[[torch.Tensor], torch.Tensor]) -> Schedule:
+    """A schedule from its tensor formula, the one implementation of its math: a Python
+    int count is evaluated as a 0-d int64 tensor and the value returned as a float."""
+
+    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
+        if isinstance(count, torch.Tensor):
+            return formula(count)
+        return float(formula(torch.tensor(_int_count(count), dtype=torch.int64)))
+
+    return schedule
+
+
 # ---------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------
@@ -135,14 +146,8 @@ def constant_schedule(value: float) -> Schedule:
     """
     v = _check_real("value", value)
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            # full_like keeps the result tied to ``count`` (device, vmap batching).
-            return torch.full_like(count, v, dtype=_float_dtype(count))
-        _int_count(count)
-        return v
-
-    return schedule
+    # full_like keeps the result tied to ``count`` (device, vmap batching).
+    return _from_tensor_formula(lambda count: torch.full_like(count, v, dtype=_float_dtype(count)))
 
 
 def polynomial_schedule(
@@ -188,14 +193,11 @@ def polynomial_schedule(
         return constant_schedule(init)
     delta = init - end
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            t = torch.clamp(_tensor_count(count) - begin, 0.0, float(steps))
-            return delta * torch.pow(1.0 - t / steps, p) + end
-        t_int = min(max(_int_count(count) - begin, 0), steps)
-        return delta * (1.0 - t_int / steps) ** p + end
+    def formula(count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count) - begin, 0.0, float(steps))
+        return delta * torch.pow(1.0 - t / steps, p) + end
 
-    return schedule
+    return _from_tensor_formula(formula)
 
 
 def linear_schedule(
@@ -238,16 +240,12 @@ def _cosine_schedule(scale: float, offset: float, steps: int, exponent: float) -
     """
     omega = math.pi / steps
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            t = torch.clamp(_tensor_count(count), 0.0, float(steps))
-            c = 0.5 * (1.0 + torch.cos(t * omega))
-            return scale * torch.pow(c, exponent) + offset
-        t_int = min(max(_int_count(count), 0), steps)
-        c_f = 0.5 * (1.0 + math.cos(t_int * omega))
-        return scale * c_f**exponent + offset
+    def formula(count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count), 0.0, float(steps))
+        c = 0.5 * (1.0 + torch.cos(t * omega))
+        return scale * torch.pow(c, exponent) + offset
 
-    return schedule
+    return _from_tensor_formula(formula)
 
 
 def cosine_decay_schedule(
@@ -320,28 +318,17 @@ def exponential_decay(
     end = None if end_value is None else _check_real("end_value", end_value)
     lower_bound = rate < 1.0
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            t = torch.clamp(_tensor_count(count) - begin, min=0.0)
-            e = t / steps
-            if staircase:
-                e = torch.floor(e)
-            value = init * torch.pow(rate, e)
-            if end is not None:
-                value = torch.clamp(value, min=end) if lower_bound else torch.clamp(value, max=end)
-            return value
-        t_int = max(_int_count(count) - begin, 0)
-        e_f = float(t_int // steps) if staircase else t_int / steps
-        try:
-            factor = rate**e_f
-        except OverflowError:  # torch returns inf here; match it
-            factor = math.inf
-        value_f = init * factor
+    def formula(count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count) - begin, min=0.0)
+        e = t / steps
+        if staircase:
+            e = torch.floor(e)
+        value = init * torch.pow(rate, e)
         if end is not None:
-            value_f = max(value_f, end) if lower_bound else min(value_f, end)
-        return value_f
+            value = torch.clamp(value, min=end) if lower_bound else torch.clamp(value, max=end)
+        return value
 
-    return schedule
+    return _from_tensor_formula(formula)
 
 
 def piecewise_constant_schedule(
@@ -386,15 +373,13 @@ def piecewise_constant_schedule(
     for _, scale in items:
         values.append(values[-1] * scale)
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            value = torch.full_like(count, init, dtype=_float_dtype(count))
-            for b, v in zip(boundaries, values[1:]):
-                value = torch.where(count >= b, v, value)
-            return value
-        return values[bisect.bisect_right(boundaries, _int_count(count))]
+    def formula(count: torch.Tensor) -> torch.Tensor:
+        value = torch.full_like(count, init, dtype=_float_dtype(count))
+        for b, v in zip(boundaries, values[1:]):
+            value = torch.where(count >= b, v, value)
+        return value
 
-    return schedule
+    return _from_tensor_formula(formula)
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -432,18 +417,13 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if any(b1 < b0 for b0, b1 in itertools.pairwise(bounds)):
         raise ValueError(f"boundaries must be non-decreasing, got {list(boundaries)!r}")
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
-        if isinstance(count, torch.Tensor):
-            value = scheds[0](count)
-            for b, s in zip(bounds, scheds[1:]):
-                value = torch.where(count >= b, s(count - b), value)
-            return value
-        n = _int_count(count)
-        i = bisect.bisect_right(bounds, n)
-        offset = bounds[i - 1] if i > 0 else 0
-        return float(scheds[i](n - offset))
+    def formula(count: torch.Tensor) -> torch.Tensor:
+        value = scheds[0](count)
+        for b, s in zip(bounds, scheds[1:]):
+            value = torch.where(count >= b, s(count - b), value)
+        return value
 
-    return schedule
+    return _from_tensor_formula(formula)
 
 
 def warmup_cosine_decay_schedule(
