@@ -145,12 +145,33 @@ def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
     leaves = [x for x in tree.flatten(updates)[0] if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
         return False
+    # A view may share its base's memory at any offset: never taken for fresh. The others
+    # are whole storages, named by their start (cheaper to read than a storage object).
+    if any(x._base is not None or x.storage_offset() for x in leaves):
+        return False
     # A 0-size tensor has a null data pointer and no memory to share: it is left out.
-    pointers = [p for p in (x.untyped_storage().data_ptr() for x in leaves) if p]
+    pointers = [p for p in (x.data_ptr() for x in leaves) if p]
     if len(set(pointers)) != len(pointers):
         return False
-    taken = {x.untyped_storage().data_ptr() for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)}
+    # Memory shared with the updates would be seen through a tensor of their dtype (step
+    # counts and other integer state are skipped: that is most of the leaves of a state).
+    dtypes = {x.dtype for x in leaves}
+    taken = {_storage_start(x) for x in tree.flatten(others)[0]
+             if isinstance(x, torch.Tensor) and x.dtype in dtypes}
     return taken.isdisjoint(pointers)
+
+
+def _storage_start(x: torch.Tensor) -> int:
+    if x._base is None and not x.storage_offset():
+        return x.data_ptr()
+    return x.untyped_storage().data_ptr()
+
+
+def init_counts(params: Params) -> Any:
+    """One 0-d int64 step counter per tensor leaf, at zero, on the leaf's device: torch's
+    per-parameter ``step``. A leaf without a gradient keeps its count, as torch.optim skips
+    a parameter whose ``.grad`` is None."""
+    return tree.map(lambda p: torch.zeros((), dtype=torch.int64, device=p.device), params)
 
 
 def init_count(params: Params) -> torch.Tensor:

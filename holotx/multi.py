@@ -27,24 +27,28 @@ def multi_tensor_update(
     *,
     state_names: Sequence[str] = (),
     needs_params: bool = False,
+    count_states: int = 0,
 ) -> tuple[Any, list[Any | None]]:
     """Apply ``kernel(g, *state_lists, p) -> (u, *new_state_lists)`` to grouped leaves.
 
     ``states`` are trees shaped like ``updates`` (or ``None`` for a buffer the transform
     does not keep: its list is ``None`` for the kernel and its result must be ``None``).
     ``p`` is the matching list of params, or ``None`` when ``params`` is ``None``; with
-    ``needs_params=True`` a missing ``params`` is an error. Returns the updates tree and
-    the list of new state trees.
+    ``needs_params=True`` a missing ``params`` is an error. The first ``count_states``
+    states hold one 0-d tensor per leaf (step counts): their structure and devices are
+    checked, not their shapes or dtypes. Returns the updates tree and the list of new
+    state trees.
     """
     names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
     g_leaves, spec = tree.flatten(updates)
     state_leaves: list[list[Any] | None] = []
-    for name, st in zip(names, states):
+    for k, (name, st) in enumerate(zip(names, states)):
         if st is None:
             state_leaves.append(None)
             continue
         leaves = tree.leaves_matching(st, spec, name, "updates")
-        tree.check_leaves(g_leaves, leaves, spec, "updates", name)
+        per_leaf = k >= count_states
+        tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf, dtype=per_leaf)
         state_leaves.append(leaves)
     if params is None:
         if needs_params:

@@ -41,6 +41,7 @@ __all__ = [
     "div",
     "div_into",
     "foreach_supported",
+    "host_scalars_ok",
     "lerp",
     "maximum",
     "may_overwrite",
@@ -83,6 +84,17 @@ def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
     return not _under_vmap_eager()
 
 
+def host_scalars_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether per-step scalars may be read to Python here: plain eager mode (no compile,
+    no functorch transform), on the CPU (no device sync), and nothing needs their
+    gradient."""
+    if torch.compiler.is_compiling() or _functorch.get_interpreter_stack():
+        return False
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _is_tensor(s: object) -> bool:
     return isinstance(s, torch.Tensor)
 
@@ -93,8 +105,11 @@ def _scalar_ok(s: object) -> bool:
 
 
 def _tensor_scalar_ok(s: object) -> bool:
-    """A scalar for the foreach ``Tensor`` overloads: a number, or a 0-d tensor that does
-    not need a gradient (their backward to the scalar is broken in torch 2.13)."""
+    """A scalar for the foreach ``Tensor`` overloads: a number, or a 0-d tensor (or a list
+    of them, one per tensor) that does not need a gradient (their backward to the scalar
+    is broken in torch 2.13)."""
+    if isinstance(s, list):
+        return not any(isinstance(x, torch.Tensor) and x.requires_grad for x in s)
     return not (isinstance(s, torch.Tensor) and s.requires_grad)
 
 
@@ -103,7 +118,8 @@ def _done(xs: TensorList, out: TensorList, inplace: bool) -> TensorList:
 
 
 def mul(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
-    """``x * s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
+    """``x * s`` for a scalar, a 0-d tensor, or a list of tensors ``s`` (same shapes, or
+    0-d: one scalar per ``x``)."""
     inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_mul_ if inplace else torch._foreach_mul
@@ -122,9 +138,14 @@ def div(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> Ten
     return [x.div_(y) if inplace else x / y for x, y in zip(xs, ss)]
 
 
-def add_scalar(xs: TensorList, s: Scalar, *, inplace: bool = False) -> TensorList:
-    """``x + s`` for a scalar or 0-d tensor ``s``."""
+def add_scalar(xs: TensorList, s: Scalar | TensorList, *, inplace: bool = False) -> TensorList:
+    """``x + s`` for a scalar or 0-d tensor ``s``, or a list of 0-d tensors, one per ``x``."""
     inplace = may_overwrite(xs, inplace)
+    if isinstance(s, list):
+        if foreach_supported(xs) and _tensor_scalar_ok(s):
+            fn = torch._foreach_add_ if inplace else torch._foreach_add
+            return _done(xs, fn(xs, s), inplace)
+        return [x.add_(y) if inplace else x + y for x, y in zip(xs, s)]
     # Compiled, _foreach_add(list, tensor) bakes the tensor's value into the graph (a
     # recompile when it changes); the per-leaf form fuses to the same code.
     tensor_under_compile = isinstance(s, torch.Tensor) and torch.compiler.is_compiling()

@@ -152,14 +152,16 @@ def check_leaves(
     other_name: str,
     *,
     dtype: bool = True,
+    shape: bool = True,
 ) -> None:
-    """Raise ``ValueError`` naming the first path whose leaves differ in shape, device or
-    (with ``dtype=True``) dtype. ``None`` on either side is not compared."""
+    """Raise ``ValueError`` naming the first path whose leaves differ in shape (with
+    ``shape=True``), device or dtype (with ``dtype=True``). ``None`` on either side is not
+    compared."""
     for i, (a, b) in enumerate(zip(ref, other)):
         if a is None or b is None:
             continue
         what = None
-        if a.shape != b.shape:
+        if shape and a.shape != b.shape:
             what = f"shape {tuple(b.shape)} where {ref_name} has {tuple(a.shape)}"
         elif a.device != b.device:
             what = f"device {b.device} where {ref_name} has {a.device}"

@@ -408,11 +408,15 @@ def check_structure(case: Case, dtype: str) -> None:
                 assert s.shape == s0.shape, f"{where} changed shape {tuple(s0.shape)} -> {tuple(s.shape)}"
         for node in _nodes(state):
             if isinstance(node, tuple) and "count" in getattr(node, "_fields", ()):
-                count = node.count
-                where = f"{step}: {type(node).__name__}.count"
-                assert isinstance(count, torch.Tensor), f"{where} is {count!r}, not a tensor"
-                assert count.dim() == 0, f"{where} has shape {tuple(count.shape)}"
-                assert count.dtype in (torch.int32, torch.int64), f"{where} has dtype {count.dtype}"
+                # A step count is a 0-d integer tensor: one per transform, or one per leaf
+                # (torch's per-parameter ``step``), a tree of them.
+                for count in flat(node.count):
+                    where = f"{step}: {type(node).__name__}.count"
+                    if count is None:
+                        continue
+                    assert isinstance(count, torch.Tensor), f"{where} is {count!r}, not a tensor"
+                    assert count.dim() == 0, f"{where} has shape {tuple(count.shape)}"
+                    assert count.dtype in (torch.int32, torch.int64), f"{where} has dtype {count.dtype}"
 
 
 # ---------------------------------------------------------------- 3. None gradients

@@ -131,7 +131,7 @@ def test_named_chain_state_is_keyed_by_name_and_results_equal_chain():
     assert isinstance(sn, dict)
     assert list(sn) == ["adam", "decay", "lr"]
     assert isinstance(sn["adam"], T.ScaleByAdamState)
-    assert int(sn["adam"].count) == 4
+    assert all(int(c) == 4 for c in holotx.tree.flatten(sn["adam"].count)[0])
     assert_trees_equal(sn["adam"], sp[0])
 
 

@@ -95,7 +95,7 @@ def test_compiled_flat_step_matches_eager():
         eager_step(eager_p, [g.clone()], eager_s)
         compiled_step(compiled_p, [g.clone()], compiled_s)
         torch.testing.assert_close(compiled_p[0], eager_p[0], rtol=1e-6, atol=1e-7)
-    assert int(compiled_s[0].count) == 5
+    assert int(compiled_s[0].count[0]) == 5
 
 
 def test_donated_step_changes_params_in_place_and_pure_does_not():

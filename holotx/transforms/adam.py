@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_count, next_count
+from holotx.base import GradientTransformation, init_counts
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
@@ -18,14 +18,16 @@ __all__ = [
     "bias_correction",
     "moments",
     "per_step_scalars",
+    "per_leaf",
     "scale_by_adam",
     "scalar_dtype",
+    "step_counts",
 ]
 
 
 class ScaleByAdamState(NamedTuple):
-    count: torch.Tensor
-    """Steps taken, a 0-d int64 tensor."""
+    count: object
+    """Steps taken by each leaf: a tree of 0-d int64 tensors (torch's per-parameter ``step``)."""
     mu: object
     """First moment (``exp_avg`` in torch.optim)."""
     nu: object
@@ -40,13 +42,35 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 
 
 def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
-    """``1 - beta**count`` as a 0-d float64 tensor on the count's device.
+    """``1 - beta**count``, elementwise in float64 on the count's device.
 
     Computed from the step tensor, never ``.item()``, so it traces under compile and vmap;
     in float64 it equals torch.optim's Python-float ``1 - beta ** step`` bit for bit.
     """
     t = count.to(scalar_dtype(count.device))
     return 1 - torch.pow(beta, t)
+
+
+def step_counts(counts: ops.TensorList, *, inplace: bool) -> tuple[ops.TensorList, torch.Tensor]:
+    """Each leaf's count plus one, and the new counts stacked into one 1-D tensor, so
+    per-leaf scalars (bias corrections) are computed in one vectorized op."""
+    counts = ops.add_scalar(counts, 1, inplace=inplace)
+    return counts, torch.stack(counts)
+
+
+def per_leaf(*vectors: torch.Tensor) -> tuple[list[torch.Tensor] | list[float], ...]:
+    """Per-leaf scalars: each 1-D vector (one value per leaf) as a list, one per leaf.
+
+    Traced (compile, functorch) or on an accelerator, a list of 0-d tensors, realized once
+    per step under compile (see :func:`per_step_scalars`). In plain eager mode on the CPU,
+    where reading a value costs no device sync, Python floats, as torch.optim's own
+    non-capturable path uses: the foreach ``ScalarList`` kernels take them, where a 0-d
+    tensor per leaf costs a broadcast per leaf (10 ms a step on 1000 leaves).
+    """
+    vectors = per_step_scalars(*vectors)
+    if ops.host_scalars_ok(vectors):
+        return tuple(v.tolist() for v in vectors)
+    return tuple(list(v.unbind(0)) for v in vectors)
 
 
 def per_step_scalars(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -94,6 +118,9 @@ def scale_by_adam(
 
         u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
+    where :math:`t` counts the steps each leaf has taken (a leaf whose gradient is
+    ``None`` keeps its state, count included, as torch.optim skips such a parameter)
+
     with ``eps`` outside the square root, as in ``torch.optim.Adam``; the bias
     corrections are computed in float64 from the step count (the first one is folded into
     the denominator, which changes results by rounding only). Defaults ``(0.9, 0.999,
@@ -105,7 +132,7 @@ def scale_by_adam(
 
     def init(params):
         return ScaleByAdamState(
-            count=init_count(params),
+            count=init_counts(params),
             mu=zeros_like(params),
             nu=zeros_like(params),
             nu_max=zeros_like(params) if amsgrad else None,
@@ -113,22 +140,22 @@ def scale_by_adam(
 
     def update(updates, state, params=None, *, donate=False, **extra):
         del params, extra
-        count = next_count(state.count, donate=donate)
-        bc1 = bias_correction(b1, count)
-        # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) * (bc1 / sqrt(bc2)) + eps * bc1):
-        # folding bc1 into the denominator saves a pass over memory.
-        denom_scale, denom_shift = per_step_scalars(bc1 / torch.sqrt(bias_correction(b2, count)), eps * bc1)
 
-        def kernel(g, mu, nu, nu_max, _p):
+        def kernel(g, count, mu, nu, nu_max, _p):
+            count, t = step_counts(count, inplace=donate)
+            bc1 = bias_correction(b1, t)
+            # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1):
+            # folding bc1 into the denominator saves a pass over memory.
+            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, denom_scale, denom_shift)
-            return u, mu, nu, nu_max
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            return u, count, mu, nu, nu_max
 
-        u, (mu, nu, nu_max) = multi_tensor_update(
-            kernel, updates, (state.mu, state.nu, state.nu_max),
-            state_names=("state.mu", "state.nu", "state.nu_max")
+        u, (count, mu, nu, nu_max) = multi_tensor_update(
+            kernel, updates, (state.count, state.mu, state.nu, state.nu_max),
+            state_names=("state.count", "state.mu", "state.nu", "state.nu_max"), count_states=1,
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 

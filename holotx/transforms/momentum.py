@@ -7,18 +7,19 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_count, next_count, updates_donated
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
-from holotx.transforms.adam import per_step_scalars
+from holotx.transforms.adam import per_leaf, scalar_dtype, step_counts
 from holotx.tree import zeros_like
 
 __all__ = ["TraceState", "trace"]
 
 
 class TraceState(NamedTuple):
-    count: torch.Tensor
-    """Steps taken, a 0-d int64 tensor (the first step seeds the buffer)."""
+    count: object
+    """Steps taken by each leaf, a tree of 0-d int64 tensors (its first step seeds its
+    buffer undampened); ``None`` without dampening, where it is not needed."""
     trace: object
     """The momentum buffer (``momentum_buffer`` in torch.optim.SGD)."""
 
@@ -42,31 +43,36 @@ def trace(
         raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
                          f"got momentum={momentum!r}, dampening={dampening!r}")
 
+    # Without dampening the first buffer needs no special case (0 * m + g = g), so no
+    # step count is kept.
+    undampened = isinstance(dampening, (int, float)) and dampening == 0
+
     def init(params):
-        return TraceState(init_count(params), zeros_like(params))
+        return TraceState(None if undampened else init_counts(params), zeros_like(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
         del params
         inplace = updates_donated(donate, extra)
-        count = next_count(state.count, donate=donate)
-        if isinstance(dampening, (int, float)) and dampening == 0:
-            grad_weight: Scalar = 1.0
-        else:  # the first buffer is the undampened gradient
-            one = torch.ones((), dtype=torch.float64, device=count.device)
-            (grad_weight,) = per_step_scalars(torch.where(count == 1, one, 1 - dampening + 0 * one))
 
-        def kernel(g, buf, _p):
+        def kernel(g, count, buf, _p):
             buf = ops.mul(buf, momentum, inplace=donate)
-            buf = ops.add(buf, g, alpha=grad_weight, inplace=True)
+            if undampened:
+                buf = ops.add(buf, g, inplace=True)
+            else:  # each leaf's first buffer is its undampened gradient
+                count, t = step_counts(count, inplace=donate)
+                one = torch.ones_like(t, dtype=scalar_dtype(t.device))
+                (grad_weight,) = per_leaf(torch.where(t == 1, one, (1 - dampening) * one))
+                buf = ops.add(buf, ops.mul(g, grad_weight), inplace=True)
             if nesterov:
                 u = ops.add(g, buf, alpha=momentum, inplace=inplace)
             elif donate:  # the caller may write into the updates: they must not alias state
                 u = ops.copy(g, buf)
             else:
                 u = buf
-            return u, buf
+            return u, count, buf
 
-        u, (buf,) = multi_tensor_update(kernel, updates, (state.trace,), state_names=("state.trace",))
+        u, (count, buf) = multi_tensor_update(kernel, updates, (state.count, state.trace),
+                                              state_names=("state.count", "state.trace"), count_states=1)
         return u, TraceState(count, buf)
 
     return GradientTransformation(init, update)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from holotx import _validate
-from holotx.base import GradientTransformation, init_count, next_count
+from holotx.base import GradientTransformation, init_counts
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -13,7 +13,8 @@ from holotx.transforms.adam import (
     adaptive_ratio,
     bias_correction,
     moments,
-    per_step_scalars,
+    per_leaf,
+    step_counts,
 )
 from holotx.tree import zeros_like
 
@@ -23,7 +24,8 @@ __all__ = ["rectification", "scale_by_radam"]
 def rectification(
     b2: Scalar, count: torch.Tensor, bc2: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""RAdam's variance rectification at step ``count``, as 0-d tensors ``(active, r_t)``.
+    r"""RAdam's variance rectification at step ``count`` (elementwise: ``count`` may hold
+    one step per leaf), as tensors ``(active, r_t)``.
 
     .. math::
         \rho_\infty = \frac{2}{1-\beta_2} - 1,\quad
@@ -73,27 +75,26 @@ def scale_by_radam(
         raise ValueError(f"threshold must be >= 4 (the rectifier needs rho_t > 4), got {threshold!r}")
 
     def init(params):
-        return ScaleByAdamState(init_count(params), zeros_like(params), zeros_like(params), None)
+        return ScaleByAdamState(init_counts(params), zeros_like(params), zeros_like(params), None)
 
     def update(updates, state, params=None, *, donate=False, **extra):
         del params, extra
-        count = next_count(state.count, donate=donate)
-        bc1 = bias_correction(b1, count)
-        bc2 = bias_correction(b2, count)
-        active, r = rectification(b2, count, bc2, threshold)
-        # u = m / (sqrt(v) * a + b): rectifying, a = bc1 / (r sqrt(bc2)) and b = eps * a, so
-        # u = (m / bc1) * r sqrt(bc2) / (sqrt(v) + eps); otherwise a = 0 and b = bc1.
-        zero = torch.zeros_like(bc2)
-        scale = torch.where(active, bc1 / (r * torch.sqrt(bc2)), zero)
-        shift = torch.where(active, eps * scale, bc1)
-        scale, shift = per_step_scalars(scale, shift)
 
-        def kernel(g, mu, nu, _nu_max, _p):
+        def kernel(g, count, mu, nu, _nu_max, _p):
+            count, t = step_counts(count, inplace=donate)
+            bc1, bc2 = bias_correction(b1, t), bias_correction(b2, t)
+            active, r = rectification(b2, t, bc2, threshold)
+            # u = m / (sqrt(v) * a + b): rectifying, a = bc1 / (r sqrt(bc2)) and b = eps * a, so
+            # u = (m / bc1) * r sqrt(bc2) / (sqrt(v) + eps); otherwise a = 0 and b = bc1.
+            zero = torch.zeros_like(bc2)
+            scale = torch.where(active, bc1 / (r * torch.sqrt(bc2)), zero)
+            scale, shift = per_leaf(scale, torch.where(active, eps * scale, bc1))
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
-            return adaptive_ratio(mu, nu, scale, shift), mu, nu, None
+            return adaptive_ratio(mu, nu, scale, shift), count, mu, nu, None
 
-        u, (mu, nu, _) = multi_tensor_update(
-            kernel, updates, (state.mu, state.nu, None), state_names=("state.mu", "state.nu", "")
+        u, (count, mu, nu, _) = multi_tensor_update(
+            kernel, updates, (state.count, state.mu, state.nu, None),
+            state_names=("state.count", "state.mu", "state.nu", ""), count_states=1,
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 
