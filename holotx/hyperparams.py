@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx.base import GradientTransformation, init_count, next_count
-from holotx.tree import first_device
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
@@ -96,8 +95,7 @@ def inject_hyperparams(
 
         def init(params):
             count = init_count(params)
-            device = first_device(params)
-            hyperparams = current(count, {k: as_tensor(v, device) for k, v in numeric.items()})
+            hyperparams = current(count, {k: as_tensor(v, count.device) for k, v in numeric.items()})
             inner = factory(**fixed, **hyperparams)
             return InjectHyperparamsState(count, hyperparams, inner.init(params))
 

@@ -36,7 +36,6 @@ __all__ = [
     "add_scalar",
     "addcdiv",
     "addcmul",
-    "clone",
     "copy",
     "div",
     "div_into",
@@ -216,10 +215,6 @@ def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorL
         fn = torch._foreach_maximum_ if inplace else torch._foreach_maximum
         return _done(xs, fn(xs, ys), inplace)
     return [x.copy_(torch.maximum(x, y)) if inplace else torch.maximum(x, y) for x, y in zip(xs, ys)]
-
-
-def clone(xs: TensorList) -> TensorList:
-    return [x.clone() for x in xs]
 
 
 def norms(xs: TensorList) -> TensorList:
