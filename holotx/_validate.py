@@ -56,3 +56,17 @@ def betas(name: str, value: Any, n: int = 2) -> tuple[Any, ...]:
     for i, b in enumerate(value):
         in_unit_interval(f"{name}[{i}]", b)
     return tuple(value)
+
+
+def scale_clip(name: str, value: Any) -> tuple[float, float] | None:
+    """``None``, or a pair ``(low, high)`` with ``0 <= low <= high``, returned as floats."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be None or a pair (low, high), got {value!r}")
+    low, high = value
+    non_negative(f"{name}[0]", low)
+    non_negative(f"{name}[1]", high)
+    if low > high:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return float(low), float(high)

@@ -28,19 +28,25 @@ def multi_tensor_update(
     state_names: Sequence[str] = (),
     needs_params: bool = False,
     count_states: int = 0,
+    leaf_values: Sequence[Sequence[Any]] = (),
 ) -> tuple[Any, list[Any | None]]:
-    """Apply ``kernel(g, *state_lists, p) -> (u, *new_state_lists)`` to grouped leaves.
+    """Apply ``kernel(g, *state_lists, p, *value_lists) -> (u, *new_state_lists)`` to grouped leaves.
 
     ``states`` are trees shaped like ``updates`` (or ``None`` for a buffer the transform
     does not keep: its list is ``None`` for the kernel and its result must be ``None``).
     ``p`` is the matching list of params, or ``None`` when ``params`` is ``None``; with
     ``needs_params=True`` a missing ``params`` is an error. The first ``count_states``
     states hold one 0-d tensor per leaf (step counts): their structure and devices are
-    checked, not their shapes or dtypes. Returns the updates tree and the list of new
-    state trees.
+    checked, not their shapes or dtypes. ``leaf_values`` are lists with one value per
+    leaf of ``updates`` in flattening order (per-leaf scalars, flags): the kernel gets
+    each as one more list argument after ``p``, sliced like the tensors. Returns the
+    updates tree and the list of new state trees.
     """
     names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
     g_leaves, spec = tree.flatten(updates)
+    for values in leaf_values:
+        if len(values) != len(g_leaves):
+            raise ValueError(f"leaf_values has {len(values)} entries for {len(g_leaves)} leaves")
     state_leaves: list[list[Any] | None] = []
     for k, (name, st) in enumerate(zip(names, states)):
         if st is None:
@@ -78,6 +84,7 @@ def multi_tensor_update(
             [g_leaves[i] for i in idx],
             *[None if leaves is None else [leaves[i] for i in idx] for leaves in state_leaves],
             None if p_leaves is None else [p_leaves[i] for i in idx],
+            *[[values[i] for i in idx] for values in leaf_values],
         ]
         outs = kernel(*inputs)
         for j, i in enumerate(idx):

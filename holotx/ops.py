@@ -165,13 +165,17 @@ def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1, *, inplace: bool = Fa
     return [x.add_(y, alpha=alpha) if inplace else x.add(y, alpha=alpha) for x, y in zip(xs, ys)]
 
 
-def lerp(xs: TensorList, ys: TensorList, weight: Scalar, *, inplace: bool = False) -> TensorList:
-    """``x + weight * (y - x)``, e.g. an EMA ``m <- lerp(m, g, 1 - beta)``."""
+def lerp(xs: TensorList, ys: TensorList, weight: Scalar | list[float] | TensorList, *,
+         inplace: bool = False) -> TensorList:
+    """``x + weight * (y - x)``, e.g. an EMA ``m <- lerp(m, g, 1 - beta)``. ``weight`` is a
+    scalar, or one per tensor (Python floats, or 0-d tensors)."""
     inplace = may_overwrite(xs, inplace)
-    if foreach_supported(xs) and _scalar_ok(weight):
+    per_tensor = isinstance(weight, list)
+    if foreach_supported(xs) and (_scalar_ok(weight) or (per_tensor and all(map(_scalar_ok, weight)))):
         fn = torch._foreach_lerp_ if inplace else torch._foreach_lerp
         return _done(xs, fn(xs, ys, weight), inplace)
-    return [x.lerp_(y, weight) if inplace else torch.lerp(x, y, weight) for x, y in zip(xs, ys)]
+    ws = weight if per_tensor else [weight] * len(xs)
+    return [x.lerp_(y, w) if inplace else torch.lerp(x, y, w) for x, y, w in zip(xs, ys, ws)]
 
 
 def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
@@ -217,11 +221,13 @@ def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorL
     return [x.copy_(torch.maximum(x, y)) if inplace else torch.maximum(x, y) for x, y in zip(xs, ys)]
 
 
-def norms(xs: TensorList) -> TensorList:
-    """The L2 norm of each tensor, as 0-d tensors (no host sync)."""
+def norms(xs: TensorList, dtype: torch.dtype | None = None, ord: float = 2) -> TensorList:
+    """The ``ord``-norm (default L2) of each tensor, as 0-d tensors (no host sync),
+    accumulated and returned in ``dtype`` if given (e.g. float32 for bfloat16 tensors).
+    ``ord=1`` of a non-negative tensor is its sum."""
     if foreach_supported(xs):
-        return list(torch._foreach_norm(xs))
-    return [torch.linalg.vector_norm(x) for x in xs]
+        return list(torch._foreach_norm(xs, ord, dtype))
+    return [torch.linalg.vector_norm(x, ord, dtype=dtype) for x in xs]
 
 
 def copy(dst: TensorList, src: TensorList) -> TensorList:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from holotx.base import GradientTransformation
-from holotx.transforms import scale
+from holotx.transforms import add_decayed_weights, scale
 
 
 def is_zero(value: Any) -> bool:
@@ -18,3 +18,19 @@ def is_zero(value: Any) -> bool:
 def maximize_first(maximize: bool) -> list[GradientTransformation]:
     """``[scale(-1)]`` to ascend instead of descend (torch's ``maximize``), else ``[]``."""
     return [scale(-1.0)] if maximize else []
+
+
+COMPAT_MODES = (None, "holocron")
+
+
+def holocron_mode(compat: str | None) -> bool:
+    """Whether ``compat`` asks for Holocron 0.3.0's numerics; ``ValueError`` if it names
+    no known mode."""
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be None or 'holocron', got {compat!r}")
+    return compat == "holocron"
+
+
+def decay_or_nothing(weight_decay: Any) -> list[GradientTransformation]:
+    """``[add_decayed_weights(weight_decay)]``, or ``[]`` for a Python zero."""
+    return [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]

@@ -51,6 +51,9 @@ def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
     return 1 - torch.pow(beta, t)
 
 
+_bias_correction = bias_correction  # for scale_by_adam, whose argument of that name shadows it
+
+
 def step_counts(counts: ops.TensorList, *, inplace: bool) -> tuple[ops.TensorList, torch.Tensor]:
     """Each leaf's count plus one, and the new counts stacked into one 1-D tensor, so
     per-leaf scalars (bias corrections) are computed in one vectorized op."""
@@ -108,6 +111,7 @@ def scale_by_adam(
     eps: Scalar = 1e-8,
     *,
     amsgrad: bool = False,
+    bias_correction: bool = True,
 ) -> GradientTransformation:
     r"""Rescale updates by Adam's bias-corrected moments (Kingma & Ba, 2015).
 
@@ -124,11 +128,14 @@ def scale_by_adam(
     with ``eps`` outside the square root, as in ``torch.optim.Adam``; the bias
     corrections are computed in float64 from the step count (the first one is folded into
     the denominator, which changes results by rounding only). Defaults ``(0.9, 0.999,
-    1e-8)``. State: :class:`ScaleByAdamState`.
+    1e-8)``. ``bias_correction=False`` leaves the moments uncorrected,
+    :math:`u_t = m_t / (\sqrt{v_t} + \epsilon)` (Holocron's LAMB). State:
+    :class:`ScaleByAdamState`.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
+    corrected = bias_correction
 
     def init(params):
         return ScaleByAdamState(
@@ -143,10 +150,13 @@ def scale_by_adam(
 
         def kernel(g, count, mu, nu, nu_max, _p):
             count, t = step_counts(count, inplace=donate)
-            bc1 = bias_correction(b1, t)
-            # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1):
-            # folding bc1 into the denominator saves a pass over memory.
-            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            if corrected:
+                bc1 = _bias_correction(b1, t)
+                # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1):
+                # folding bc1 into the denominator saves a pass over memory.
+                scale, shift = per_leaf(bc1 / torch.sqrt(_bias_correction(b2, t)), eps * bc1)
+            else:
+                scale, shift = 1, eps
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)

@@ -50,6 +50,8 @@ def scale_by_radam(
     eps: Scalar = 1e-8,
     *,
     threshold: float = 5.0,
+    force_adaptive: bool = False,
+    eps_after_correction: bool = False,
 ) -> GradientTransformation:
     r"""Rescale updates by Rectified Adam (Liu et al., 2020, "On the Variance of the
     Adaptive Learning Rate and Beyond").
@@ -64,9 +66,13 @@ def scale_by_radam(
         \end{cases}
 
     ``threshold=5`` is torch.optim.RAdam's rule (rectify from step 6 with the default
-    betas); the paper's is 4. ``eps`` is added to :math:`\sqrt{v_t}` before the bias
-    correction, as in torch. The branch is chosen with ``torch.where`` on 0-d tensors,
-    so the transform traces. State: :class:`~holotx.transforms.ScaleByAdamState`.
+    betas); the paper's is 4 (RaLars). ``force_adaptive=True`` replaces the unrectified
+    branch by the adaptive step without :math:`r_t` (Holocron's RaLars
+    ``force_adaptive_momentum``). ``eps`` is added to :math:`\sqrt{v_t}` before the bias
+    correction, as in torch; ``eps_after_correction=True`` adds it after, as Adam and
+    Holocron's RaLars do: :math:`r_t \hat m_t / (\sqrt{v_t / (1-\beta_2^t)} + \epsilon)`.
+    The branch is chosen with ``torch.where`` on 0-d tensors, so the transform traces.
+    State: :class:`~holotx.transforms.ScaleByAdamState`.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
@@ -84,11 +90,19 @@ def scale_by_radam(
             count, t = step_counts(count, inplace=donate)
             bc1, bc2 = bias_correction(b1, t), bias_correction(b2, t)
             active, r = rectification(b2, t, bc2, threshold)
-            # u = m / (sqrt(v) * a + b): rectifying, a = bc1 / (r sqrt(bc2)) and b = eps * a, so
-            # u = (m / bc1) * r sqrt(bc2) / (sqrt(v) + eps); otherwise a = 0 and b = bc1.
-            zero = torch.zeros_like(bc2)
-            scale = torch.where(active, bc1 / (r * torch.sqrt(bc2)), zero)
-            scale, shift = per_leaf(scale, torch.where(active, eps * scale, bc1))
+            # u = m / (sqrt(v) * a + b). Rectifying: a = bc1 / (r sqrt(bc2)) and b = eps * a, so
+            # u = (m / bc1) * r sqrt(bc2) / (sqrt(v) + eps) (or b = eps bc1 / r: eps after the
+            # correction). Otherwise a = 0 and b = bc1 (u = m / bc1), or the same without r when
+            # forced adaptive.
+            rectified = bc1 / (r * torch.sqrt(bc2))
+            rectified_shift = eps * bc1 / r if eps_after_correction else eps * rectified
+            if force_adaptive:
+                adaptive = bc1 / torch.sqrt(bc2)
+                plain, plain_shift = adaptive, eps * bc1 if eps_after_correction else eps * adaptive
+            else:
+                plain, plain_shift = torch.zeros_like(bc2), bc1
+            scale, shift = per_leaf(torch.where(active, rectified, plain),
+                                    torch.where(active, rectified_shift, plain_shift))
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             return adaptive_ratio(mu, nu, scale, shift), count, mu, nu, None
 

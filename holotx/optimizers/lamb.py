@@ -1,0 +1,61 @@
+"""LAMB: layer-wise adaptive moments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from holotx import _validate
+from holotx.base import GradientTransformation
+from holotx.combine import chain
+from holotx.ops import Scalar
+from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first
+from holotx.optimizers.lars import DEFAULT_SCALE_CLIP
+from holotx.transforms import scale_by_adam, scale_by_lr, scale_by_trust_ratio
+from holotx.transforms.scale import ScalarOrSchedule
+
+__all__ = ["lamb"]
+
+
+def lamb(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    scale_clip: tuple[float, float] | None = None,
+    *,
+    trust_ratio_mask: Any = None,
+    compat: str | None = None,
+    maximize: bool = False,
+) -> GradientTransformation:
+    r"""LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT
+    in 76 minutes"), with Holocron's names and defaults.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        r_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon} + \lambda\theta_t
+
+        \theta_{t+1} = \theta_t - \alpha\,\frac{\phi(\lVert\theta_t\rVert)}{\lVert r_t\rVert}\, r_t
+        \quad(\text{ratio } 1 \text{ where a norm is } 0)
+
+    per tensor, :math:`\phi` the clamp to ``scale_clip`` (default ``(0, 10)``). Every
+    tensor moves by :math:`\alpha\phi(\lVert\theta\rVert)` per step. The weight decay is
+    the paper's: added to the Adam direction, inside the trust ratio.
+    ``chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio, scale_by_lr)``.
+    Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=0``.
+    ``trust_ratio_mask`` keeps the leaves marked ``False`` at ratio 1.
+
+    Differences from Holocron 0.3.0 (``compat="holocron"`` reproduces it): Holocron does
+    not bias-correct the moments (:math:`r_t = m_t/(\sqrt{v_t}+\epsilon)`, so its first
+    step is about :math:`3.16\,\mathrm{sign}(g)`), although its docstring does.
+    """
+    holocron = holocron_mode(compat)
+    b1, b2 = _validate.betas("betas", betas)
+    _validate.non_negative("weight_decay", weight_decay)
+    return chain(
+        *maximize_first(maximize),
+        scale_by_adam(b1, b2, eps, bias_correction=not holocron),
+        *decay_or_nothing(weight_decay),
+        scale_by_trust_ratio(1.0, DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip,
+                             mask=trust_ratio_mask),
+        scale_by_lr(lr),
+    )

@@ -1,0 +1,65 @@
+"""RaLars: rectified Adam moments with LARS's trust ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from holotx import _validate
+from holotx.base import GradientTransformation
+from holotx.combine import chain
+from holotx.ops import Scalar
+from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first
+from holotx.optimizers.lars import DEFAULT_SCALE_CLIP
+from holotx.transforms import scale_by_lr, scale_by_radam, scale_by_trust_ratio
+from holotx.transforms.scale import ScalarOrSchedule
+
+__all__ = ["ralars"]
+
+
+def ralars(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    force_adaptive_momentum: bool = False,
+    scale_clip: tuple[float, float] | None = None,
+    *,
+    trust_ratio_mask: Any = None,
+    compat: str | None = None,
+    maximize: bool = False,
+) -> GradientTransformation:
+    r"""RaLars: RAdam's rectified step (Liu et al., 2020, "On the Variance of the Adaptive
+    Learning Rate and Beyond") under LAMB's trust ratio, as in Holocron.
+
+    .. math::
+        \rho_\infty = \frac{2}{1-\beta_2} - 1,\quad
+        \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t},\quad
+        r_t = \begin{cases}
+          \tilde r_t\, \dfrac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} & \rho_t > 4\\[1ex]
+          \dfrac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} & \text{else, forced adaptive}\\[1ex]
+          m_t/(1-\beta_1^t) & \text{otherwise}
+        \end{cases}
+
+    with :math:`\tilde r_t` RAdam's rectifier (:func:`~holotx.transforms.rectification`),
+    then :math:`r_t \mathrel{+}= \lambda\theta_t` and the trust ratio of :func:`lamb`
+    (clamp to ``scale_clip``, default ``(0, 10)``). The rectification starts when
+    :math:`\rho_t > 4` (the paper's rule: step 5 with the default betas; torch's RAdam
+    waits for :math:`\rho_t > 5`). Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``,
+    ``eps=1e-8``, ``weight_decay=0``, ``force_adaptive_momentum=False``.
+
+    Holocron 0.3.0 computes exactly this; ``compat="holocron"`` is accepted and changes
+    nothing. After the trust ratio, :math:`\tilde r_t` only matters relative to the weight
+    decay term.
+    """
+    holocron_mode(compat)
+    b1, b2 = _validate.betas("betas", betas)
+    _validate.non_negative("weight_decay", weight_decay)
+    return chain(
+        *maximize_first(maximize),
+        scale_by_radam(b1, b2, eps, threshold=4.0, force_adaptive=force_adaptive_momentum,
+                       eps_after_correction=True),
+        *decay_or_nothing(weight_decay),
+        scale_by_trust_ratio(1.0, DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip,
+                             mask=trust_ratio_mask),
+        scale_by_lr(lr),
+    )

@@ -1,0 +1,162 @@
+"""AdamP's projection of the radial component out of scale-invariant weights, as a
+building block."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from holotx import _validate, ops
+from holotx.base import GradientTransformation, init_counts
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.transforms.adam import (
+    ScaleByAdamState,
+    adaptive_ratio,
+    bias_correction,
+    moments,
+    per_leaf,
+    step_counts,
+)
+from holotx.tree import zeros_like
+
+__all__ = ["projection_coefficients", "scale_by_adamp"]
+
+Projection = Literal["official", "holocron"]
+
+
+def _cosine(dot: torch.Tensor, norm_x: torch.Tensor, norm_y: torch.Tensor, eps: Scalar) -> torch.Tensor:
+    """``F.cosine_similarity``'s value from a dot product and two norms: each norm is
+    clamped below at ``eps``."""
+    return dot / (norm_x.clamp(min=eps) * norm_y.clamp(min=eps))
+
+
+def projection_coefficients(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    direction: torch.Tensor,
+    delta: Scalar,
+    eps: Scalar,
+    *,
+    projection: Projection = "official",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Where and how much AdamP projects one tensor's update: ``(c, projected)`` such
+    that the projected update is ``direction - c * p``.
+
+    A weight :math:`\theta` followed by a normalisation layer is scale-invariant; when its
+    gradient is nearly orthogonal to it,
+    :math:`|\cos(\theta, g)| < \delta/\sqrt{\dim}`, the radial part of the update only
+    grows :math:`\lVert\theta\rVert` and is removed:
+    :math:`u \leftarrow u - \hat\theta\langle\hat\theta, u\rangle`,
+    :math:`\hat\theta = \theta/(\lVert\theta\rVert + \epsilon)`.
+
+    ``"official"`` (clovaai/AdamP): tensors with more than one dimension only; first per
+    output channel (rows of ``p.reshape(p.shape[0], -1)``, :math:`\dim` a row's length,
+    the test on the largest :math:`|\cos|` of the rows), then for the whole tensor.
+    ``"holocron"`` (Holocron 0.3.0): every tensor, whole-tensor view only, and the
+    *signed* cosine (an anti-aligned gradient is projected too), its ``eps`` fixed at
+    1e-8. ``c`` broadcasts against ``p``; ``projected`` is a 0-d bool tensor.
+    """
+    if projection == "official" and p.ndim <= 1:
+        never = torch.zeros((), dtype=torch.bool, device=p.device)
+        return torch.zeros((), dtype=p.dtype, device=p.device), never
+    rows = p.shape[0] if projection == "official" else 1
+    pr, gr, dr = p.reshape(rows, -1), g.reshape(rows, -1), direction.reshape(rows, -1)
+    # Per-row sums; the whole tensor's come from them.
+    row_pp = (pr * pr).sum(1)
+    row_gg = (gr * gr).sum(1)
+    row_pg = (pr * gr).sum(1)
+    row_pd = (pr * dr).sum(1)
+    layer_norm_p = row_pp.sum().sqrt()
+    layer_cos = _cosine(row_pg.sum(), layer_norm_p, row_gg.sum().sqrt(),
+                        eps if projection == "official" else 1e-8)
+    layer_coef = row_pd.sum() / (layer_norm_p + eps) ** 2
+    if projection == "holocron":
+        projected = layer_cos < delta / math.sqrt(p.numel())
+        return torch.where(projected, layer_coef, torch.zeros_like(layer_coef)), projected
+    row_norm_p = row_pp.sqrt()
+    channel_cos = _cosine(row_pg, row_norm_p, row_gg.sqrt(), eps).abs()
+    by_channel = channel_cos.max() < delta / math.sqrt(pr.shape[1])
+    by_layer = layer_cos.abs() < delta / math.sqrt(p.numel())
+    channel_coef = row_pd / (row_norm_p + eps) ** 2
+    zero = torch.zeros_like(channel_coef)
+    coef = torch.where(by_channel, channel_coef, torch.where(by_layer, layer_coef + zero, zero))
+    return coef.reshape(rows, *([1] * (p.ndim - 1))), by_channel | by_layer
+
+
+def scale_by_adamp(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    delta: Scalar = 0.1,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    weight_decay: Scalar = 0.0,
+    wd_ratio: Scalar = 0.1,
+    projection: Projection = "official",
+) -> GradientTransformation:
+    r"""Adam whose update of scale-invariant weights is projected onto their tangent space
+    (Heo et al., 2021, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+    Scale-invariant Weights").
+
+    .. math::
+        p_t = \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+        \quad(\text{nesterov: } \beta_1 m_t + (1-\beta_1) g_t \text{ in the numerator}),\qquad
+        u_t = \frac{\Pi(p_t)}{1-\beta_1^t} + \lambda\rho\,\theta
+
+    with Adam's moments (``amsgrad``: the running max of :math:`v`), :math:`\Pi` the
+    projection of :func:`projection_coefficients` (tested on the incoming gradient), and
+    the decoupled weight decay :math:`\lambda` = ``weight_decay`` (default 0) scaled by
+    :math:`\rho` = ``wd_ratio`` (default 0.1) where a tensor was projected, 1 elsewhere,
+    as in the official code. ``delta`` (default 0.1) sets the cosine threshold. Coupled L2
+    decay is :func:`~holotx.add_decayed_weights` placed before. Needs ``params``. State:
+    :class:`~holotx.transforms.ScaleByAdamState`.
+    """
+    _validate.in_unit_interval("b1", b1)
+    _validate.in_unit_interval("b2", b2)
+    _validate.non_negative("eps", eps)
+    _validate.non_negative("delta", delta)
+    _validate.non_negative("weight_decay", weight_decay)
+    _validate.non_negative("wd_ratio", wd_ratio)
+    if projection not in ("official", "holocron"):
+        raise ValueError(f"projection must be 'official' or 'holocron', got {projection!r}")
+    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
+    def init(params):
+        return ScaleByAdamState(init_counts(params), zeros_like(params), zeros_like(params),
+                                zeros_like(params) if amsgrad else None)
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del extra
+        if params is None:
+            raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
+
+        def kernel(g, count, mu, nu, nu_max, p):
+            count, t = step_counts(count, inplace=donate)
+            bc1 = bias_correction(b1, t)
+            # p_t / bc1 = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1): bc1 folded into the denominator.
+            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
+            if nu_max is not None:
+                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+            numerator = ops.lerp(mu, g, 1 - b1) if nesterov else mu
+            u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
+            coefs, projected = zip(*(projection_coefficients(pi, gi, ui, delta, eps, projection=projection)
+                                     for pi, gi, ui in zip(p, g, u)))
+            u = ops.addcmul(u, p, list(coefs), -1, inplace=True)
+            if decays:
+                one = torch.ones((), dtype=u[0].dtype, device=u[0].device)
+                decay = [weight_decay * torch.where(pr, wd_ratio * one, one) for pr in projected]
+                u = ops.addcmul(u, p, decay, inplace=True)
+            return u, count, mu, nu, nu_max
+
+        u, (count, mu, nu, nu_max) = multi_tensor_update(
+            kernel, updates, (state.count, state.mu, state.nu, state.nu_max), params, needs_params=True,
+            state_names=("state.count", "state.mu", "state.nu", "state.nu_max"), count_states=1,
+        )
+        return u, ScaleByAdamState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)

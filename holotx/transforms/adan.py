@@ -1,0 +1,106 @@
+"""Adan's Nesterov-style moments, as a building block."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from holotx import _validate, ops
+from holotx.base import GradientTransformation, init_counts
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, scalar_dtype, step_counts
+from holotx.tree import zeros_like
+
+__all__ = ["ScaleByAdanState", "scale_by_adan"]
+
+
+class ScaleByAdanState(NamedTuple):
+    count: object
+    """Steps taken by each leaf, a tree of 0-d int64 tensors."""
+    mu: object
+    """EMA of the gradient, :math:`m_t` (Holocron's ``exp_avg``)."""
+    diff_avg: object
+    """EMA of the gradient difference, :math:`v_t` (Holocron's ``exp_avg_sq``)."""
+    nu: object
+    """EMA of :math:`(g_t + \\beta_2 \\Delta_t)^2`, :math:`n_t` (Holocron's ``exp_avg_delta``)."""
+    nu_max: object
+    """Running max of ``nu`` with ``amsgrad`` (Holocron's ``max_exp_avg_delta``), else ``None``."""
+    prev_grad: object
+    """The previous gradient, or ``None`` when it is not tracked (Holocron mode)."""
+
+
+def scale_by_adan(
+    b1: Scalar = 0.98,
+    b2: Scalar = 0.92,
+    b3: Scalar = 0.99,
+    eps: Scalar = 1e-8,
+    *,
+    amsgrad: bool = False,
+    track_previous_grad: bool = True,
+) -> GradientTransformation:
+    r"""Rescale updates by Adan's moments (Xie et al., 2022, "Adan: Adaptive Nesterov
+    Momentum Algorithm for Faster Optimizing Deep Models").
+
+    .. math::
+        \Delta_t = g_t - g_{t-1}\ (\Delta_1 = 0),\quad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) \Delta_t
+
+        n_t = \beta_3 n_{t-1} + (1-\beta_3)(g_t + \beta_2\Delta_t)^2,\qquad
+        u_t = \frac{m_t/(1-\beta_1^t) + \beta_2 v_t/(1-\beta_2^t)}{\sqrt{n_t}/\sqrt{1-\beta_3^t} + \epsilon}
+
+    with the betas as decay rates (the official code's convention; the paper writes
+    :math:`1-\beta`), ``amsgrad`` using :math:`\max_{s\le t} n_s`. The first step's
+    difference is 0, as in the official code (which stores :math:`g_1` as the previous
+    gradient). ``track_previous_grad=False`` reproduces Holocron 0.3.0, which never
+    stores the previous gradient, so that :math:`\Delta_t = g_t` at every step. Weight
+    decay is not part of this block (Adan's is proximal, see :func:`holotx.adan`).
+    Defaults ``(0.98, 0.92, 0.99, 1e-8)``. State: :class:`ScaleByAdanState`.
+    """
+    for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
+        _validate.in_unit_interval(name, beta)
+    _validate.non_negative("eps", eps)
+
+    def init(params):
+        return ScaleByAdanState(init_counts(params), zeros_like(params), zeros_like(params),
+                                zeros_like(params), zeros_like(params) if amsgrad else None,
+                                zeros_like(params) if track_previous_grad else None)
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del params, extra
+
+        def kernel(g, count, mu, diff_avg, nu, nu_max, prev_grad, _p):
+            count, t = step_counts(count, inplace=donate)
+            bc1, bc2, bc3 = (bias_correction(b, t) for b in (b1, b2, b3))
+            # u = (m + v b2 bc1 / bc2) / (sqrt(n) bc1 / sqrt(bc3) + eps bc1): bc1 folded in.
+            diff_weight, scale, shift = per_leaf(b2 * bc1 / bc2, bc1 / torch.sqrt(bc3), eps * bc1)
+            if prev_grad is None:
+                diff = g
+            else:
+                # g_{t-1} is 0 before the first step: weighting g by 0 there makes Delta_1 = 0.
+                (seen,) = per_leaf((t > 1).to(scalar_dtype(t.device)))
+                diff = ops.add(ops.mul(g, seen), prev_grad, alpha=-1, inplace=True)
+            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
+            diff_avg = ops.lerp(diff_avg, diff, 1 - b2, inplace=donate)
+            lookahead = ops.add(g, diff, alpha=b2)
+            nu = ops.mul(nu, b3, inplace=donate)
+            nu = ops.addcmul(nu, lookahead, lookahead, 1 - b3, inplace=True)
+            if nu_max is not None:
+                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+            numerator = ops.add(ops.mul(diff_avg, diff_weight), mu, inplace=True)
+            u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
+            if prev_grad is not None:
+                prev_grad = ops.copy(prev_grad, g) if donate else [x.clone() for x in g]
+            return u, count, mu, diff_avg, nu, nu_max, prev_grad
+
+        u, new = multi_tensor_update(
+            kernel, updates, (state.count, state.mu, state.diff_avg, state.nu, state.nu_max, state.prev_grad),
+            state_names=("state.count", "state.mu", "state.diff_avg", "state.nu", "state.nu_max",
+                         "state.prev_grad"),
+            count_states=1,
+        )
+        return u, ScaleByAdanState(*new)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,85 @@
+"""AdaBelief's belief in the gradient, as a building block."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from holotx import _validate, ops
+from holotx.base import GradientTransformation, init_counts
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
+from holotx.tree import zeros_like
+
+__all__ = ["ScaleByBeliefState", "scale_by_belief"]
+
+
+class ScaleByBeliefState(NamedTuple):
+    count: object
+    """Steps taken by each leaf, a tree of 0-d int64 tensors."""
+    mu: object
+    """EMA of the gradient (``exp_avg``)."""
+    nu: object
+    """EMA of the squared deviation of the gradient from ``mu``, :math:`s_t` (``exp_avg_sq``)."""
+    nu_max: object
+    """Running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``."""
+
+
+def scale_by_belief(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    amsgrad: bool = False,
+    eps_in_variance: bool = True,
+) -> GradientTransformation:
+    r"""Rescale updates by AdaBelief's "belief" (Zhuang et al., 2020, "AdaBelief Optimizer:
+    Adapting Stepsizes by the Belief in Observed Gradients").
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_t)^2 + \epsilon,\quad
+        \hat s_t = \max(\hat s_{t-1}, s_t)\ \text{(amsgrad)}
+
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{s_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Adam with the variance of the gradient around its EMA in place of its raw second
+    moment. :math:`\epsilon` is added into :math:`s_t` at every step, as in the paper's
+    Algorithm 2 and the official code; ``eps_in_variance=False`` leaves it out (Holocron
+    0.3.0). Defaults ``(0.9, 0.999, 1e-8)``. State: :class:`ScaleByBeliefState`.
+    """
+    _validate.in_unit_interval("b1", b1)
+    _validate.in_unit_interval("b2", b2)
+    _validate.non_negative("eps", eps)
+
+    def init(params):
+        return ScaleByBeliefState(init_counts(params), zeros_like(params), zeros_like(params),
+                                  zeros_like(params) if amsgrad else None)
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del params, extra
+
+        def kernel(g, count, mu, nu, nu_max, _p):
+            count, t = step_counts(count, inplace=donate)
+            bc1 = bias_correction(b1, t)
+            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
+            residual = ops.add(g, mu, alpha=-1)
+            nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.addcmul(nu, residual, residual, 1 - b2, inplace=True)
+            if eps_in_variance:
+                nu = ops.add_scalar(nu, eps, inplace=True)
+            if nu_max is not None:
+                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            return u, count, mu, nu, nu_max
+
+        u, (count, mu, nu, nu_max) = multi_tensor_update(
+            kernel, updates, (state.count, state.mu, state.nu, state.nu_max),
+            state_names=("state.count", "state.mu", "state.nu", "state.nu_max"), count_states=1,
+        )
+        return u, ScaleByBeliefState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)

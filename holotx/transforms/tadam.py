@@ -1,0 +1,118 @@
+"""TAdam's Student-t first moment, as a building block."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from holotx import _validate, ops, tree
+from holotx.base import GradientTransformation, init_counts
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.transforms.adam import (
+    adaptive_ratio,
+    bias_correction,
+    per_leaf,
+    scalar_dtype,
+    step_counts,
+)
+from holotx.tree import zeros_like
+
+__all__ = ["ScaleByTAdamState", "scale_by_tadam"]
+
+
+class ScaleByTAdamState(NamedTuple):
+    count: object
+    """Steps taken by each leaf, a tree of 0-d int64 tensors."""
+    mu: object
+    """The robust first moment (``exp_avg``)."""
+    nu: object
+    """EMA of the squared gradient (``exp_avg_sq``)."""
+    nu_max: object
+    """Running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``."""
+    weight_sum: object
+    """:math:`W_t`, the decayed sum of the Student-t weights: one 0-d float64 tensor per
+    leaf (Holocron's ``W_t``, a ``(1,)`` tensor in the param's dtype)."""
+
+
+def scale_by_tadam(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    amsgrad: bool = False,
+    dof: float | None = None,
+) -> GradientTransformation:
+    r"""Rescale updates by TAdam's moments (Ilboudo et al., 2020, "TAdam: A Robust
+    Stochastic Gradient Optimizer"): the first moment is a Student-t weighted mean, so an
+    outlier gradient moves it little.
+
+    For each tensor of :math:`d` elements, with :math:`\nu` = ``dof`` (default :math:`d`):
+
+    .. math::
+        w_t = \frac{\nu + d}{\nu + \sum_i (g_{t,i} - m_{t-1,i})^2 / (v_{t-1,i} + \epsilon)},\qquad
+        m_t = \frac{W_{t-1} m_{t-1} + w_t g_t}{W_{t-1} + w_t},\qquad
+        W_t = \frac{2\beta_1 - 1}{\beta_1} W_{t-1} + w_t
+
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\qquad
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`W_0 = \beta_1/(1-\beta_1)`, :math:`m_0 = v_0 = 0` and ``amsgrad`` using
+    :math:`\max_{s \le t} v_s`. This is the official implementation's rule and Holocron's
+    (Holocron's docstring writes :math:`g_t - g_{t-1}` in :math:`v_t`; its code and the
+    paper use :math:`g_t^2`). With :math:`v_0 = 0` the first step is tiny
+    (:math:`|u_1| \approx \epsilon`-scaled), as in both. :math:`W_t` is kept in float64.
+    Defaults ``(0.9, 0.999, 1e-8)``. State: :class:`ScaleByTAdamState`.
+    """
+    _validate.in_unit_interval("b1", b1)
+    _validate.in_unit_interval("b2", b2)
+    _validate.non_negative("eps", eps)
+    if dof is not None:
+        _validate.positive("dof", dof)
+    if not isinstance(b1, torch.Tensor) and b1 == 0:
+        raise ValueError("b1 must be > 0 for TAdam (its weight decay factor (2 b1 - 1) / b1), got 0")
+
+    def init(params):
+        def initial_weight(p):
+            return torch.full((), b1 / (1 - b1), dtype=scalar_dtype(p.device), device=p.device)
+
+        return ScaleByTAdamState(init_counts(params), zeros_like(params), zeros_like(params),
+                                 zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        del params, extra
+
+        def kernel(g, count, weight_sum, mu, nu, nu_max, _p):
+            count, t = step_counts(count, inplace=donate)
+            bc1 = bias_correction(b1, t)
+            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            # The Student-t weight, from the previous moments: the sum of (g - m)^2 / (v + eps)
+            # is the 1-norm of a non-negative tensor.
+            deviation = ops.add(g, mu, alpha=-1)
+            deviation = ops.mul(deviation, deviation, inplace=True)
+            deviation = ops.div(deviation, ops.add_scalar(nu, eps), inplace=True)
+            dtype = scalar_dtype(t.device)
+            mahalanobis = torch.stack(ops.norms(deviation, dtype, ord=1))
+            numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
+            nu_dof = numel if dof is None else dof
+            w = (nu_dof + numel) / (nu_dof + mahalanobis)
+            weights = torch.stack(weight_sum)
+            (mix,) = per_leaf(w / (weights + w))
+            new_weights = weights * ((2 * b1 - 1) / b1) + w
+            mu = ops.lerp(mu, g, mix, inplace=donate)
+            nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+            if nu_max is not None:
+                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            return u, count, list(new_weights.unbind(0)), mu, nu, nu_max
+
+        u, (count, weight_sum, mu, nu, nu_max) = multi_tensor_update(
+            kernel, updates, (state.count, state.weight_sum, state.mu, state.nu, state.nu_max),
+            state_names=("state.count", "state.weight_sum", "state.mu", "state.nu", "state.nu_max"),
+            count_states=2,
+        )
+        return u, ScaleByTAdamState(count, mu, nu, nu_max, weight_sum)
+
+    return GradientTransformation(init, update)
