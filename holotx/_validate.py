@@ -46,6 +46,8 @@ def in_unit_interval(name: str, value: Any, *, include_one: bool = False) -> Non
 
 
 def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 

@@ -59,7 +59,7 @@ def projection_coefficients(
     *signed* cosine (an anti-aligned gradient is projected too), its ``eps`` fixed at
     1e-8. ``c`` broadcasts against ``p``; ``projected`` is a 0-d bool tensor.
     """
-    if projection == "official" and p.ndim <= 1:
+    if (projection == "official" and p.ndim <= 1) or p.numel() == 0:
         never = torch.zeros((), dtype=torch.bool, device=p.device)
         return torch.zeros((), dtype=p.dtype, device=p.device), never
     rows = p.shape[0] if projection == "official" else 1

@@ -75,7 +75,7 @@ def scale_by_tadam(
 
     def init(params):
         def initial_weight(p):
-            return torch.full((), b1 / (1 - b1), dtype=scalar_dtype(p.device), device=p.device)
+            return b1 / (1 - b1) * torch.ones((), dtype=scalar_dtype(p.device), device=p.device)
 
         return ScaleByTAdamState(init_counts(params), zeros_like(params), zeros_like(params),
                                  zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
@@ -96,7 +96,10 @@ def scale_by_tadam(
             mahalanobis = torch.stack(ops.norms(deviation, dtype, ord=1))
             numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
             nu_dof = numel if dof is None else dof
-            w = (nu_dof + numel) / (nu_dof + mahalanobis)
+            # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the
+            # value at an average deviation (it moves nothing, but its W stays finite).
+            empty = (nu_dof + mahalanobis) == 0
+            w = torch.where(empty, 1.0, (nu_dof + numel) / torch.where(empty, 1.0, nu_dof + mahalanobis))
             weights = torch.stack(weight_sum)
             (mix,) = per_leaf(w / (weights + w))
             new_weights = weights * ((2 * b1 - 1) / b1) + w
