@@ -1,20 +1,26 @@
-"""Per-step cost of holotx optimizers beside torch.optim, measured side by side.
+"""Per-step cost of holotx optimizers beside torch.optim and Holocron, measured side by side.
 
-    python examples/benchmark.py                       # both parameter sets, 2 threads
-    python examples/benchmark.py --threads 1 --sets resnet50 --optimizers adamw
+    python examples/benchmark.py                       # AdamW, SGD, RAdam; both parameter sets
+    python examples/benchmark.py --optimizers holocron --sets resnet50   # Holocron's eight
+    python examples/benchmark.py --threads 1 --sets resnet50 --optimizers adamw lamb
 
 For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M values;
 and 1000 small tensors, 5 M values) and each optimizer, it prints the median ms per step
-of torch.optim's implementations (for-loop, foreach, fused, where torch has them) and of
+of torch.optim's implementations (for-loop, foreach, fused, where torch has them), of
+Holocron's own class (pylocron 0.3.0, where it has one and it is installed), and of
 holotx's paths:
 
 - pure: ``updates, state = tx.update(...)`` then ``apply_updates``: nothing is mutated;
 - donated: the same code told it owns the state and grads (``donate=True``), in place;
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
-  dtype (:class:`holotx.flat.FlatLayout`), its first (compiling) step time in brackets,
-  compiled without inductor's on-disk cache unless ``--warm-compile-cache``.
+  dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; list compiled: the same
+  over the list of tensors, for rules with per-tensor reductions (trust ratios, TAdam's
+  weight, AdamP's cosines), which must not see one buffer as one tensor. Their first
+  (compiling) step time is in brackets, compiled without inductor's on-disk cache unless
+  ``--warm-compile-cache``.
 
-Ratios are to torch's fused kernel and to the memory-traffic floor: the bytes an optimizer
+Ratios ("x ref") are to torch's fused kernel, or to Holocron's class where torch has none,
+and to the memory-traffic floor: the bytes an optimizer
 must move per parameter (AdamW reads p, g, m, v and writes p, m, v: 28 B in float32)
 times the number of parameters, divided by a bandwidth this script measures itself over
 the optimizer's working set (see :func:`measure_bandwidth`).
@@ -23,11 +29,16 @@ the optimizer's working set (see :func:`measure_bandwidth`).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch._inductor.config
@@ -73,6 +84,26 @@ PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 }
 
 
+def holocron_optim() -> Any | None:
+    """Holocron's ``holocron.optim`` (pylocron 0.3.0), imported without running the
+    package's ``__init__`` (which needs torchvision), or ``None`` if it is not installed."""
+    spec = importlib.util.find_spec("holocron")
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    if "holocron" not in sys.modules:
+        package = types.ModuleType("holocron")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["holocron"] = package
+    return importlib.import_module("holocron.optim")
+
+
+def _holocron(name: str, **kwargs: Any) -> Callable[..., torch.optim.Optimizer] | None:
+    optim = holocron_optim()
+    if optim is None:
+        return None
+    return lambda ps: getattr(optim, name)(ps, **kwargs)
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
@@ -80,7 +111,14 @@ class Algorithm:
     torch: Callable[..., torch.optim.Optimizer] | None
     torch_variants: tuple[str, ...]
     bytes_per_param: int
-    """float32 bytes moved per parameter by a one-pass implementation."""
+    """float32 bytes moved per parameter by the fewest passes the rule allows: one pass for
+    an elementwise rule; for a per-tensor reduction (a norm) before the update, a first
+    pass that updates the moments and reduces, and a second that reads them again."""
+    holocron: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
+    """Holocron's own class for the same algorithm, if any (built lazily: pylocron is optional)."""
+    per_tensor: bool = False
+    """The rule reduces over each tensor (norms, sums, cosines): it cannot run on one flat
+    buffer as if it were a single tensor, so its fastest path is compiled over the list."""
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -96,7 +134,26 @@ ALGORITHMS: dict[str, Algorithm] = {
     "radam": Algorithm("RAdam", lambda: holotx.radam(1e-3),
                        lambda ps, **kw: torch.optim.RAdam(ps, lr=1e-3, **kw),
                        ("for-loop", "foreach"), 28),
+    # Holocron's eight, default hyperparameters (LARS with momentum, so it keeps a buffer).
+    "lars": Algorithm("LARS", lambda: holotx.lars(1e-3, momentum=0.9), None, (), 28,
+                      lambda: _holocron("LARS", lr=1e-3, momentum=0.9), per_tensor=True),
+    "lamb": Algorithm("LAMB", lambda: holotx.lamb(1e-3), None, (), 40,
+                      lambda: _holocron("LAMB", lr=1e-3), per_tensor=True),
+    "ralars": Algorithm("RaLars", lambda: holotx.ralars(1e-3), None, (), 40,
+                        lambda: _holocron("RaLars", lr=1e-3), per_tensor=True),
+    "tadam": Algorithm("TAdam", lambda: holotx.tadam(1e-3), None, (), 40,
+                       lambda: _holocron("TAdam", lr=1e-3), per_tensor=True),
+    "adabelief": Algorithm("AdaBelief", lambda: holotx.adabelief(1e-3), None, (), 28,
+                           lambda: _holocron("AdaBelief", lr=1e-3)),
+    "adamp": Algorithm("AdamP", lambda: holotx.adamp(1e-3), None, (), 40,
+                       lambda: _holocron("AdamP", lr=1e-3), per_tensor=True),
+    "adan": Algorithm("Adan", lambda: holotx.adan(1e-3), None, (), 44,
+                      lambda: _holocron("Adan", lr=1e-3)),
+    "ademamix": Algorithm("AdEMAMix", lambda: holotx.ademamix(1e-3), None, (), 36,
+                          lambda: _holocron("AdEMAMix", lr=1e-3)),
 }
+
+HOLOCRON_EIGHT = ["lars", "lamb", "ralars", "tadam", "adabelief", "adamp", "adan", "ademamix"]
 
 TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -134,6 +191,14 @@ def torch_step(algo: Algorithm, variant: str, shapes) -> Callable[[], object]:
     return algo.torch(params, **TORCH_FLAGS[variant]).step
 
 
+def holocron_step(algo: Algorithm, shapes) -> Callable[[], object]:
+    params, grads = make_tensors(shapes)
+    params = [p.requires_grad_() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g  # no weight decay here, so Holocron's LARS leaves p.grad alone
+    return algo.holocron()(params).step
+
+
 def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
     params, grads = make_tensors(shapes)
     tx = algo.holotx()
@@ -148,6 +213,10 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
     if path == "donated":
         step_fn = make_step(tx, donate=True)
         state = tx.init(params)
+        return lambda: step_fn(params, grads, state)
+    if path == "list compiled":
+        state = tx.init(params)
+        step_fn = torch.compile(make_step(tx, donate=True))
         return lambda: step_fn(params, grads, state)
     if path == "flat compiled":
         layout = FlatLayout(params)
@@ -193,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd", "radam"],
-                        choices=list(ALGORITHMS))
+                        choices=[*ALGORITHMS, "holocron"], help="'holocron': Holocron's eight")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best median counts")
@@ -201,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
+    if "holocron" in args.optimizers:
+        i = args.optimizers.index("holocron")
+        args.optimizers[i:i + 1] = HOLOCRON_EIGHT
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -221,7 +293,7 @@ def run(args: argparse.Namespace) -> None:
         bandwidth = measure_bandwidth(numel)
         print(f"\n{set_name}: {len(shapes)} float32 tensors, {numel / 1e6:.2f} M values; "
               f"measured bandwidth {bandwidth / 1e9:.1f} GB/s")
-        header = (f"{'optimizer':<13} {'implementation':<24} {'ms/step':>8} {'x fused':>8} "
+        header = (f"{'optimizer':<13} {'implementation':<24} {'ms/step':>8} {'x ref':>8} "
                   f"{'x floor':>8}  first step")
         print(header)
         print("-" * len(header))
@@ -230,14 +302,18 @@ def run(args: argparse.Namespace) -> None:
             floor_ms = algo.bytes_per_param * numel / bandwidth * 1e3
             steps_by_label = {f"torch {v}": torch_step(algo, v, shapes)
                               for v in (algo.torch_variants if algo.torch else ())}
-            for path in ["pure", "donated"] + ([] if args.no_compile else ["flat compiled"]):
+            if algo.holocron() is not None:
+                steps_by_label["Holocron (pylocron)"] = holocron_step(algo, shapes)
+            fastest = "list compiled" if algo.per_tensor else "flat compiled"
+            for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):
                 steps_by_label[f"holotx {path}"] = holotx_step(algo, path, shapes)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds)
             del steps_by_label
             rows = [(label, ms, first) for label, (first, ms) in results.items()]
             fused = next((ms for label, ms, _ in rows if label == "torch fused"), None)
+            reference = fused or next((ms for label, ms, _ in rows if label.startswith("Holocron")), None)
             for label, ms, first in rows:
-                vs_fused = f"{ms / fused:7.2f}x" if fused else f"{'-':>8}"
+                vs_fused = f"{ms / reference:7.2f}x" if reference else f"{'-':>8}"
                 first_s = f"[{first:.2f} s]" if "compiled" in label else ""
                 print(f"{algo.name:<13} {label:<24} {ms:8.2f} {vs_fused} {ms / floor_ms:7.2f}x  {first_s}")
             print(f"{algo.name:<13} {'memory floor':<24} {floor_ms:8.2f}          "

@@ -79,6 +79,46 @@ INVALID_HYPERPARAMETERS: list[tuple[str, Callable[[], object], tuple[str, ...]]]
      ("names", "decay")),
     ("chain-not-a-transform", lambda: holotx.chain(T.scale(1.0), lambda g: g), ("chain",)),
     ("scale_by_schedule-not-callable", lambda: T.scale_by_schedule(3.0), ("schedule",)),
+    # Holocron's eight: its constructors' checks, and more where a value would give nonsense
+    ("lars-negative-lr", lambda: holotx.lars(lr=-1e-3), ("lr",)),
+    ("lars-negative-momentum", lambda: holotx.lars(momentum=-0.9), ("momentum",)),
+    ("lars-negative-weight_decay", lambda: holotx.lars(weight_decay=-1e-4), ("weight_decay",)),
+    ("lars-nesterov-without-momentum", lambda: holotx.lars(nesterov=True), ("nesterov", "momentum")),
+    ("lars-nesterov-with-dampening", lambda: holotx.lars(momentum=0.9, dampening=0.5, nesterov=True),
+     ("nesterov", "dampening")),
+    ("lars-dampening-above-one", lambda: holotx.lars(momentum=0.9, dampening=2.0), ("dampening", "2.0")),
+    ("lars-scale_clip-inverted", lambda: holotx.lars(scale_clip=(10.0, 1.0)), ("scale_clip", "low <= high")),
+    ("lars-holocron-scale_clip-inverted", lambda: holotx.lars(scale_clip=(10.0, 1.0), compat="holocron"),
+     ("scale_clip",)),
+    ("lars-negative-trust_coefficient", lambda: holotx.lars(trust_coefficient=-1.0), ("trust_coefficient",)),
+    ("lamb-scale_clip-inverted", lambda: holotx.lamb(scale_clip=(2.0, 1.0)), ("scale_clip", "(2.0, 1.0)")),
+    ("lamb-scale_clip-negative", lambda: holotx.lamb(scale_clip=(-1.0, 1.0)), ("scale_clip[0]",)),
+    ("lamb-scale_clip-not-a-pair", lambda: holotx.lamb(scale_clip=10.0), ("scale_clip",)),
+    ("lamb-beta1-one", lambda: holotx.lamb(betas=(1.0, 0.999)), ("betas[0]",)),
+    ("lamb-negative-eps", lambda: holotx.lamb(eps=-1e-8), ("eps",)),
+    ("ralars-beta2-one", lambda: holotx.ralars(betas=(0.9, 1.0)), ("betas[1]",)),
+    ("ralars-scale_clip-inverted", lambda: holotx.ralars(scale_clip=(3.0, 2.0)), ("scale_clip",)),
+    ("tadam-dof-zero", lambda: holotx.tadam(dof=0), ("dof", "0")),
+    ("tadam-dof-negative", lambda: holotx.tadam(dof=-2.0), ("dof",)),
+    ("tadam-beta1-zero", lambda: holotx.tadam(betas=(0.0, 0.999)), ("b1",)),
+    ("tadam-negative-weight_decay", lambda: holotx.tadam(weight_decay=-0.1), ("weight_decay",)),
+    ("adabelief-beta2-one", lambda: holotx.adabelief(betas=(0.9, 1.0)), ("betas[1]",)),
+    ("adabelief-negative-eps", lambda: holotx.adabelief(eps=-1.0), ("eps",)),
+    ("adamp-negative-delta", lambda: holotx.adamp(delta=-0.1), ("delta",)),
+    ("adamp-negative-wd_ratio", lambda: holotx.adamp(wd_ratio=-0.1), ("wd_ratio",)),
+    ("adamp-negative-weight_decay", lambda: holotx.adamp(weight_decay=-0.1), ("weight_decay",)),
+    ("adan-two-betas", lambda: holotx.adan(betas=(0.98, 0.92)), ("betas", "3")),
+    ("adan-beta3-one", lambda: holotx.adan(betas=(0.98, 0.92, 1.0)), ("betas[2]",)),
+    ("adan-negative-lr", lambda: holotx.adan(lr=-1.0, weight_decay=0.1), ("lr",)),
+    ("ademamix-beta3-one", lambda: holotx.ademamix(betas=(0.9, 0.999, 1.0)), ("betas[2]",)),
+    ("ademamix-negative-alpha", lambda: holotx.ademamix(alpha=-1.0), ("alpha",)),
+    ("ademamix-t_alpha_beta3-zero", lambda: holotx.ademamix(t_alpha_beta3=0), ("t_alpha_beta3",)),
+    ("ademamix-t_alpha_beta3-float", lambda: holotx.ademamix(t_alpha_beta3=10.5), ("t_alpha_beta3",)),
+    ("lamb-unknown-compat", lambda: holotx.lamb(compat="Holocron-0.2"), ("compat", "'Holocron-0.2'")),
+    ("tadam-unknown-compat", lambda: holotx.tadam(compat="torch"), ("compat",)),
+    ("scale_by_adamp-unknown-projection", lambda: T.scale_by_adamp(projection="layer"), ("projection",)),
+    ("scale_by_trust_ratio-inner-not-a-transform", lambda: T.scale_by_trust_ratio(inner=T.trace),
+     ("inner",)),
 ]
 
 
@@ -100,8 +140,14 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(make, words):
     lambda: holotx.multi_steps(holotx.sgd(0.1), every_k=1),
     lambda: holotx.apply_if_finite(holotx.sgd(0.1), max_consecutive_errors=0),
     lambda: holotx.adamw(lr=holotx.linear_schedule(1e-3, 0.0, 10)),
+    lambda: holotx.lars(lr=0.0, momentum=0.0, scale_clip=(0.0, 0.0), trust_coefficient=0.0),
+    lambda: holotx.lamb(lr=1, scale_clip=(1.0, 1.0), compat="holocron"),
+    lambda: holotx.tadam(dof=1e-6, betas=(1e-6, 0.0)),
+    lambda: holotx.adan(lr=holotx.linear_schedule(1e-3, 0.0, 10), weight_decay=0.02),
+    lambda: holotx.ademamix(t_alpha_beta3=1, alpha=0.0),
 ], ids=["sgd-edges", "sgd-nesterov", "adam-zeros", "adamw-betas-near-one", "radam-decoupled",
-        "multi_steps-1", "apply_if_finite-0", "adamw-schedule"])
+        "multi_steps-1", "apply_if_finite-0", "adamw-schedule", "lars-edges", "lamb-int-lr",
+        "tadam-small-dof", "adan-schedule-prox", "ademamix-edges"])
 def test_boundary_values_are_accepted(make):
     """The edges of each valid range are valid (lr = 0, betas = 0, dampening = 1, ...)."""
     assert isinstance(make(), holotx.GradientTransformation)
@@ -176,6 +222,11 @@ STATEFUL = {
     "adamw-amsgrad": lambda: holotx.adamw(1e-3, amsgrad=True),
     "radam": lambda: holotx.radam(1e-3),
     "trace": lambda: T.trace(0.9),
+    "lars-momentum": lambda: holotx.lars(0.1, momentum=0.9),
+    "lamb": lambda: holotx.lamb(1e-3),
+    "tadam": lambda: holotx.tadam(1e-3),
+    "adamp": lambda: holotx.adamp(1e-3),
+    "adan": lambda: holotx.adan(1e-3),
 }
 
 

@@ -58,6 +58,13 @@ ulp of relative error, and 50 steps accumulate about 1e-14 at most.
   hide a wrong formula (a misplaced ``eps`` or bias correction is an error of >= 1e-8 here).
   Exact zeros on the reference side (an entry that never had a gradient) must be exact zeros
   in holotx too.
+* In the closed loop the floor is the tensor's scale itself (``CLOSED_LOOP_FLOOR = 1``, a
+  norm-wise check): there the two sides' *gradients* already differ by a few ulp of the
+  gradient's scale (NumPy's and torch's matrix products sum in different orders), and a
+  difference of gradients cancels that into entries far smaller than it (Adan's
+  ``g - g_prev``: with ``lr = 1e-2`` consecutive gradients differ by ~1e-3 of themselves, so
+  ``diff_avg`` carries an error of ~1e-16 of the *gradient* in entries ~1e-3 of it, far above
+  ``rtol`` times the entry). Against the tensor's scale these stay below 1e-13.
 
 A last test checks that zero parameters, zero gradients and 0-size tensors give no NaN or inf
 in the parameters or the state, for all eight in both modes.
@@ -80,6 +87,7 @@ GRAD_SCALES = (1e-3, 1.0, 1e3)
 ELEMENTWISE_RTOL = 1e-12
 NORM_RTOL = 1e-10
 TENSOR_FLOOR = 1e-3
+CLOSED_LOOP_FLOOR = 1.0
 
 RTOL = {
     "lars": NORM_RTOL,
@@ -205,8 +213,8 @@ def find_states(state: Any, cls: type) -> list[Any]:
 class Checker:
     """Element-wise relative comparison with the floor of the module docstring."""
 
-    def __init__(self, rtol: float) -> None:
-        self.rtol = rtol
+    def __init__(self, rtol: float, floor: float = TENSOR_FLOOR) -> None:
+        self.rtol, self.floor = rtol, floor
         self.entry_scale: dict[str, np.ndarray] = {}
         self.tensor_scale: dict[str, float] = {}
 
@@ -218,7 +226,7 @@ class Checker:
         assert actual.shape == expected.shape, f"step {step}: {key}: shape {actual.shape} != {expected.shape}"
         h_i = self.entry_scale[key] = np.maximum(self.entry_scale.get(key, 0.0), np.abs(expected))
         h = self.tensor_scale[key] = max(self.tensor_scale.get(key, 0.0), float(np.max(h_i, initial=0.0)))
-        bound = self.rtol * np.maximum(h_i, TENSOR_FLOOR * h)
+        bound = self.rtol * np.maximum(h_i, self.floor * h)
         err = np.abs(actual - expected)
         bad = ~(err <= bound)  # NaN in holotx fails too
         if bad.any():
@@ -353,7 +361,7 @@ def test_closed_loop_least_squares_matches_numpy_reference(algorithm, kwargs, co
     tx = getattr(holotx, algorithm)(**kwargs)
     params = to_torch(p0)
     state = tx.init(params)
-    check = Checker(RTOL[algorithm])
+    check = Checker(RTOL[algorithm], CLOSED_LOOP_FLOOR)
     losses = []
     for step in range(STEPS):
         grads_t = {k: 2 * a_t.T @ (a_t @ params[k] - targets_t[k]) for k in params}
