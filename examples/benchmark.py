@@ -87,10 +87,10 @@ PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 def holocron_optim() -> Any | None:
     """Holocron's ``holocron.optim`` (pylocron 0.3.0), imported without running the
     package's ``__init__`` (which needs torchvision), or ``None`` if it is not installed."""
-    spec = importlib.util.find_spec("holocron")
-    if spec is None or spec.submodule_search_locations is None:
-        return None
     if "holocron" not in sys.modules:
+        spec = importlib.util.find_spec("holocron")
+        if spec is None or spec.submodule_search_locations is None:
+            return None
         package = types.ModuleType("holocron")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["holocron"] = package

@@ -19,9 +19,10 @@ Nothing here is vectorised or fused: one parameter at a time, one line per equat
 floats for every scalar, so that each line can be read against the paper. Every optimizer
 keeps, per parameter, a dict whose keys are the names of the matching holotx state fields
 (``count``, ``mu``, ``nu``, ...), so that a test can compare the two field by field; the
-paper's own names are given in comments. ``events`` records which branches ran (a clipped
-trust ratio, the rectified RAdam step, AdamP's channel or layer projection, the warm-up
-phase), so that a test can check that its inputs exercised them.
+paper's own names are given in comments. A ``None`` gradient skips its parameter, as in
+torch.optim. ``events`` records which branches ran (a clipped trust ratio, the rectified RAdam
+step, AdamP's channel or layer projection, the warm-up phase), so that a test can check that
+its inputs exercised them.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ class Reference:
     def update_param(self, p: np.ndarray, g: np.ndarray, st: dict[str, Any]) -> np.ndarray:
         raise NotImplementedError
 
-    def step(self, grads: dict[str, np.ndarray]) -> None:
+    def step(self, grads: dict[str, np.ndarray | None]) -> None:
+        """One step; a ``None`` gradient skips its parameter (no update, state and count kept)."""
         for k, g in grads.items():
+            if g is None:
+                continue
             st = self.state[k]
             st["count"] += 1
             self.params[k] = self.update_param(self.params[k], np.array(g, dtype=np.float64), st)
@@ -88,7 +92,7 @@ class LARS(Reference):
         super().__init__(params)
 
     def init_state(self, p):
-        return {"count": 0, "trace": None}
+        return {"count": 0, "trace": np.zeros_like(p)}
 
     def update_param(self, p, g, st):
         w_norm, g_norm = norm(p), norm(g)
@@ -97,7 +101,7 @@ class LARS(Reference):
         gamma = 1.0 if phi == 0 or denom == 0 else self.eta * phi / denom
         d = g + self.wd * p
         if self.momentum > 0:
-            if st["trace"] is None:  # v_1 = d
+            if st["count"] == 1:  # v_1 = d
                 st["trace"] = d.copy()
             else:  # v_t = m v_{t-1} + (1 - dampening) d
                 st["trace"] = self.momentum * st["trace"] + (1 - self.dampening) * d
@@ -340,10 +344,10 @@ class Adan(Reference):
 
     def init_state(self, p):
         return {"count": 0, "mu": np.zeros_like(p), "diff_avg": np.zeros_like(p), "nu": np.zeros_like(p),
-                "nu_max": np.zeros_like(p) if self.amsgrad else None, "prev_grad": None}
+                "nu_max": np.zeros_like(p) if self.amsgrad else None, "prev_grad": np.zeros_like(p)}
 
     def update_param(self, p, g, st):
-        prev = g if st["prev_grad"] is None else st["prev_grad"]
+        prev = g if st["count"] == 1 else st["prev_grad"]  # g_0 = g_1: no difference on step 1
         diff = g - prev
         st["mu"] = self.b1 * st["mu"] + (1 - self.b1) * g  # m_k
         st["diff_avg"] = self.b2 * st["diff_avg"] + (1 - self.b2) * diff  # v_k
