@@ -47,6 +47,7 @@ __all__ = [
     "mul",
     "norms",
     "sqrt",
+    "sums",
 ]
 
 
@@ -228,6 +229,13 @@ def norms(xs: TensorList, dtype: torch.dtype | None = None, ord: float = 2) -> T
     if foreach_supported(xs):
         return list(torch._foreach_norm(xs, ord, dtype))
     return [torch.linalg.vector_norm(x, ord, dtype=dtype) for x in xs]
+
+
+def sums(xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:
+    """The sum of each tensor, as 0-d tensors (no host sync), accumulated in ``dtype``
+    if given. There is no foreach sum; a per-tensor sum is a plain reduction, cheaper
+    than a 1-norm."""
+    return [x.sum(dtype=dtype) for x in xs]
 
 
 def copy(dst: TensorList, src: TensorList) -> TensorList:

@@ -87,13 +87,15 @@ def scale_by_tadam(
             count, t = step_counts(count, inplace=donate)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
-            # The Student-t weight, from the previous moments: the sum of (g - m)^2 / (v + eps)
-            # is the 1-norm of a non-negative tensor.
+            # The Student-t weight, from the previous moments. The sum of (g - m)^2 / (v + eps)
+            # accumulates in the tensors' dtype, as Holocron's, or float32 for half types (a
+            # float64 upcast would cost a copy of each tensor).
             deviation = ops.add(g, mu, alpha=-1)
             deviation = ops.mul(deviation, deviation, inplace=True)
-            deviation = ops.div(deviation, ops.add_scalar(nu, eps), inplace=True)
+            deviation = ops.div_into(deviation, ops.add_scalar(nu, eps), inplace=True)
             dtype = scalar_dtype(t.device)
-            mahalanobis = torch.stack(ops.norms(deviation, dtype, ord=1))
+            low_precision = g[0].dtype in (torch.float16, torch.bfloat16)
+            mahalanobis = torch.stack(ops.sums(deviation, torch.float32 if low_precision else None)).to(dtype)
             numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
             nu_dof = numel if dof is None else dof
             # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the
