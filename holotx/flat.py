@@ -9,8 +9,12 @@ large tensor instead of many small ones.
 Elementwise transforms need nothing else: ``tx.init(layout.flatten(params))`` gives
 state over flat buffers, and :meth:`FlatLayout.unflatten` gives per-leaf views of any of
 them (of a state buffer too, for a per-parameter checkpoint). Transforms with per-tensor
-reductions (trust ratios, norms per tensor) must not be run on a flat buffer as if it
-were one tensor.
+reductions must not be run on a flat buffer as if it were one tensor. The trust ratio
+(LARS, LAMB, RaLars) can, given where the tensors lie: build the layout with
+``align=`` (each leaf starts on a row of that many values, the gaps zero) and pass
+``segments=layout.segments()`` to ``update`` (``make_step`` passes it on). Each
+per-tensor norm is then a sum over whole rows, which a fusing compiler computes in the
+same loop as the update.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from holotx import tree
 from holotx.base import GradientTransformation, Params, State, apply_updates, owns_memory
 
-__all__ = ["FlatLayout", "LeafSlot", "make_step"]
+__all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
 
 
 class LeafSlot(NamedTuple):
@@ -33,14 +37,31 @@ class LeafSlot(NamedTuple):
     shape: torch.Size
 
 
+class Segments(NamedTuple):
+    """Where the tensors lie in one aligned flat buffer, for per-tensor reductions: the
+    buffer seen as ``(rows, width)``, each row belonging to one tensor."""
+
+    row_ids: torch.Tensor
+    """For each row, the index of its tensor (0-based within the buffer), int64."""
+    count: int
+    """The number of tensors in the buffer."""
+    width: int
+    """Values per row (the layout's ``align``)."""
+
+
 class FlatLayout:
     """Where each leaf of a tree sits in one flat buffer per (device, dtype).
 
     ``None`` leaves take no room and come back as ``None``. Groups are ordered by first
-    appearance; leaves are laid out in tree order inside their group.
+    appearance; leaves are laid out in tree order inside their group. With ``align > 1``
+    every leaf starts at a multiple of ``align`` and each buffer's length is one, the
+    gaps filled with zeros (for :meth:`segments`).
     """
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, *, align: int = 1) -> None:
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise ValueError(f"align must be a positive integer, got {align!r}")
+        self.align = align
         leaves, self.treespec = tree.flatten(params)
         keys: dict[tuple[torch.device, torch.dtype], int] = {}
         sizes: list[int] = []
@@ -54,9 +75,25 @@ class FlatLayout:
             if g == len(sizes):
                 sizes.append(0)
             self.slots.append(LeafSlot(g, sizes[g], leaf.shape))
-            sizes[g] += leaf.numel()
+            sizes[g] += -(-leaf.numel() // align) * align
         self.groups: list[tuple[torch.device, torch.dtype]] = list(keys)
         self.sizes = sizes
+
+    def segments(self) -> list[Segments]:
+        """One :class:`Segments` per buffer. Needs ``align > 1`` (rows of one value would
+        make the per-row sums a pass of their own)."""
+        if self.align == 1:
+            raise ValueError("segments() needs a layout built with align > 1, "
+                             "e.g. FlatLayout(params, align=256)")
+        out = []
+        for g, ((device, _), size) in enumerate(zip(self.groups, self.sizes)):
+            row_ids = torch.empty(size // self.align, dtype=torch.int64)
+            slots = [s for s in self.slots if s is not None and s.group == g]
+            for k, slot in enumerate(slots):
+                first = slot.offset // self.align
+                row_ids[first:first + -(-slot.shape.numel() // self.align)] = k
+            out.append(Segments(row_ids.to(device), len(slots), self.align))
+        return out
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n} x {dt} on {dev}" for (dev, dt), n in zip(self.groups, self.sizes))
@@ -70,6 +107,9 @@ class FlatLayout:
         for leaf, slot in zip(leaves, self.slots):
             if slot is not None:
                 parts[slot.group].append(leaf.reshape(-1))
+                gap = -leaf.numel() % self.align
+                if gap:
+                    parts[slot.group].append(leaf.new_zeros(gap))
         return [torch.cat(p) if len(p) > 1 else p[0].clone() for p in parts]
 
     def unflatten(self, buffers: list[torch.Tensor]) -> Params:

@@ -119,3 +119,77 @@ def test_donated_step_refuses_a_tensor_given_twice():
         step({"a": shared, "b": shared}, {"a": torch.ones(3), "b": torch.ones(3)},
              tx.init({"a": shared, "b": shared}))
     assert torch.equal(shared, torch.ones(3))
+
+
+def test_aligned_layout_pads_with_zeros_and_round_trips():
+    params = _params()
+    layout = FlatLayout(params, align=8)
+    # float64 leaves in tree order: bias (4), conv (48), nested[0] (1), nested[1] (10): each padded to 8.
+    assert layout.sizes == [8 + 48 + 8 + 16, 8]
+    buffers = layout.flatten(params)
+    back = layout.unflatten(buffers)
+    for key in ("conv", "bias", "half"):
+        assert torch.equal(back[key], params[key])
+    assert torch.equal(back["nested"][1], params["nested"][1])
+    assert torch.count_nonzero(buffers[0][4:8]) == 0
+    assert torch.count_nonzero(buffers[0][57:64]) == 0
+    segments = layout.segments()
+    assert [s.count for s in segments] == [4, 1]
+    assert segments[0].width == 8
+    assert segments[0].row_ids.tolist() == [0, 1, 1, 1, 1, 1, 1, 2, 3, 3]
+
+
+def test_layout_alignment_errors():
+    with pytest.raises(ValueError, match="align must be a positive integer"):
+        FlatLayout(_params(), align=0)
+    with pytest.raises(ValueError, match=r"segments\(\) needs a layout built with align > 1"):
+        FlatLayout(_params()).segments()
+
+
+SEGMENTED = {
+    "lamb": lambda: holotx.lamb(1e-2, weight_decay=0.1, scale_clip=(0.5, 3.0)),
+    "lamb_holocron": lambda: holotx.lamb(1e-2, weight_decay=0.1, compat="holocron"),
+    "lars": lambda: holotx.lars(0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
+    "ralars": lambda: holotx.ralars(1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("name", list(SEGMENTED))
+def test_trust_ratio_over_segments_equals_the_tree(name, donate):
+    """An aligned flat buffer with ``segments=`` computes each tensor's own trust ratio:
+    the same steps as the pytree, to rounding (the norms are summed in another order)."""
+    gen = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+              "b": torch.randn(7, generator=gen, dtype=torch.float64),
+              "zero": torch.zeros(4, dtype=torch.float64),
+              "conv": torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64)}
+    layout = FlatLayout(params, align=4)
+    tx = SEGMENTED[name]()
+    flat_step = make_step(tx, donate=donate)
+    tree_state, flat_params = tx.init(params), layout.flatten(params)
+    flat_state = tx.init(flat_params)
+    for _ in range(8):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+        updates, tree_state = tx.update(grads, tree_state, params)
+        params = holotx.apply_updates(params, updates)
+        flat_params, flat_state = flat_step(flat_params, layout.flatten(grads), flat_state,
+                                            segments=layout.segments())
+        back = layout.unflatten(flat_params)
+        for key, value in params.items():
+            torch.testing.assert_close(back[key], value, rtol=1e-12, atol=1e-14)
+    # Leaves in key order: b (7 values, then 1 of gap), conv (54 + 2), w (15 + 1), zero (4).
+    gaps = flat_params[0][[7, 62, 63, 79]]
+    assert torch.count_nonzero(gaps) == 0, "the gaps between tensors must stay zero"
+
+
+def test_segments_refuse_a_mask_and_a_wrong_count():
+    params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
+    layout = FlatLayout(params, align=4)
+    flat = layout.flatten(params)
+    masked = holotx.lamb(1e-2, trust_ratio_mask=[True])
+    with pytest.raises(ValueError, match="mask cannot be combined"):
+        masked.update(flat, masked.init(flat), flat, segments=layout.segments())
+    tx = holotx.lamb(1e-2)
+    with pytest.raises(ValueError, match="segments has 2 entries for 1 flat buffers"):
+        tx.update(flat, tx.init(flat), flat, segments=layout.segments() * 2)

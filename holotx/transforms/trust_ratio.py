@@ -110,20 +110,43 @@ def scale_by_trust_ratio(
         return ([ri if k else (1.0 if isinstance(ri, float) else torch.ones_like(ri))
                  for ri, k in zip(r, keep)],)
 
+    def segment_ratios_kernel(u, p, segments):
+        """Over aligned flat buffers: one ratio per tensor, returned per row as ``(rows, 1)``."""
+        out = []
+        for ui, pi, seg in zip(u, p, segments):
+            dtype = _norm_dtype(ui.dtype) or ui.dtype
+            r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
+                             trust_coefficient=trust_coefficient, scale_clip=scale_clip,
+                             weight_decay=weight_decay)
+            out.append(r.to(ui.dtype)[seg.row_ids].unsqueeze(1))
+        return (out,)
+
     def update(updates, state, params=None, *, donate=False, **extra):
         owned = updates_donated(donate, extra)
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         g_leaves, spec = tree.flatten(updates)
-        if mask is None:
+        segments = extra.get("segments")
+        if segments is not None:
+            if mask is not None:
+                raise ValueError("scale_by_trust_ratio: a mask cannot be combined with flat-buffer segments; "
+                                 "mask the tensors out before flattening (their own layout)")
+            segments = list(segments)
+            if len(segments) != len(g_leaves):
+                raise ValueError(f"segments has {len(segments)} entries for {len(g_leaves)} flat buffers: "
+                                 "pass layout.segments() with the layout's buffers")
+            ratio_tree, _ = multi_tensor_update(segment_ratios_kernel, updates, params=params,
+                                                needs_params=True, leaf_values=[segments])
+        elif mask is None:
             keep = [True] * len(g_leaves)
         else:
             from holotx.combine import _resolve
 
             keep = [bool(k) for k in _resolve(mask, params, "mask")]
-        # The ratios come back as the "updates" of a kernel: one scalar per leaf.
-        ratio_tree, _ = multi_tensor_update(ratios_kernel, updates, params=params, needs_params=True,
-                                            leaf_values=[keep])
+        if segments is None:
+            # The ratios come back as the "updates" of a kernel: one scalar per leaf.
+            ratio_tree, _ = multi_tensor_update(ratios_kernel, updates, params=params, needs_params=True,
+                                                leaf_values=[keep])
         ratios = tree.leaves_matching(ratio_tree, spec, "ratios", "updates")
 
         if decays:
@@ -147,13 +170,31 @@ def scale_by_trust_ratio(
     return GradientTransformation(init, update)
 
 
+def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The L2 norm of each tensor in an aligned flat buffer: sums over rows, then over
+    each tensor's rows (a small scatter-add), in float64."""
+    rows = x.reshape(-1, segments.width).to(dtype)
+    row_sums = (rows * rows).sum(1).to(scalar_dtype(x.device))
+    sums = torch.zeros(segments.count, dtype=row_sums.dtype, device=x.device)
+    return sums.index_add(0, segments.row_ids, row_sums).sqrt()
+
+
 def _scale_leaves(factors: list[Any]):
-    """An update function multiplying each leaf by its own factor (a float or 0-d tensor)."""
+    """An update function multiplying each leaf by its own factor: a float or a 0-d
+    tensor, or for an aligned flat buffer a ``(rows, 1)`` tensor, one factor per row."""
 
     def update(updates, state, params=None, *, donate=False, **extra):
         inplace = updates_donated(donate, extra)
-        out, _ = multi_tensor_update(lambda u, _p, f: (ops.mul(u, f, inplace=inplace),), updates,
-                                     leaf_values=[factors])
-        return out, state
+
+        def kernel(u, _p, f):
+            if not isinstance(f[0], torch.Tensor) or f[0].dim() < 2:
+                return (ops.mul(u, f, inplace=inplace),)
+            if ops.may_overwrite(u, inplace):
+                for ui, fi in zip(u, f):
+                    ui.view(fi.shape[0], -1).mul_(fi)
+                return (u,)
+            return ([(ui.reshape(fi.shape[0], -1) * fi).reshape(ui.shape) for ui, fi in zip(u, f)],)
+
+        return multi_tensor_update(kernel, updates, leaf_values=[factors])[0], state
 
     return update
