@@ -45,8 +45,11 @@ __all__ = [
     "maximum",
     "may_overwrite",
     "mul",
+    "mul_into",
     "norms",
     "sqrt",
+    "sqrt_into",
+    "sub_into",
     "sums",
 ]
 
@@ -211,6 +214,34 @@ def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
         fn = torch._foreach_sqrt_ if inplace else torch._foreach_sqrt
         return _done(xs, fn(xs), inplace)
     return [x.sqrt_() if inplace else x.sqrt() for x in xs]
+
+
+def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorList:
+    """``x - y``, written into ``out`` (buffers the caller may overwrite; ``out`` may be
+    ``xs``) where that is safe in eager mode, else fresh (see :func:`sqrt_into`)."""
+    if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
+        return add(xs, ys, alpha=-1)
+    return [torch.sub(x, y, out=o) for x, y, o in zip(xs, ys, out)]
+
+
+def mul_into(xs: TensorList, s: Scalar | list[float] | TensorList, out: TensorList | None) -> TensorList:
+    """``x * s`` (``s`` a scalar or one per tensor), written into ``out`` where that is
+    safe in eager mode, else fresh (see :func:`sqrt_into`)."""
+    if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
+        return mul(xs, s)
+    ss = s if isinstance(s, list) else [s] * len(xs)
+    return [torch.mul(x, y, out=o) for x, y, o in zip(xs, ss, out)]
+
+
+def sqrt_into(xs: TensorList, out: TensorList) -> TensorList:
+    """``sqrt(x)`` written into ``out`` (buffers the caller may overwrite, e.g. donated
+    updates) where that is safe, else into fresh tensors: no scratch allocation, which on
+    a CPU also spares the page faults of a fresh buffer. Compiled, a fresh result: the
+    compiler plans its own buffers, and a write into an input would become an extra pass
+    at the end of the graph."""
+    if torch.compiler.is_compiling() or not may_overwrite(out, True):
+        return sqrt(xs)
+    return [torch.sqrt(x, out=o) for x, o in zip(xs, out)]
 
 
 def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
@@ -96,10 +96,12 @@ def moments(g: ops.TensorList, mu: ops.TensorList, nu: ops.TensorList, b1: Scala
     return mu, ops.addcmul(nu, g, g, 1 - b2, inplace=True)
 
 
-def adaptive_ratio(mu: ops.TensorList, nu: ops.TensorList, scale: Scalar, shift: Scalar) -> ops.TensorList:
+def adaptive_ratio(mu: ops.TensorList, nu: ops.TensorList, scale: Scalar, shift: Scalar, *,
+                   out: ops.TensorList | None = None) -> ops.TensorList:
     r""":math:`m / (\sqrt{v}\, a + b)`, the denominator a scratch buffer the quotient is
-    written into."""
-    denom = ops.sqrt(nu)
+    written into: ``out`` if given (buffers the caller no longer needs, e.g. the donated
+    incoming updates) and safe to overwrite, else a fresh one."""
+    denom = ops.sqrt(nu) if out is None else ops.sqrt_into(nu, out)
     denom = ops.mul(denom, scale, inplace=True)
     denom = ops.add_scalar(denom, shift, inplace=True)
     return ops.div_into(mu, denom, inplace=True)
@@ -146,7 +148,8 @@ def scale_by_adam(
         )
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, mu, nu, nu_max, _p):
             count, t = step_counts(count, inplace=donate)
@@ -160,7 +163,8 @@ def scale_by_adam(
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
+                               out=g if scratch_ok else None)
             return u, count, mu, nu, nu_max
 
         u, (count, mu, nu, nu_max) = multi_tensor_update(

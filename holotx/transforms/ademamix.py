@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -105,7 +105,8 @@ def scale_by_ademamix(
                                     zeros_like(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, mu, nu, mu_slow, _p):
             count, t = step_counts(count, inplace=donate)
@@ -120,8 +121,10 @@ def scale_by_ademamix(
                                                  eps * bc1)
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
             mu_slow = ops.lerp(mu_slow, g, slow_rate, inplace=donate)
-            numerator = ops.add(ops.mul(mu_slow, slow_weight), mu, inplace=True)
-            return adaptive_ratio(numerator, nu, scale, shift), count, mu, nu, mu_slow
+            numerator = ops.add(ops.mul_into(mu_slow, slow_weight, g if scratch_ok else None), mu,
+                                inplace=True)  # into g, which is not read again
+            u = adaptive_ratio(numerator, nu, scale, shift)
+            return u, count, mu, nu, mu_slow
 
         u, (count, mu, nu, mu_slow) = multi_tensor_update(
             kernel, updates, (state.count, state.mu, state.nu, state.mu_slow),

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
@@ -59,21 +59,26 @@ def scale_by_belief(
                                   zeros_like(params) if amsgrad else None)
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, mu, nu, nu_max, _p):
             count, t = step_counts(count, inplace=donate)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
             mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
-            residual = ops.add(g, mu, alpha=-1)
-            nu = ops.mul(nu, b2, inplace=donate)
-            nu = ops.addcmul(nu, residual, residual, 1 - b2, inplace=True)
+            residual = ops.sub_into(g, mu, g if scratch_ok else None)  # g is not read again
             if eps_in_variance:
-                nu = ops.add_scalar(nu, eps, inplace=True)
+                # b2 s + eps in one pass: s + (1 - b2) (eps / (1 - b2) - s).
+                target = torch.as_tensor(eps / (1 - b2), dtype=nu[0].dtype, device=nu[0].device)
+                nu = ops.lerp(nu, [target.expand_as(x) for x in nu], 1 - b2, inplace=donate)
+            else:
+                nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.addcmul(nu, residual, residual, 1 - b2, inplace=True)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
+                               out=residual if scratch_ok else None)
             return u, count, mu, nu, nu_max
 
         u, (count, mu, nu, nu_max) = multi_tensor_update(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from holotx import _validate
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -84,7 +84,8 @@ def scale_by_radam(
         return ScaleByAdamState(init_counts(params), zeros_like(params), zeros_like(params), None)
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, mu, nu, _nu_max, _p):
             count, t = step_counts(count, inplace=donate)
@@ -104,7 +105,7 @@ def scale_by_radam(
             scale, shift = per_leaf(torch.where(active, rectified, plain),
                                     torch.where(active, rectified_shift, plain_shift))
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
-            return adaptive_ratio(mu, nu, scale, shift), count, mu, nu, None
+            return adaptive_ratio(mu, nu, scale, shift, out=g if scratch_ok else None), count, mu, nu, None
 
         u, (count, mu, nu, _) = multi_tensor_update(
             kernel, updates, (state.count, state.mu, state.nu, None),

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -81,7 +81,8 @@ def scale_by_tadam(
                                  zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params, extra
+        del params
+        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, weight_sum, mu, nu, nu_max, _p):
             count, t = step_counts(count, inplace=donate)
@@ -110,7 +111,8 @@ def scale_by_tadam(
             nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
+                               out=g if scratch_ok else None)
             return u, count, list(new_weights.unbind(0)), mu, nu, nu_max
 
         u, (count, weight_sum, mu, nu, nu_max) = multi_tensor_update(
