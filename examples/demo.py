@@ -96,6 +96,15 @@ def optimizers(steps: int) -> dict[str, Callable[[], holotx.GradientTransformati
                 init_value=0.0, peak_value=2e-2, warmup_steps=max(1, steps // 10),
                 decay_steps=max(2, steps), end_value=1e-4), weight_decay=1e-4),
         ),
+        # Holocron's eight, default numerics.
+        "lars": lambda: holotx.lars(lr=0.005, momentum=0.9, weight_decay=1e-4),
+        "lamb": lambda: holotx.lamb(lr=1e-2, weight_decay=1e-4),
+        "ralars": lambda: holotx.ralars(lr=1e-2, weight_decay=1e-4),
+        "tadam": lambda: holotx.tadam(lr=1e-2),
+        "adabelief": lambda: holotx.adabelief(lr=1e-2),
+        "adamp": lambda: holotx.adamp(lr=1e-2, weight_decay=1e-4, decoupled_weight_decay=True),
+        "adan": lambda: holotx.adan(lr=1e-2, weight_decay=1e-4),
+        "ademamix": lambda: holotx.ademamix(lr=5e-3, t_alpha_beta3=max(1, steps // 2)),
     }
 
 

@@ -74,6 +74,17 @@ def test_benchmark_runs_tiny(keep_threads, capsys):
         assert label in out
 
 
+def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
+    """Holocron's own class (pylocron, a test dependency) is timed beside holotx's paths."""
+    benchmark = load_example("benchmark")
+    benchmark.main(["--sets", "small", "--optimizers", "lamb", "adan", "--steps", "1", "--warmup", "0",
+                    "--rounds", "1", "--no-compile", "--threads", "1"])
+    out = capsys.readouterr().out
+    for label in ("LAMB          Holocron (pylocron)", "Adan          Holocron (pylocron)", "holotx donated",
+                  "(40 B/param)", "(44 B/param)"):
+        assert label in out
+
+
 def readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
