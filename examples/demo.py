@@ -100,7 +100,7 @@ def optimizers(steps: int) -> dict[str, Callable[[], holotx.GradientTransformati
         "lars": lambda: holotx.lars(lr=0.005, momentum=0.9, weight_decay=1e-4),
         "lamb": lambda: holotx.lamb(lr=1e-2, weight_decay=1e-4),
         "ralars": lambda: holotx.ralars(lr=1e-2, weight_decay=1e-4),
-        "tadam": lambda: holotx.tadam(lr=1e-2),
+        "tadam": lambda: holotx.tadam(lr=3e-2),
         "adabelief": lambda: holotx.adabelief(lr=1e-2),
         "adamp": lambda: holotx.adamp(lr=1e-2, weight_decay=1e-4, decoupled_weight_decay=True),
         "adan": lambda: holotx.adan(lr=1e-2, weight_decay=1e-4),
