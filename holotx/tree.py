@@ -18,6 +18,7 @@ from optree import PyTreeSpec
 __all__ = [
     "PyTreeSpec",
     "check_leaves",
+    "find_states",
     "first_device",
     "flatten",
     "leaves_matching",
@@ -192,3 +193,17 @@ def first_device(tree: Any) -> torch.device:
     return torch.device("cpu")
 
 
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+    """Every sub-state of type ``cls`` inside a (nested) state: the states of one kind of
+    block in a chain, e.g. ``find_states(state, holotx.ScaleByAdamState)`` to read or log
+    the moments of an optimizer built by ``chain``. Searches tuples (NamedTuples included),
+    lists and dicts, depth first, in order."""
+    if isinstance(state, cls):
+        return [state]
+    if isinstance(state, dict):
+        return [s for v in state.values() for s in find_states(v, cls)]
+    if isinstance(state, (tuple, list)):
+        return [s for v in state for s in find_states(v, cls)]
+    return []

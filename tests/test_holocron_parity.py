@@ -94,6 +94,7 @@ import torch
 import torch.nn.functional as F
 
 import holotx
+from holotx.tree import find_states
 
 
 def _import_pylocron_optim() -> types.ModuleType:
@@ -312,15 +313,6 @@ def unflat(leaves: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def find_states(state: Any, cls: type) -> list[Any]:
-    """Every block state of type ``cls`` inside a holotx state (tuples, NamedTuples, dicts)."""
-    if isinstance(state, cls):
-        return [state]
-    if isinstance(state, dict):
-        return [s for v in state.values() for s in find_states(v, cls)]
-    if isinstance(state, (tuple, list)):
-        return [s for v in state for s in find_states(v, cls)]
-    return []
 
 
 def field_leaf(block: Any, field: str, name: str) -> Any:

@@ -83,6 +83,7 @@ import torch
 from numpy_reference import REFERENCES, AdamP, Reference
 
 import holotx
+from holotx.tree import find_states
 
 STEPS = 50
 GRAD_SCALES = (1e-3, 1.0, 1e3)
@@ -201,15 +202,6 @@ CLOSED_LOOP_CONFIGS = [
 
 # --------------------------------------------------------------------------- comparison
 
-def find_states(state: Any, cls: type) -> list[Any]:
-    """Every sub-state of type ``cls`` inside holotx's (chain of) state(s)."""
-    if isinstance(state, cls):
-        return [state]
-    if isinstance(state, dict):
-        return [s for v in state.values() for s in find_states(v, cls)]
-    if isinstance(state, (tuple, list)):
-        return [s for v in state for s in find_states(v, cls)]
-    return []
 
 
 class Checker:

@@ -54,6 +54,7 @@ from torch import nn
 
 import holotx
 from holotx.transforms import ScaleByAdamState, ScaleByScheduleState, TraceState
+from holotx.tree import find_states
 
 STEPS = 50
 REL_TOL = 1e-12
@@ -127,15 +128,6 @@ def _algorithm(config_name: str) -> str:
 
 # --------------------------------------------------------------------------- helpers
 
-def find_states(state: Any, cls: type) -> list[Any]:
-    """Every sub-state of type ``cls`` inside a (chain of) holotx state(s)."""
-    if isinstance(state, cls):
-        return [state]
-    if isinstance(state, dict):
-        return [s for v in state.values() for s in find_states(v, cls)]
-    if isinstance(state, (tuple, list)):
-        return [s for v in state for s in find_states(v, cls)]
-    return []
 
 
 class Checker:
