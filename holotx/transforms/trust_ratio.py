@@ -131,29 +131,25 @@ def scale_by_trust_ratio(
             if mask is not None:
                 raise ValueError("scale_by_trust_ratio: a mask cannot be combined with flat-buffer segments; "
                                  "mask the tensors out before flattening (their own layout)")
-            segments = list(segments)
             if len(segments) != len(g_leaves):
                 raise ValueError(f"segments has {len(segments)} entries for {len(g_leaves)} flat buffers: "
                                  "pass layout.segments() with the layout's buffers")
-            ratio_tree, _ = multi_tensor_update(segment_ratios_kernel, updates, params=params,
-                                                needs_params=True, leaf_values=[segments])
-        elif mask is None:
-            keep = [True] * len(g_leaves)
+            kernel, values = segment_ratios_kernel, list(segments)
         else:
             from holotx.combine import _resolve
 
-            keep = [bool(k) for k in _resolve(mask, params, "mask")]
-        if segments is None:
-            # The ratios come back as the "updates" of a kernel: one scalar per leaf.
-            ratio_tree, _ = multi_tensor_update(ratios_kernel, updates, params=params, needs_params=True,
-                                                leaf_values=[keep])
+            keep = ([True] * len(g_leaves) if mask is None
+                    else [bool(k) for k in _resolve(mask, params, "trust ratio mask")])
+            kernel, values = ratios_kernel, keep
+        # The ratios come back as the "updates" of a kernel: one per leaf.
+        ratio_tree, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True,
+                                            leaf_values=[values])
         ratios = tree.leaves_matching(ratio_tree, spec, "ratios", "updates")
 
         if decays:
             updates = multi_tensor_update(
                 lambda u, p: (ops.add(u, p, alpha=weight_decay, inplace=owned),), updates, params=params)[0]
             owned = True  # fresh, or the caller's donated buffers
-        inner_state = state.inner
         if inner is not None:
             from holotx.combine import _run_in_sequence
 
