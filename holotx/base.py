@@ -95,8 +95,10 @@ def stateless(
     return GradientTransformation(init, update)
 
 
-def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
-    r"""Return ``params + updates``, each result in its parameter's dtype.
+def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
+                  scale: ops.Scalar | None = None) -> Params:
+    r"""Return ``params + updates`` (``params + scale * updates`` with ``scale``), each
+    result in its parameter's dtype.
 
     ``None`` updates leave their parameter as it is. With ``inplace=True`` the parameter
     tensors are updated in place (``p += u``, grouped multi-tensor) and ``params`` itself
@@ -113,18 +115,41 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
+    alpha = 1 if scale is None else scale
+    if isinstance(alpha, torch.Tensor) and ops.host_scalars_ok([alpha]):
+        alpha = alpha.item()  # eager on a CPU: a Python scalar takes the one-pass kernel
     if inplace:
-        if ops.foreach_supported(ps):
-            torch._foreach_add_(ps, us)
+        if not ps:
+            return params
+        if ops.foreach_supported(ps) and not isinstance(alpha, torch.Tensor):
+            torch._foreach_add_(ps, us, alpha=alpha)
         else:
             for p, u in zip(ps, us):
-                p.add_(u)
+                if isinstance(alpha, torch.Tensor):
+                    p.add_(u * alpha)
+                else:
+                    p.add_(u, alpha=alpha)
         return params
-    out = ops.add(ps, us)
+    out = ops.add(ps, us, alpha=alpha)
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p
     return tree.unflatten(treespec, new)
+
+
+FINAL_SCALE = "final_scale"
+"""The extra keyword by which a caller that applies the updates itself (a donated
+:func:`holotx.flat.make_step`) asks the *last* transform of a chain, if it is a plain
+scaling (:func:`~holotx.scale`, :func:`~holotx.scale_by_lr`,
+:func:`~holotx.scale_by_schedule`), to hand over its factor instead of multiplying: the
+value is a list the factor is appended to, and the updates come back unscaled. Applying
+``p += factor * u`` then takes one pass over memory instead of two. Only ``chain`` (to its
+last transform) and ``inject_hyperparams`` pass it on; every other combinator drops it."""
+
+
+def without_final_scale(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` without :data:`FINAL_SCALE`, for a transform that must not be deferred."""
+    return {k: v for k, v in extra.items() if k != FINAL_SCALE}
 
 
 def updates_donated(donate: bool, extra: dict[str, Any]) -> bool:

@@ -14,7 +14,14 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import _validate, tree
-from holotx.base import GradientTransformation, Params, init_count, owns_memory, updates_donated
+from holotx.base import (
+    GradientTransformation,
+    Params,
+    init_count,
+    owns_memory,
+    updates_donated,
+    without_final_scale,
+)
 from holotx.transforms.scale import set_to_zero
 
 __all__ = [
@@ -67,9 +74,12 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
     owned = updates_donated(donate, extra)
     holders = params if owned else (updates, params)
     new_states: list[Any] = []
+    # Only the last transform may hand its final scaling over to the caller (FINAL_SCALE).
+    not_last = without_final_scale(extra)
     for i, (t, s) in enumerate(zip(transforms, states)):
         incoming = updates
-        updates, new_s = t.update(updates, s, params, **{**extra, "donate_updates": owned})
+        here = extra if i + 1 == len(transforms) else not_last
+        updates, new_s = t.update(updates, s, params, **{**here, "donate_updates": owned})
         new_states.append(new_s)
         if i + 1 < len(transforms) and not donate:
             # A transform sees only its own state and its input: its output can alias
@@ -138,7 +148,7 @@ def _routed_update(inner: GradientTransformation, keep: list[bool], spec, u_leav
                    inner_state, extra):
     sub_u = tree.unflatten(spec, _select_leaves(u_leaves, keep))
     sub_p = None if p_leaves is None else tree.unflatten(spec, _select_leaves(p_leaves, keep))
-    new_u, new_state = inner.update(sub_u, inner_state, sub_p, **extra)
+    new_u, new_state = inner.update(sub_u, inner_state, sub_p, **without_final_scale(extra))
     return tree.leaves_matching(new_u, spec, "the inner updates", "updates"), new_state
 
 
@@ -287,7 +297,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count),
                                       state.notfinite_count + 1)
         reject = ~finite & (notfinite_count <= max_consecutive_errors)
-        new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        new_u, new_inner = inner.update(updates, state.inner_state, params, **without_final_scale(extra))
         new_u = tree.map(lambda u: torch.where(reject, torch.zeros_like(u), u), new_u)
         return new_u, ApplyIfFiniteState(
             notfinite_count, finite, state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
@@ -339,7 +349,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         emit = n == every_k - 1
         # A None gradient stays None for the inner transform: no update, no state change.
         inner_in = tree.unflatten(spec, [None if g is None else a for a, g in zip(acc, u_leaves)])
-        new_u, new_inner = inner.update(inner_in, state.inner_state, params, **extra)
+        new_u, new_inner = inner.update(inner_in, state.inner_state, params, **without_final_scale(extra))
         new_u = tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_u)
         new_acc = [a if g is None else torch.where(emit, torch.zeros_like(a), a)
                    for a, g in zip(acc, u_leaves)]

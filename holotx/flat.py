@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import tree
-from holotx.base import GradientTransformation, Params, State, apply_updates, owns_memory
+from holotx.base import FINAL_SCALE, GradientTransformation, Params, State, apply_updates, owns_memory
 
 __all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
 
@@ -194,8 +194,12 @@ def make_step(
             _check_distinct(params, "params")
             _check_distinct(grads, "grads")
             with torch.no_grad():
+                # A chain ending in a scaling (the learning rate) hands its factor over, and
+                # p += factor * u is one pass instead of two.
+                factor: list[Any] = []
+                extra = {**extra, FINAL_SCALE: factor}
                 updates, state = tx.update(grads, state, params, donate=True, **extra)
-                apply_updates(params, updates, inplace=True)
+                apply_updates(params, updates, inplace=True, scale=factor[0] if factor else None)
             return params, state
         updates, new_state = tx.update(grads, state, params, **extra)
         if _can_take_memory(params, updates) and owns_memory(updates, (grads, params, state, new_state)):

@@ -211,3 +211,57 @@ def test_trust_ratio_over_segments_compiles_to_one_graph():
         step(eager_params, [g.clone() for g in grads], eager_state, segments=layout.segments())
         compiled(compiled_params, grads, compiled_state, segments=layout.segments())
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-6, atol=1e-7)
+
+
+DEFERRED = {
+    "adamw": lambda: holotx.adamw(1e-2, weight_decay=0.1),
+    "lamb-schedule": lambda: holotx.lamb(holotx.linear_schedule(1e-2, 1e-3, 5), weight_decay=0.1),
+    "lars-momentum": lambda: holotx.lars(0.1, momentum=0.9),
+    "inject-adan": lambda: holotx.inject_hyperparams(holotx.adan)(lr=1e-2, weight_decay=0.02),
+    "masked-sgd": lambda: holotx.masked(holotx.sgd(0.1, momentum=0.9), {"w": True, "b": False}),
+    "partition": lambda: holotx.partition({"a": holotx.adabelief(1e-2), "s": holotx.sgd(0.1)},
+                                          {"w": "a", "b": "s"}),
+    "apply_if_finite": lambda: holotx.apply_if_finite(holotx.ademamix(1e-2), 2),
+    "multi_steps": lambda: holotx.multi_steps(holotx.tadam(1e-2), every_k=2),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFERRED))
+def test_donated_step_with_deferred_learning_rate_equals_pure_step(name):
+    """The donated step lets a chain's final scaling (the learning rate) be applied as
+    ``p += factor * u``; every composition still takes the pure step's values."""
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+              "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    tx = DEFERRED[name]()
+    pure_params, pure_state = params, tx.init(params)
+    donated_params = {k: v.clone() for k, v in params.items()}
+    donated_state = tx.init(donated_params)
+    pure_step, donated_step = make_step(tx), make_step(tx, donate=True)
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+        pure_params, pure_state = pure_step(pure_params, grads, pure_state)
+        donated_params, donated_state = donated_step(donated_params, {k: g.clone() for k, g in grads.items()},
+                                                     donated_state)
+        for key in params:
+            torch.testing.assert_close(donated_params[key], pure_params[key], rtol=1e-14, atol=1e-15)
+
+
+def test_final_scale_reaches_only_a_chains_last_scaling():
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    grads = {"w": torch.full((3,), 2.0, dtype=torch.float64)}
+    tx = holotx.sgd(0.5)
+    factor: list = []
+    updates, _ = tx.update(grads, tx.init(params), params, final_scale=factor)
+    assert factor == [-0.5]
+    assert torch.equal(updates["w"], grads["w"])  # left for the caller to scale
+    masked = holotx.masked(holotx.sgd(0.5), {"w": True})
+    factor = []
+    updates, _ = masked.update(grads, masked.init(params), params, final_scale=factor)
+    assert factor == []  # a mask must not let its inner scaling reach other leaves
+    assert torch.equal(updates["w"], -0.5 * grads["w"])
+    early = holotx.chain(holotx.scale(3.0), holotx.identity())
+    factor = []
+    updates, _ = early.update(grads, early.init(params), params, final_scale=factor)
+    assert factor == []
+    assert torch.equal(updates["w"], 3.0 * grads["w"])

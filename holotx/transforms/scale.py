@@ -9,6 +9,7 @@ import torch
 
 from holotx import _validate, ops
 from holotx.base import (
+    FINAL_SCALE,
     EmptyState,
     GradientTransformation,
     init_count,
@@ -36,7 +37,12 @@ class ScaleByScheduleState(NamedTuple):
     """Updates made so far; the schedule is evaluated at this value before incrementing."""
 
 
-def _scaled(updates, factor: Scalar, donate: bool):
+def _scaled(updates, factor: Scalar, donate: bool, extra: dict):
+    deferred = extra.get(FINAL_SCALE)
+    if deferred is not None:  # the caller multiplies as it applies the updates
+        deferred.append(factor)
+        return updates
+
     def kernel(g, _p):
         return (ops.mul(g, factor, inplace=donate),)
 
@@ -52,7 +58,7 @@ def scale(step_size: Scalar) -> GradientTransformation:
 
     def update(updates, state, params=None, *, donate=False, **extra):
         del params
-        return _scaled(updates, step_size, updates_donated(donate, extra)), state
+        return _scaled(updates, step_size, updates_donated(donate, extra), extra), state
 
     return GradientTransformation(init, update)
 
@@ -69,7 +75,7 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
     def update(updates, state, params=None, *, donate=False, **extra):
         del params
         factor = schedule(state.count)
-        return _scaled(updates, factor, updates_donated(donate, extra)), ScaleByScheduleState(
+        return _scaled(updates, factor, updates_donated(donate, extra), extra), ScaleByScheduleState(
             next_count(state.count, donate=donate)
         )
 

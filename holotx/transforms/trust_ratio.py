@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import EmptyState, GradientTransformation, updates_donated
+from holotx.base import EmptyState, GradientTransformation, updates_donated, without_final_scale
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
@@ -158,7 +158,7 @@ def scale_by_trust_ratio(
             scale_step = GradientTransformation(lambda p: EmptyState(), _scale_leaves(ratios))
             updates, (inner_state, _) = _run_in_sequence(
                 [inner, scale_step], [state.inner, EmptyState()], updates, params,
-                {**extra, "donate": donate, "donate_updates": owned})
+                {**without_final_scale(extra), "donate": donate, "donate_updates": owned})
             return updates, TrustRatioState(inner_state)
         return _scale_leaves(ratios)(updates, EmptyState(), params, donate=donate,
                                      donate_updates=owned)[0], state
