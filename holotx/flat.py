@@ -194,10 +194,12 @@ def make_step(
             _check_distinct(params, "params")
             _check_distinct(grads, "grads")
             with torch.no_grad():
-                # A chain ending in a scaling (the learning rate) hands its factor over, and
-                # p += factor * u is one pass instead of two.
+                # In eager mode a chain ending in a scaling (the learning rate) hands its factor
+                # over, and p += factor * u is one pass instead of two. Compiled, the compiler
+                # fuses the scaling itself, and better without the request (LARS: 2.7x slower).
                 factor: list[Any] = []
-                extra = {**extra, FINAL_SCALE: factor}
+                if not torch.compiler.is_compiling():
+                    extra = {**extra, FINAL_SCALE: factor}
                 updates, state = tx.update(grads, state, params, donate=True, **extra)
                 apply_updates(params, updates, inplace=True, scale=factor[0] if factor else None)
             return params, state
