@@ -72,3 +72,15 @@ def scale_clip(name: str, value: Any) -> tuple[float, float] | None:
     if low > high:
         raise ValueError(f"{name} must have low <= high, got {value!r}")
     return float(low), float(high)
+
+
+def nesterov(momentum: Any, dampening: Any, enabled: bool) -> None:
+    """Nesterov momentum needs ``momentum > 0`` and ``dampening == 0`` (torch.optim.SGD's
+    rule). Tensor values (injected hyperparameters) are not read."""
+    if not enabled:
+        return
+    no_momentum = isinstance(momentum, (int, float)) and momentum <= 0
+    damped = isinstance(dampening, (int, float)) and dampening != 0
+    if no_momentum or damped:
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
+                         f"got momentum={momentum!r}, dampening={dampening!r}")

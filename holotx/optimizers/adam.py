@@ -6,8 +6,8 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import is_zero, maximize_first
-from holotx.transforms import add_decayed_weights, scale_by_adam, scale_by_lr
+from holotx.optimizers._common import decay_or_nothing, maximize_first
+from holotx.transforms import scale_by_adam, scale_by_lr
 from holotx.transforms.scale import ScalarOrSchedule
 
 __all__ = ["adam", "adamw"]
@@ -31,7 +31,7 @@ def adam(
     _validate.non_negative("weight_decay", weight_decay)
     return chain(
         *maximize_first(maximize),
-        *([] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]),
+        *decay_or_nothing(weight_decay),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
         scale_by_lr(lr),
     )
@@ -58,6 +58,6 @@ def adamw(
     return chain(
         *maximize_first(maximize),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        *([] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]),
+        *decay_or_nothing(weight_decay),
         scale_by_lr(lr),
     )

@@ -61,9 +61,7 @@ def lars(
     _validate.scale_clip("scale_clip", scale_clip)  # checked in both modes, though Holocron ignores it
     _validate.non_negative("momentum", momentum)
     _validate.non_negative("weight_decay", weight_decay)
-    if nesterov and (is_zero(momentum) or (isinstance(dampening, (int, float)) and dampening != 0)):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
-                         f"got momentum={momentum!r}, dampening={dampening!r}")
+    _validate.nesterov(momentum, dampening, nesterov)
     ratio = scale_by_trust_ratio(
         trust_coefficient,
         None if holocron else (DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip),

@@ -6,8 +6,8 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import is_zero, maximize_first
-from holotx.transforms import add_decayed_weights, scale_by_lr, scale_by_radam
+from holotx.optimizers._common import decay_or_nothing, maximize_first
+from holotx.transforms import scale_by_lr, scale_by_radam
 from holotx.transforms.scale import ScalarOrSchedule
 
 __all__ = ["radam"]
@@ -29,7 +29,7 @@ def radam(
     """
     b1, b2 = _validate.betas("betas", betas)
     _validate.non_negative("weight_decay", weight_decay)
-    decay = [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+    decay = decay_or_nothing(weight_decay)
     return chain(
         *maximize_first(maximize),
         *([] if decoupled_weight_decay else decay),

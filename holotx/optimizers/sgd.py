@@ -6,8 +6,8 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import is_zero, maximize_first
-from holotx.transforms import add_decayed_weights, scale_by_lr, trace
+from holotx.optimizers._common import decay_or_nothing, is_zero, maximize_first
+from holotx.transforms import scale_by_lr, trace
 from holotx.transforms.scale import ScalarOrSchedule
 
 __all__ = ["sgd"]
@@ -34,13 +34,10 @@ def sgd(
     """
     _validate.non_negative("momentum", momentum)
     _validate.non_negative("weight_decay", weight_decay)
-    # Tensors (injected hyperparameters) are left to trace(), which cannot read them either.
-    if nesterov and (is_zero(momentum) or (isinstance(dampening, (int, float)) and dampening != 0)):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
-                         f"got momentum={momentum!r}, dampening={dampening!r}")
+    _validate.nesterov(momentum, dampening, nesterov)
     return chain(
         *maximize_first(maximize),
-        *([] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]),
+        *decay_or_nothing(weight_decay),
         *([] if is_zero(momentum) else [trace(momentum, dampening, nesterov=nesterov)]),
         scale_by_lr(lr),
     )

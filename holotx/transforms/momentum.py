@@ -39,9 +39,7 @@ def trace(
     """
     _validate.non_negative("momentum", momentum)
     _validate.in_unit_interval("dampening", dampening, include_one=True)
-    if nesterov and not isinstance(momentum, torch.Tensor) and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0, "
-                         f"got momentum={momentum!r}, dampening={dampening!r}")
+    _validate.nesterov(momentum, dampening, nesterov)
 
     # Without dampening the first buffer needs no special case (0 * m + g = g), so no
     # step count is kept.
