@@ -32,6 +32,7 @@ Scalar = Union[float, int, torch.Tensor]
 TensorList = list[torch.Tensor]
 
 __all__ = [
+    "accumulation_dtype",
     "add",
     "add_scalar",
     "addcdiv",
@@ -216,10 +217,17 @@ def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
     return [x.sqrt_() if inplace else x.sqrt() for x in xs]
 
 
+def _may_write_into(out: TensorList | None) -> bool:
+    """Whether an ``*_into`` op may write its result into ``out``: given, safe to
+    overwrite, and in eager mode (compiled, the compiler plans its own buffers, and a
+    write into an input would become an extra pass at the end of the graph)."""
+    return out is not None and not torch.compiler.is_compiling() and may_overwrite(out, True)
+
+
 def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorList:
     """``x - y``, written into ``out`` (buffers the caller may overwrite; ``out`` may be
     ``xs``) where that is safe in eager mode, else fresh (see :func:`sqrt_into`)."""
-    if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
+    if not _may_write_into(out):
         return add(xs, ys, alpha=-1)
     return [torch.sub(x, y, out=o) for x, y, o in zip(xs, ys, out)]
 
@@ -227,7 +235,7 @@ def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorLi
 def mul_into(xs: TensorList, s: Scalar | list[float] | TensorList, out: TensorList | None) -> TensorList:
     """``x * s`` (``s`` a scalar or one per tensor), written into ``out`` where that is
     safe in eager mode, else fresh (see :func:`sqrt_into`)."""
-    if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
+    if not _may_write_into(out):
         return mul(xs, s)
     ss = s if isinstance(s, list) else [s] * len(xs)
     return [torch.mul(x, y, out=o) for x, y, o in zip(xs, ss, out)]
@@ -236,10 +244,9 @@ def mul_into(xs: TensorList, s: Scalar | list[float] | TensorList, out: TensorLi
 def sqrt_into(xs: TensorList, out: TensorList) -> TensorList:
     """``sqrt(x)`` written into ``out`` (buffers the caller may overwrite, e.g. donated
     updates) where that is safe, else into fresh tensors: no scratch allocation, which on
-    a CPU also spares the page faults of a fresh buffer. Compiled, a fresh result: the
-    compiler plans its own buffers, and a write into an input would become an extra pass
-    at the end of the graph."""
-    if torch.compiler.is_compiling() or not may_overwrite(out, True):
+    a CPU also spares the page faults of a fresh buffer. Compiled, a fresh result (see
+    :func:`_may_write_into`)."""
+    if not _may_write_into(out):
         return sqrt(xs)
     return [torch.sqrt(x, out=o) for x, o in zip(xs, out)]
 
@@ -251,6 +258,12 @@ def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorL
         fn = torch._foreach_maximum_ if inplace else torch._foreach_maximum
         return _done(xs, fn(xs, ys), inplace)
     return [x.copy_(torch.maximum(x, y)) if inplace else torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to reduce tensors of ``dtype`` in: float32 for half types (their own
+    precision is too coarse for a sum of millions of values), else ``None`` (their own)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def norms(xs: TensorList, dtype: torch.dtype | None = None, ord: float = 2) -> TensorList:

@@ -95,8 +95,7 @@ def scale_by_tadam(
             deviation = ops.mul(deviation, deviation, inplace=True)
             deviation = ops.div_into(deviation, ops.add_scalar(nu, eps), inplace=True)
             dtype = scalar_dtype(t.device)
-            low_precision = g[0].dtype in (torch.float16, torch.bfloat16)
-            mahalanobis = torch.stack(ops.sums(deviation, torch.float32 if low_precision else None)).to(dtype)
+            mahalanobis = torch.stack(ops.sums(deviation, ops.accumulation_dtype(g[0].dtype))).to(dtype)
             numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
             nu_dof = numel if dof is None else dof
             # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the

@@ -21,11 +21,6 @@ class TrustRatioState(NamedTuple):
     """The state of the transform the ratio is applied after (``EmptyState()`` without one)."""
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """Norms of low-precision tensors accumulate in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-
-
 def trust_ratios(
     param_norms: torch.Tensor,
     update_norms: torch.Tensor,
@@ -101,7 +96,7 @@ def scale_by_trust_ratio(
         return TrustRatioState(EmptyState() if inner is None else inner.init(params))
 
     def ratios_kernel(u, p, keep):
-        dtype = _norm_dtype(u[0].dtype)
+        dtype = ops.accumulation_dtype(u[0].dtype)
         r = trust_ratios(torch.stack(ops.norms(p, dtype)), torch.stack(ops.norms(u, dtype)),
                          trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                          weight_decay=weight_decay)
@@ -114,7 +109,7 @@ def scale_by_trust_ratio(
         """Over aligned flat buffers: one ratio per tensor, returned per row as ``(rows, 1)``."""
         out = []
         for ui, pi, seg in zip(u, p, segments):
-            dtype = _norm_dtype(ui.dtype) or ui.dtype
+            dtype = ops.accumulation_dtype(ui.dtype) or ui.dtype
             r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
                              trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                              weight_decay=weight_decay)
