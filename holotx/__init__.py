@@ -80,6 +80,7 @@ from holotx.transforms import (
     set_to_zero,
     trace,
 )
+from holotx.wrappers import LookaheadState, ScoutState, lookahead, scout
 
 __version__ = "0.1.0"
 
@@ -88,6 +89,7 @@ __all__ = [
     "EmptyState",
     "GradientTransformation",
     "InjectHyperparamsState",
+    "LookaheadState",
     "MaskedState",
     "MultiStepsState",
     "Params",
@@ -98,6 +100,7 @@ __all__ = [
     "ScaleByBeliefState",
     "ScaleByScheduleState",
     "ScaleByTAdamState",
+    "ScoutState",
     "Schedule",
     "State",
     "TraceState",
@@ -126,6 +129,7 @@ __all__ = [
     "lamb",
     "lars",
     "linear_schedule",
+    "lookahead",
     "masked",
     "multi_steps",
     "named_chain",
@@ -147,6 +151,7 @@ __all__ = [
     "scale_by_tadam",
     "scale_by_trust_ratio",
     "schedules",
+    "scout",
     "set_to_zero",
     "sgd",
     "stateless",

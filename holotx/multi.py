@@ -28,6 +28,7 @@ def multi_tensor_update(
     state_names: Sequence[str] = (),
     needs_params: bool = False,
     count_states: int = 0,
+    own_dtype_states: Sequence[int] = (),
     leaf_values: Sequence[Sequence[Any]] = (),
 ) -> tuple[Any, list[Any | None]]:
     """Apply ``kernel(g, *state_lists, p, *value_lists) -> (u, *new_state_lists)`` to grouped leaves.
@@ -37,7 +38,9 @@ def multi_tensor_update(
     ``p`` is the matching list of params, or ``None`` when ``params`` is ``None``; with
     ``needs_params=True`` a missing ``params`` is an error. The first ``count_states``
     states hold one 0-d tensor per leaf (step counts): their structure and devices are
-    checked, not their shapes or dtypes. ``leaf_values`` are lists with one value per
+    checked, not their shapes or dtypes. The states whose indices are in
+    ``own_dtype_states`` may have a dtype of their own (statistics kept in float32 for
+    bfloat16 leaves); their shapes are checked. ``leaf_values`` are lists with one value per
     leaf of ``updates`` in flattening order (per-leaf scalars, flags): the kernel gets
     each as one more list argument after ``p``, sliced like the tensors. Returns the
     updates tree and the list of new state trees.
@@ -54,7 +57,8 @@ def multi_tensor_update(
             continue
         leaves = tree.leaves_matching(st, spec, name, "updates")
         per_leaf = k >= count_states
-        tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf, dtype=per_leaf)
+        tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf,
+                          dtype=per_leaf and k not in own_dtype_states)
         state_leaves.append(leaves)
     if params is None:
         if needs_params:

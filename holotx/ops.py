@@ -45,6 +45,7 @@ __all__ = [
     "lerp",
     "maximum",
     "may_overwrite",
+    "minimum",
     "mul",
     "mul_into",
     "norms",
@@ -258,6 +259,15 @@ def maximum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorL
         fn = torch._foreach_maximum_ if inplace else torch._foreach_maximum
         return _done(xs, fn(xs, ys), inplace)
     return [x.copy_(torch.maximum(x, y)) if inplace else torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+
+def minimum(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> TensorList:
+    """Elementwise ``min(x, y)`` (NaN propagates, as in ``torch.minimum``)."""
+    inplace = may_overwrite(xs, inplace)
+    if foreach_supported(xs):
+        fn = torch._foreach_minimum_ if inplace else torch._foreach_minimum
+        return _done(xs, fn(xs, ys), inplace)
+    return [x.copy_(torch.minimum(x, y)) if inplace else torch.minimum(x, y) for x, y in zip(xs, ys)]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:

@@ -1,0 +1,234 @@
+"""Scout: Lookahead whose sync rate adapts to how coherent the fast steps were."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from holotx import ops, tree
+from holotx.base import GradientTransformation, Params, init_counts
+from holotx.multi import multi_tensor_update
+from holotx.ops import Scalar
+from holotx.optimizers._common import holocron_mode
+from holotx.transforms.adam import per_leaf, scalar_dtype
+from holotx.wrappers.lookahead import (
+    _validate_sync,
+    check_inner,
+    host_decided,
+    run_inner,
+    slow_copy,
+    sync_flags,
+    synchronize,
+)
+
+__all__ = ["ScoutState", "coherence_rate", "scout"]
+
+
+class ScoutState(NamedTuple):
+    count: Any
+    """Fast steps taken by each leaf (see :class:`~holotx.LookaheadState`)."""
+    slow: Params
+    """The slow weights, in the params' dtypes."""
+    update_mean: Any
+    """Running mean of the leaf's per-step updates over the current window (Welford)."""
+    update_m2: Any
+    """Running sum of squared deviations of those updates from their mean (Welford)."""
+    update_min: Any
+    """Elementwise minimum of those updates (``+inf`` before the window's first step)."""
+    update_max: Any
+    """Elementwise maximum of those updates (``-inf`` before the window's first step)."""
+    inner_state: Any
+    """The wrapped transform's state, kept across synchronisations."""
+
+
+def scout(
+    inner: GradientTransformation,
+    sync_rate: Scalar = 0.5,
+    sync_period: int = 6,
+    *,
+    compat: str | None = None,
+) -> GradientTransformation:
+    r"""Holocron's Scout: :func:`~holotx.lookahead` whose sync rate is raised when the
+    fast steps of the window were incoherent.
+
+    Over a window of :math:`k` = ``sync_period`` fast steps (default 6), each element
+    of each tensor sees the updates :math:`u_1, \dots, u_k`. Its spread ratio is
+
+    .. math::
+        \rho = \frac{\operatorname{std}(u)}{\max_j |u_j - \bar u|}, \qquad
+        \operatorname{std}(u) = \sqrt{\tfrac{1}{k-1}\textstyle\sum_j (u_j - \bar u)^2},
+
+    :math:`c_t` is the mean of :math:`\rho` over tensor :math:`t`'s elements, :math:`C`
+    the unweighted mean of the :math:`c_t` over the tensors that synchronise, and the
+    synchronisation is Lookahead's with the rate
+
+    .. math:: \alpha = \max(1 - C,\ \text{sync\_rate}).
+
+    Since :math:`\rho \ge \sqrt{k}/(k-1)` whenever it is defined, :math:`\alpha \le 1 -
+    \sqrt{k}/(k-1)`: with the defaults the rate lies in :math:`[0.5, 0.51]`.
+
+    **Memory.** Holocron stacks the :math:`k + 1` snapshots of every tensor; this keeps
+    four running statistics per element instead (Welford's mean and sum of squared
+    deviations, the minimum and the maximum: ``max |u_j - ū| = max(max u - ū, ū - min
+    u)``), which give the same :math:`\rho` in :math:`O(1)` memory whatever :math:`k`.
+
+    **Where Holocron's formula is 0/0** (an element whose updates are all equal over
+    the window: a frozen or zero-gradient element, a constant step, and every element
+    when :math:`k = 1`), the element carries no information about coherence and is left
+    out of its tensor's mean; a tensor none of whose elements varied is left out of
+    :math:`C`; and when no tensor varied, :math:`C` is undefined and the rate is
+    ``sync_rate`` (so ``sync_period=1`` is Lookahead's). Wherever Holocron's rate is
+    defined, this one equals it. Holocron 0.3.0 instead gets NaN, and ``max(NaN, r)`` is
+    NaN, which skips the outer step and puts the params back on the slow weights: the
+    window's k steps are thrown away.
+
+    The per-step updates are the inner transform's (in float32 for half-precision
+    params). Over flat buffers (:mod:`holotx.flat`) pass the layout's ``segments`` as an
+    extra of ``update`` so that :math:`c_t` is taken per tensor; the zero padding
+    between tensors is constant, hence left out.
+
+    ``compat="holocron"`` reproduces pylocron 0.3.0's ``Scout``, NaN included: the
+    statistics are those of the realised param changes :math:`\theta_j - \theta_{j-1}`
+    in the params' dtype, any 0/0 makes the rate NaN, and a NaN rate synchronises
+    without an outer step. Everything else (per-leaf counts, ``None`` gradients,
+    ``sync_rate`` as a tensor) is as in :func:`~holotx.lookahead`.
+    """
+    holocron = holocron_mode(compat)
+    _validate_sync(sync_rate, sync_period)
+    check_inner("scout", inner)
+
+    def init(params):
+        def stats(fill):
+            def make(p):
+                dtype = p.dtype if holocron else ops.accumulation_dtype(p.dtype) or p.dtype
+                return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
+            return tree.map(make, params)
+        return ScoutState(init_counts(params), slow_copy(params), stats(0.0), stats(0.0),
+                          stats(math.inf), stats(-math.inf), inner.init(params))
+
+    def update(updates, state, params=None, *, donate=False, **extra):
+        fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, donate, extra)
+        leaves = tree.flatten(fast)[0]
+        segments = _check_segments(extra.get("segments"), len(leaves), holocron)
+        flags: list[Any] = [False] * len(leaves)
+        sums: list[Any] = [None] * len(leaves)
+
+        def kernel(u, count, mean, m2, low, high, p, index, segs):
+            count, t, ends = sync_flags(count, sync_period, donate=donate)
+            (weight,) = per_leaf(1.0 / ((t - 1) % sync_period + 1).to(mean[0].dtype))
+            if holocron:  # the realised change theta_j - theta_{j-1}
+                x = ops.add(ops.add(p, u), p, alpha=-1, inplace=True)
+            else:
+                x = [ui.to(mi.dtype) for ui, mi in zip(u, mean)]
+            mean, m2, low, high = _accumulate(x, mean, m2, low, high, weight, inplace=donate)
+            for j, i in enumerate(index):
+                flags[i] = ends[j]
+                if ends[j] is not False:  # traced: every leaf, the flag decides later
+                    sums[i] = _spread_ratio_sums(mean[j], m2[j], low[j], high[j], sync_period, holocron,
+                                                 segs[j])
+            return (u, count, *_fresh_window(ends, mean, m2, low, high, inplace=donate))
+
+        names = ("count", "update_mean", "update_m2", "update_min", "update_max")
+        _, (count, mean, m2, low, high) = multi_tensor_update(
+            kernel, fast, [getattr(state, n) for n in names], params,
+            state_names=[f"state.{n}" for n in names],
+            needs_params=True, count_states=1, own_dtype_states=(1, 2, 3, 4),
+            leaf_values=[list(range(len(leaves))), segments])
+        rate = coherence_rate(sums, flags, sync_rate, holocron=holocron, device=tree.first_device(params))
+        new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate)
+        return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
+    if segments is None:
+        return [None] * n
+    if holocron:
+        raise ValueError("scout(compat='holocron') cannot take flat-buffer segments: the padding between "
+                         "tensors would read as frozen elements, which are NaN in Holocron's formula")
+    if len(segments) != n:
+        raise ValueError(f"segments has {len(segments)} entries for {n} flat buffers: "
+                         "pass layout.segments() with the layout's buffers")
+    return list(segments)
+
+
+def _accumulate(x, mean, m2, low, high, weight, *, inplace):
+    """One more value into each element's window statistics (Welford's update, with
+    ``weight`` = 1/n for the n-th value of the window)."""
+    delta = ops.add(x, mean, alpha=-1)
+    mean = ops.lerp(mean, x, weight, inplace=inplace)
+    m2 = ops.addcmul(m2, delta, ops.add(x, mean, alpha=-1), inplace=inplace)
+    return mean, m2, ops.minimum(low, x, inplace=inplace), ops.maximum(high, x, inplace=inplace)
+
+
+def _fresh_window(ends, mean, m2, low, high, *, inplace):
+    """The statistics of the leaves whose window ends, reset for the next window."""
+    out = []
+    for stats, fill in ((mean, 0.0), (m2, 0.0), (low, math.inf), (high, -math.inf)):
+        if host_decided(ends):
+            if inplace and ops.may_overwrite(stats, True):
+                stats = [s.fill_(fill) if e else s for e, s in zip(ends, stats)]
+            else:
+                stats = [torch.full_like(s, fill) if e else s for e, s in zip(ends, stats)]
+        else:
+            stats = [torch.where(e, fill, s) for e, s in zip(ends, stats)]
+        out.append(stats)
+    return out
+
+
+def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
+    r"""For one tensor (or, with ``segments``, each tensor of a flat buffer), from its
+    window statistics: the sum of :math:`\rho` over the elements where it is defined and
+    their number (float64, so the mean is taken once all are known). In Holocron mode
+    the mean of :math:`\rho` over all elements, NaN for any 0/0, and ``None``."""
+    spread = torch.maximum(high - mean, mean - low)
+    if holocron:
+        # torch.std of one value is NaN (k = 1): so is m2 / 0 here
+        ratio = (m2 / (k - 1) if k > 1 else m2 * math.nan).sqrt() / spread
+        return ratio.mean().to(scalar_dtype(ratio.device)), None
+    varied = high > low
+    # Guarded so that the elements left out put no NaN into a gradient either.
+    ones = torch.ones_like(m2)
+    ratio = torch.where(varied, (torch.where(varied, m2, ones) / max(k - 1, 1)).sqrt()
+                        / torch.where(varied, spread, ones), 0.0)
+    dtype = scalar_dtype(ratio.device)
+    if segments is None:
+        return ratio.sum(dtype=dtype), varied.sum()
+    row_ids, count, width = segments.row_ids, segments.count, segments.width
+    sums = torch.zeros(count, dtype=dtype, device=ratio.device).index_add(
+        0, row_ids, ratio.reshape(-1, width).sum(1, dtype=dtype))
+    counts = torch.zeros(count, dtype=torch.int64, device=ratio.device).index_add(
+        0, row_ids, varied.reshape(-1, width).sum(1))
+    return sums, counts
+
+
+def coherence_rate(sums: list[Any], flags: list[Any], sync_rate: Scalar, *, holocron: bool,
+                   device: torch.device) -> Any:
+    r"""Scout's rate :math:`\max(1 - C, \text{sync\_rate})` from the per-tensor sums of
+    :func:`_spread_ratio_sums` of the leaves whose window ends (``flags``). A Python
+    float in plain eager mode on the CPU, else a 0-d tensor (no host sync). ``None``
+    when no leaf's window ends."""
+    taking_part = [i for i, s in enumerate(sums) if s is not None]
+    if not taking_part:
+        return None
+    dtype = scalar_dtype(device)
+    ends = torch.cat([torch.as_tensor(flags[i], device=device).expand(sums[i][0].numel())
+                      for i in taking_part])
+    ratio_sums = torch.cat([sums[i][0].reshape(-1).to(device) for i in taking_part])
+    floor = torch.as_tensor(sync_rate, dtype=dtype, device=device)
+    if holocron:
+        coherence = torch.where(ends, ratio_sums, 0.0).sum() / ends.sum()
+        rate = torch.maximum(1 - coherence, floor)
+    else:
+        counts = torch.cat([sums[i][1].reshape(-1).to(device) for i in taking_part])
+        defined = ends & (counts > 0)
+        per_tensor = ratio_sums / counts.clamp(min=1)
+        n = defined.sum()
+        coherence = torch.where(defined, per_tensor, 0.0).sum() / n.clamp(min=1)
+        rate = torch.where(n > 0, torch.maximum(1 - coherence, floor), floor)
+    if ops.host_scalars_ok([rate]):
+        return rate.item()
+    return rate
