@@ -78,6 +78,23 @@ INVALID_HYPERPARAMETERS: list[tuple[str, Callable[[], object], tuple[str, ...]]]
      lambda: holotx.named_chain(("decay", T.add_decayed_weights(0.1)), ("decay", T.scale(2.0))),
      ("names", "decay")),
     ("chain-not-a-transform", lambda: holotx.chain(T.scale(1.0), lambda g: g), ("chain",)),
+    # wrappers: Holocron's checks (sync_rate in [0, 1], sync_period a positive int), and more
+    *[(f"{w.__name__}-{name}", (lambda w=w, kw=kw: w(holotx.sgd(0.1), **kw)), (arg,))
+      for w in (holotx.lookahead, holotx.scout)
+      for name, kw, arg in [
+          ("sync_rate-negative", {"sync_rate": -0.1}, "sync_rate"),
+          ("sync_rate-above-one", {"sync_rate": 1.5}, "sync_rate"),
+          ("sync_rate-nan", {"sync_rate": math.nan}, "sync_rate"),
+          ("sync_rate-string", {"sync_rate": "0.5"}, "sync_rate"),
+          ("sync_period-zero", {"sync_period": 0}, "sync_period"),
+          ("sync_period-negative", {"sync_period": -6}, "sync_period"),
+          ("sync_period-float", {"sync_period": 6.0}, "sync_period"),
+          ("sync_period-bool", {"sync_period": True}, "sync_period"),
+          ("sync_period-tensor", {"sync_period": torch.tensor(6)}, "sync_period"),
+          ("compat-unknown", {"compat": "holocron-0.2"}, "compat"),
+      ]],
+    ("lookahead-not-a-transform", lambda: holotx.lookahead(lambda g: g), ("lookahead",)),
+    ("scout-not-a-transform", lambda: holotx.scout(holotx.sgd), ("scout",)),
     ("scale_by_schedule-not-callable", lambda: T.scale_by_schedule(3.0), ("schedule",)),
     # Holocron's eight: its constructors' checks, and more where a value would give nonsense
     ("lars-negative-lr", lambda: holotx.lars(lr=-1e-3), ("lr",)),
@@ -145,9 +162,13 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(make, words):
     lambda: holotx.tadam(dof=1e-6, betas=(1e-6, 0.0)),
     lambda: holotx.adan(lr=holotx.linear_schedule(1e-3, 0.0, 10), weight_decay=0.02),
     lambda: holotx.ademamix(t_alpha_beta3=1, alpha=0.0),
+    lambda: holotx.lookahead(holotx.sgd(0.1), sync_rate=0, sync_period=1),
+    lambda: holotx.scout(holotx.sgd(0.1), sync_rate=1, sync_period=1, compat="holocron"),
+    lambda: holotx.lookahead(holotx.sgd(0.1), sync_rate=torch.tensor(0.5)),
 ], ids=["sgd-edges", "sgd-nesterov", "adam-zeros", "adamw-betas-near-one", "radam-decoupled",
         "multi_steps-1", "apply_if_finite-0", "adamw-schedule", "lars-edges", "lamb-int-lr",
-        "tadam-small-dof", "adan-schedule-prox", "ademamix-edges"])
+        "tadam-small-dof", "adan-schedule-prox", "ademamix-edges", "lookahead-edges", "scout-edges",
+        "lookahead-tensor-rate"])
 def test_boundary_values_are_accepted(make):
     """The edges of each valid range are valid (lr = 0, betas = 0, dampening = 1, ...)."""
     assert isinstance(make(), holotx.GradientTransformation)
@@ -227,6 +248,8 @@ STATEFUL = {
     "tadam": lambda: holotx.tadam(1e-3),
     "adamp": lambda: holotx.adamp(1e-3),
     "adan": lambda: holotx.adan(1e-3),
+    "lookahead": lambda: holotx.lookahead(holotx.sgd(0.1, momentum=0.9)),
+    "scout": lambda: holotx.scout(holotx.adam(1e-3)),
 }
 
 

@@ -88,7 +88,12 @@ def params_map(updates, params):
 
 
 LR_SCHEDULE = holotx.linear_schedule(0.1, 0.02, 4)
-RADAM = {"steps": 7}  # rectification starts at step 6 (rho_t > 5): cover both branches
+RADAM = {"steps": 7}
+WRAPPED = {"needs_params": True, "steps": 7, "sync_updates": True}
+# Scout: one rate from all leaves, so float32 rounding reaches the float64 leaves; and the
+# window's sum of squared deviations cancels (Adam's updates barely vary over 3 steps),
+# which takes eager and fused float32 evaluations ~10 ulps of its scale apart.
+SCOUT = {**WRAPPED, "global_rtol": 1e-5}  # two syncs (k = 2 or 3), and a window left open
 
 CASES = [
     # ---- building blocks
@@ -193,6 +198,27 @@ CASES = [
     # intermediate updates to a nested chain.
     Case("chain_clip_sgd_momentum",
          lambda: holotx.chain(holotx.clip_by_global_norm(1.0), holotx.sgd(0.1, momentum=0.9))),
+    # ---- wrappers: periods short enough that every check runs across two syncs, and
+    # Scout's sync_rate low enough (k = 3: 1 - C <= 0.13) that its adaptive rate decides
+    Case("lookahead", lambda: holotx.lookahead(holotx.sgd(0.1, momentum=0.9), 0.5, 2), **WRAPPED),
+    Case("lookahead_chain_holocron", lambda: holotx.lookahead(holotx.chain(
+        holotx.clip_by_global_norm(1.0), holotx.adamw(1e-2, betas=(0.8, 0.95), weight_decay=0.1)),
+        sync_rate=0.8, sync_period=3, compat="holocron"), **WRAPPED),
+    Case("lookahead_of_scout", lambda: holotx.lookahead(
+        holotx.scout(holotx.sgd(0.1, momentum=0.5), 0.0, 2), 0.5, 2), **SCOUT),
+    Case("lookahead_masked", lambda: holotx.masked(
+        holotx.lookahead(holotx.adam(1e-2, betas=(0.8, 0.95)), 0.5, 2), MASK_TREE), **WRAPPED),
+    Case("lookahead_injected_rate", lambda: holotx.inject_hyperparams(
+        holotx.lookahead, static_args=("sync_period",))(holotx.sgd(0.1, momentum=0.9), sync_rate=0.5,
+                                                        sync_period=2), **WRAPPED),
+    Case("scout", lambda: holotx.scout(holotx.adamw(1e-2, betas=(0.8, 0.95), weight_decay=0.1), 0.0, 3),
+         **SCOUT, inductor=True),
+    Case("scout_period_1", lambda: holotx.scout(holotx.sgd(0.1, momentum=0.9), 0.3, 1), **SCOUT),
+    Case("scout_holocron", lambda: holotx.scout(holotx.sgd(0.1, momentum=0.9), 0.0, 3, compat="holocron"),
+         **SCOUT),
+    Case("scout_partition", lambda: holotx.partition(
+        {"adam": holotx.scout(holotx.adam(1e-2, betas=(0.8, 0.95)), 0.0, 3), "sgd": holotx.sgd(0.1),
+         "frozen": holotx.set_to_zero()}, LABELS_PREFIX), **SCOUT),
     Case("inject_adamw", lambda: holotx.inject_hyperparams(holotx.adamw)(lr=1e-2, weight_decay=0.1),
          needs_params=True),
     Case("inject_adamw_schedule", lambda: holotx.inject_hyperparams(holotx.adamw)(lr=LR_SCHEDULE),
