@@ -124,10 +124,10 @@ def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tenso
     (written into ``slow`` with ``inplace``)."""
     diff = ops.add(ops.add(p, u), slow, alpha=-1, inplace=True)  # theta_k - phi, in a fresh buffer
     if isinstance(rate, torch.Tensor):
-        step = ops.mul(diff, rate.to(diff[0].dtype), inplace=True)
-        new_slow = [torch.where(rate > 0, s + d, s) for s, d in zip(slow, step)]
-        if inplace and ops.may_overwrite(slow, True):
-            new_slow = ops.copy(slow, new_slow)
+        # A rate that is not > 0 (NaN included) becomes 0 before it multiplies: the same
+        # slow weights, and no NaN in a gradient.
+        rate = torch.where(rate > 0, rate, 0.0).to(diff[0].dtype)
+        new_slow = ops.add(slow, ops.mul(diff, rate), inplace=inplace)
     elif rate > 0:
         new_slow = ops.add(slow, diff, alpha=rate, inplace=inplace)
     else:

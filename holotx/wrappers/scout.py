@@ -66,8 +66,10 @@ def scout(
 
     .. math:: \alpha = \max(1 - C,\ \text{sync\_rate}).
 
-    Since :math:`\rho \ge \sqrt{k}/(k-1)` whenever it is defined, :math:`\alpha \le 1 -
-    \sqrt{k}/(k-1)`: with the defaults the rate lies in :math:`[0.5, 0.51]`.
+    Since :math:`\rho \ge \sqrt{k}/(k-1)` whenever it is defined (equality for one
+    outlying step), :math:`\alpha \le \max(\text{sync\_rate}, 1 - \sqrt{k}/(k-1))`: with the
+    defaults the rate lies in :math:`[0.5, 0.51]`, and for :math:`k = 2`, where
+    :math:`\rho = \sqrt 2` always, it is ``sync_rate``.
 
     **Memory.** Holocron stacks the :math:`k + 1` snapshots of every tensor; this keeps
     four running statistics per element instead (Welford's mean and sum of squared
@@ -229,6 +231,8 @@ def coherence_rate(sums: list[Any], flags: list[Any], sync_rate: Scalar, *, holo
         n = defined.sum()
         coherence = torch.where(defined, per_tensor, 0.0).sum() / n.clamp(min=1)
         rate = torch.where(n > 0, torch.maximum(1 - coherence, floor), floor)
+    if holocron:
+        rate = rate.detach()  # Holocron's rate is a Python float: no gradient flows through it
     if ops.host_scalars_ok([rate]):
         return rate.item()
     return rate
