@@ -85,7 +85,7 @@ class Case:
     * ``nondiff``: a reason string; :func:`check_grad` is skipped with it. Only for a
       transform that is genuinely non-differentiable.
     * ``sync_updates``: at some steps the updates are a difference of param-sized values
-      (a wrapper putting the params back on its slow weights: :math:`\phi - \theta`). One
+      (a wrapper putting the params back on its slow weights: ``phi - theta``). One
       rounding of a param is then a large relative change of a small update, so
       :func:`check_compile` compares eager and compiled where the updates land,
       ``params + updates``, relative to the params.
