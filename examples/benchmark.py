@@ -2,6 +2,7 @@
 
     python examples/benchmark.py                       # AdamW, SGD, RAdam; both parameter sets
     python examples/benchmark.py --optimizers holocron --sets resnet50   # Holocron's eight
+    python examples/benchmark.py --optimizers wrappers --sets resnet50   # Lookahead, Scout
     python examples/benchmark.py --threads 1 --sets resnet50 --optimizers adamw lamb
 
 For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M values;
@@ -105,16 +106,25 @@ def _holocron(name: str, **kwargs: Any) -> Callable[..., torch.optim.Optimizer] 
     return lambda ps: getattr(optim, name)(ps, **kwargs)
 
 
+def _holocron_wrapper(name: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """Holocron's ``name`` wrapper (default sync rate and period) around torch's AdamW."""
+    optim = holocron_optim()
+    if optim is None:
+        return None
+    return lambda ps: getattr(optim, name)(torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2))
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
     holotx: Callable[[], holotx.GradientTransformation]
     torch: Callable[..., torch.optim.Optimizer] | None
     torch_variants: tuple[str, ...]
-    bytes_per_param: int
+    bytes_per_param: float
     """float32 bytes moved per parameter by the fewest passes the rule allows: one pass for
     an elementwise rule; for a per-tensor reduction (a norm) before the update, a first
-    pass that updates the moments and reduces, and a second that reads them again."""
+    pass that updates the moments and reduces, and a second that reads them again. For a
+    rule that does more every ``period`` steps, the mean over a period."""
     holocron: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
     """Holocron's own class for the same algorithm, if any (built lazily: pylocron is optional)."""
     per_tensor: bool = False
@@ -122,8 +132,11 @@ class Algorithm:
     buffer as if it were a single tensor. Its fastest path is compiled over the list, or
     over an aligned flat buffer with segments where the rule supports them."""
     segments: bool = False
-    """The per-tensor reductions are trust ratios, which run on an aligned flat buffer
-    given ``segments=`` (:meth:`holotx.flat.FlatLayout.segments`)."""
+    """The per-tensor reductions (trust ratios, Scout's coherence) run on an aligned flat
+    buffer given ``segments=`` (:meth:`holotx.flat.FlatLayout.segments`)."""
+    period: int = 1
+    """Steps after which the rule repeats (a wrapper's sync period): time is the mean over
+    whole periods, so a synchronising step counts as often as it happens."""
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -156,6 +169,17 @@ ALGORITHMS: dict[str, Algorithm] = {
                       lambda: _holocron("Adan", lr=1e-3)),
     "ademamix": Algorithm("AdEMAMix", lambda: holotx.ademamix(1e-3), None, (), 36,
                           lambda: _holocron("AdEMAMix", lr=1e-3)),
+    # The wrappers around AdamW, default sync rate 0.5 and period 6. Lookahead adds a read
+    # and a write of the slow weights at every 6th step: 28 + 8/6 B. Scout also reads and
+    # writes four running statistics every step (+32 B), and its sync step needs a second
+    # pass (read and write the params and slow weights, +16 B) once the rate, a reduction
+    # over all tensors, is known: (5 * 60 + 76) / 6 B.
+    "lookahead_adamw": Algorithm("Lookahead(AdamW)",
+                                 lambda: holotx.lookahead(holotx.adamw(1e-3, weight_decay=1e-2)), None, (),
+                                 28 + 8 / 6, lambda: _holocron_wrapper("Lookahead"), period=6),
+    "scout_adamw": Algorithm("Scout(AdamW)", lambda: holotx.scout(holotx.adamw(1e-3, weight_decay=1e-2)),
+                             None, (), (5 * 60 + 76) / 6, lambda: _holocron_wrapper("Scout"),
+                             per_tensor=True, segments=True, period=6),
 }
 
 SEGMENT_ROW = 256
@@ -163,6 +187,7 @@ SEGMENT_ROW = 256
 memory on the ResNet-50 set) so that per-tensor norms are sums over rows."""
 
 HOLOCRON_EIGHT = ["lars", "lamb", "ralars", "tadam", "adabelief", "adamp", "adan", "ademamix"]
+WRAPPERS = ["lookahead_adamw", "scout_adamw"]
 
 TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -242,19 +267,21 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
     raise ValueError(path)
 
 
-def median_ms(step: Callable[[], object], steps: int, warmup: int) -> float:
-    for _ in range(warmup):
+def median_ms(step: Callable[[], object], steps: int, warmup: int, period: int = 1) -> float:
+    """The median over ``steps`` timings of the mean time per step over ``period`` steps."""
+    for _ in range(warmup * period):
         step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for _ in range(period):
+            step()
+        times.append((time.perf_counter() - t0) / period)
     return statistics.median(times) * 1e3
 
 
 def measure(steps_by_label: dict[str, Callable[[], object]], steps: int, warmup: int,
-            rounds: int) -> dict[str, tuple[float, float]]:
+            rounds: int, period: int = 1) -> dict[str, tuple[float, float]]:
     """{label: (first-call seconds, best over rounds of the median ms per step)}.
 
     Rounds interleave the implementations, so a slow spell of the machine does not land
@@ -268,7 +295,7 @@ def measure(steps_by_label: dict[str, Callable[[], object]], steps: int, warmup:
     best = dict.fromkeys(steps_by_label, float("inf"))
     for _ in range(rounds):
         for label, step in steps_by_label.items():
-            best[label] = min(best[label], median_ms(step, steps, warmup))
+            best[label] = min(best[label], median_ms(step, steps, warmup, period))
     return {label: (first[label], best[label]) for label in steps_by_label}
 
 
@@ -277,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd", "radam"],
-                        choices=[*ALGORITHMS, "holocron"], help="'holocron': Holocron's eight")
+                        choices=[*ALGORITHMS, "holocron", "wrappers"],
+                        help="'holocron': Holocron's eight; 'wrappers': Lookahead and Scout around AdamW")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best median counts")
@@ -285,9 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
-    if "holocron" in args.optimizers:
-        i = args.optimizers.index("holocron")
-        args.optimizers[i:i + 1] = HOLOCRON_EIGHT
+    for group, members in (("holocron", HOLOCRON_EIGHT), ("wrappers", WRAPPERS)):
+        if group in args.optimizers:
+            i = args.optimizers.index(group)
+            args.optimizers[i:i + 1] = members
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -308,7 +337,7 @@ def run(args: argparse.Namespace) -> None:
         bandwidth = measure_bandwidth(numel)
         print(f"\n{set_name}: {len(shapes)} float32 tensors, {numel / 1e6:.2f} M values; "
               f"measured bandwidth {bandwidth / 1e9:.1f} GB/s")
-        header = (f"{'optimizer':<13} {'implementation':<31} {'ms/step':>8} {'x ref':>8} "
+        header = (f"{'optimizer':<16} {'implementation':<31} {'ms/step':>8} {'x ref':>8} "
                   f"{'x floor':>8}  first step")
         print(header)
         print("-" * len(header))
@@ -323,7 +352,7 @@ def run(args: argparse.Namespace) -> None:
                        "list compiled" if algo.per_tensor else "flat compiled")
             for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):
                 steps_by_label[f"holotx {path}"] = holotx_step(algo, path, shapes)
-            results = measure(steps_by_label, args.steps, args.warmup, args.rounds)
+            results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)
             del steps_by_label
             rows = [(label, ms, first) for label, (first, ms) in results.items()]
             fused = next((ms for label, ms, _ in rows if label == "torch fused"), None)
@@ -331,9 +360,9 @@ def run(args: argparse.Namespace) -> None:
             for label, ms, first in rows:
                 vs_fused = f"{ms / reference:7.2f}x" if reference else f"{'-':>8}"
                 first_s = f"[{first:.2f} s]" if "compiled" in label else ""
-                print(f"{algo.name:<13} {label:<31} {ms:8.2f} {vs_fused} {ms / floor_ms:7.2f}x  {first_s}")
-            print(f"{algo.name:<13} {'memory floor':<31} {floor_ms:8.2f}          "
-                  f"({algo.bytes_per_param} B/param)")
+                print(f"{algo.name:<16} {label:<31} {ms:8.2f} {vs_fused} {ms / floor_ms:7.2f}x  {first_s}")
+            print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.2f}          "
+                  f"({algo.bytes_per_param:.3g} B/param)")
 
 
 if __name__ == "__main__":
