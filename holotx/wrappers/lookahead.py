@@ -116,23 +116,32 @@ def select(flags: Sequence[Any], new: list[torch.Tensor], old: list[torch.Tensor
     return [torch.where(f, n, o) for f, n, o in zip(flags, new, old)]
 
 
+def write_back(buffers: list[torch.Tensor], values: list[torch.Tensor], *,
+               inplace: bool) -> list[torch.Tensor]:
+    """``values``, written into ``buffers`` when they may be overwritten (donated state)."""
+    if inplace and ops.may_overwrite(buffers, True):
+        return ops.copy(buffers, values)
+    return values
+
+
 def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tensor], rate: Any, *,
             inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    r"""For leaves that end their window: the update :math:`\phi_{new} - \theta` with
-    :math:`\phi_{new} = \phi + \alpha(\theta + u - \phi)` (no outer step unless
-    :math:`\alpha > 0`, so a NaN rate leaves :math:`\phi`), and :math:`\phi_{new}`
-    (written into ``slow`` with ``inplace``)."""
-    diff = ops.add(ops.add(p, u), slow, alpha=-1, inplace=True)  # theta_k - phi, in a fresh buffer
+    r"""For leaves that end their window: :math:`\phi_{new} = \phi + \alpha(\theta_k -
+    \phi)` (as ``lerp``) with the fast weights :math:`\theta_k = \theta + u`, no outer
+    step unless :math:`\alpha > 0` (a NaN rate leaves :math:`\phi`), and the update
+    :math:`\phi_{new} - \theta`. With ``inplace`` (donated state and updates) all of it
+    is written into ``u`` and ``slow``: three passes, no allocation."""
+    fast = ops.add(u, p, inplace=inplace)
     if isinstance(rate, torch.Tensor):
-        # A rate that is not > 0 (NaN included) becomes 0 before it multiplies: the same
-        # slow weights, and no NaN in a gradient.
-        rate = torch.where(rate > 0, rate, 0.0).to(diff[0].dtype)
-        new_slow = ops.add(slow, ops.mul(diff, rate), inplace=inplace)
+        # A rate that is not > 0 (NaN included) becomes 0 before it weighs anything: the
+        # same slow weights, and no NaN in a gradient.
+        rate = torch.where(rate > 0, rate, 0.0).to(fast[0].dtype)
+        new_slow = ops.lerp(slow, fast, rate, inplace=inplace)
     elif rate > 0:
-        new_slow = ops.add(slow, diff, alpha=rate, inplace=inplace)
+        new_slow = ops.lerp(slow, fast, float(rate), inplace=inplace)
     else:
         new_slow = slow
-    return ops.sub_into(new_slow, p, out=diff), new_slow
+    return ops.sub_into(new_slow, p, out=fast), new_slow
 
 
 def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: Any, *,
@@ -154,9 +163,10 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
                 u[i], s[i] = out[j], new[j]
             return u, s
         # Traced (compile, functorch) or on an accelerator: every leaf computes both, and
-        # torch.where keeps one, with no host sync.
+        # torch.where keeps one, with no host sync. Donated, the result goes back into the
+        # slow weights' buffers: compiled, into the same loop, with no fresh buffer.
         out, new = _synced(u, s, p, rate, inplace=False)
-        return select(f, out, u), select(f, new, s)
+        return select(f, out, u), write_back(s, select(f, new, s), inplace=donate)
 
     new_u, (new_slow,) = multi_tensor_update(kernel, updates, (slow,), params, state_names=("state.slow",),
                                              needs_params=True, leaf_values=[flags])

@@ -21,6 +21,7 @@ from holotx.wrappers.lookahead import (
     slow_copy,
     sync_flags,
     synchronize,
+    write_back,
 )
 
 __all__ = ["ScoutState", "coherence_rate", "scout"]
@@ -176,7 +177,7 @@ def _fresh_window(ends, mean, m2, low, high, *, inplace):
             else:
                 stats = [torch.full_like(s, fill) if e else s for e, s in zip(ends, stats)]
         else:
-            stats = [torch.where(e, fill, s) for e, s in zip(ends, stats)]
+            stats = write_back(stats, [torch.where(e, fill, s) for e, s in zip(ends, stats)], inplace=inplace)
         out.append(stats)
     return out
 
