@@ -105,6 +105,9 @@ def optimizers(steps: int) -> dict[str, Callable[[], holotx.GradientTransformati
         "adamp": lambda: holotx.adamp(lr=1e-2, weight_decay=1e-4, decoupled_weight_decay=True),
         "adan": lambda: holotx.adan(lr=1e-2, weight_decay=1e-4),
         "ademamix": lambda: holotx.ademamix(lr=5e-3, t_alpha_beta3=max(1, steps // 2)),
+        # Holocron's wrappers, around AdamW.
+        "lookahead(adamw)": lambda: holotx.lookahead(holotx.adamw(lr=2e-2, weight_decay=1e-4)),
+        "scout(adamw)": lambda: holotx.scout(holotx.adamw(lr=2e-2, weight_decay=1e-4)),
     }
 
 
