@@ -184,13 +184,17 @@ def lerp(xs: TensorList, ys: TensorList, weight: Scalar | list[float] | TensorLi
     return [x.lerp_(y, w) if inplace else torch.lerp(x, y, w) for x, y, w in zip(xs, ys, ws)]
 
 
-def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
+def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar | list[Scalar] = 1, *,
             inplace: bool = False) -> TensorList:
-    """``x + value * a * b``."""
+    """``x + value * a * b``; ``value`` a scalar, or one per tensor (Python numbers or 0-d
+    tensors)."""
     inplace = may_overwrite(xs, inplace)
-    if foreach_supported(xs) and _scalar_ok(value):
+    per_tensor = isinstance(value, list)
+    if foreach_supported(xs) and (_scalar_ok(value) or (per_tensor and all(map(_scalar_ok, value)))):
         fn = torch._foreach_addcmul_ if inplace else torch._foreach_addcmul
         return _done(xs, fn(xs, a, b, value), inplace)
+    if per_tensor:
+        return [x.add_(p * q * v) if inplace else x + p * q * v for x, p, q, v in zip(xs, a, b, value)]
     if _is_tensor(value):
         return [x.add_(p * q * value) if inplace else x + p * q * value for x, p, q in zip(xs, a, b)]
     return [x.addcmul_(p, q, value=value) if inplace else torch.addcmul(x, p, q, value=value)
