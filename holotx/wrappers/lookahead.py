@@ -135,7 +135,7 @@ def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tenso
     if isinstance(rate, torch.Tensor):
         # A rate that is not > 0 (NaN included) becomes 0 before it weighs anything: the
         # same slow weights, and no NaN in a gradient.
-        rate = torch.where(rate > 0, rate, 0.0).to(fast[0].dtype)
+        rate = torch.where(rate > 0, rate, 0.0).to(device=fast[0].device, dtype=fast[0].dtype)
         new_slow = ops.lerp(slow, fast, rate, inplace=inplace)
     elif rate > 0:
         new_slow = ops.lerp(slow, fast, float(rate), inplace=inplace)
