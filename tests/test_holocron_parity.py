@@ -82,13 +82,11 @@ gives). The worst relative error met per optimizer is printed at the end of the 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
+import pylocron
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,24 +94,7 @@ import torch.nn.functional as F
 import holotx
 from holotx.tree import find_states
 
-
-def _import_pylocron_optim() -> types.ModuleType:
-    """``holocron.optim`` without running ``holocron/__init__.py`` (which imports torchvision)."""
-    if "holocron.optim" in sys.modules:
-        return sys.modules["holocron.optim"]
-    spec = importlib.util.find_spec("holocron")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("pylocron 0.3.0 is not installed", allow_module_level=True)
-    if "holocron" not in sys.modules:
-        pkg = types.ModuleType("holocron")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["holocron"] = pkg
-    import holocron.optim
-
-    return holocron.optim
-
-
-hoptim = _import_pylocron_optim()
+hoptim = pylocron.import_optim()
 
 STEPS = 50
 GRAD_SCALES = (1e-3, 1.0, 1e3)

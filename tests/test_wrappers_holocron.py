@@ -57,37 +57,18 @@ The worst ratio met per dtype and kind of run is printed at the end of the modul
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
+import pylocron
 import pytest
 import torch
 
 import holotx
 from holotx.tree import find_states
 
-
-def _import_pylocron_optim() -> types.ModuleType:
-    """``holocron.optim`` without running ``holocron/__init__.py`` (which imports torchvision)."""
-    if "holocron.optim" in sys.modules:
-        return sys.modules["holocron.optim"]
-    spec = importlib.util.find_spec("holocron")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("pylocron 0.3.0 is not installed", allow_module_level=True)
-    if "holocron" not in sys.modules:
-        pkg = types.ModuleType("holocron")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["holocron"] = pkg
-    import holocron.optim
-
-    return holocron.optim
-
-
-hoptim = _import_pylocron_optim()
+hoptim = pylocron.import_optim()
 
 # pylocron's Scout takes torch.std over k = 1 snapshot differences: NaN, with a warning.
 pytestmark = pytest.mark.filterwarnings("ignore:std\\(\\). degrees of freedom:UserWarning")
