@@ -9,7 +9,7 @@ and put the trees back together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from holotx import tree
@@ -28,7 +28,8 @@ def multi_tensor_update(
     state_names: Sequence[str] = (),
     needs_params: bool = False,
     count_states: int = 0,
-    own_dtype_states: Sequence[int] = (),
+    host_counts: bool = False,
+    state_dtypes: Mapping[int, Callable[[Any], Any]] | None = None,
     leaf_values: Sequence[Sequence[Any]] = (),
 ) -> tuple[Any, list[Any | None]]:
     """Apply ``kernel(g, *state_lists, p, *value_lists) -> (u, *new_state_lists)`` to grouped leaves.
@@ -38,9 +39,10 @@ def multi_tensor_update(
     ``p`` is the matching list of params, or ``None`` when ``params`` is ``None``; with
     ``needs_params=True`` a missing ``params`` is an error. The first ``count_states``
     states hold one 0-d tensor per leaf (step counts): their structure and devices are
-    checked, not their shapes or dtypes. The states whose indices are in
-    ``own_dtype_states`` may have a dtype of their own (statistics kept in float32 for
-    bfloat16 leaves); their shapes are checked. ``leaf_values`` are lists with one value per
+    checked, not their shapes or dtypes (nor their devices with ``host_counts``: counts
+    kept on the CPU whatever the leaves' device). ``state_dtypes`` maps the index of a state
+    whose dtype is not the updates' (statistics kept in float32 for bfloat16 leaves) to a
+    function giving its dtype from the update's. ``leaf_values`` are lists with one value per
     leaf of ``updates`` in flattening order (per-leaf scalars, flags): the kernel gets
     each as one more list argument after ``p``, sliced like the tensors. Returns the
     updates tree and the list of new state trees.
@@ -57,8 +59,14 @@ def multi_tensor_update(
             continue
         leaves = tree.leaves_matching(st, spec, name, "updates")
         per_leaf = k >= count_states
+        dtype_of = (state_dtypes or {}).get(k)
         tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf,
-                          dtype=per_leaf and k not in own_dtype_states)
+                          dtype=per_leaf and dtype_of is None, device=per_leaf or not host_counts)
+        if dtype_of is not None:
+            for i, (g, x) in enumerate(zip(g_leaves, leaves)):
+                if g is not None and x is not None and x.dtype != dtype_of(g.dtype):
+                    raise ValueError(f"{name} at {tree.path_strings(spec)[i]} has dtype {x.dtype}, "
+                                     f"expected {dtype_of(g.dtype)} for updates of {g.dtype}")
         state_leaves.append(leaves)
     if params is None:
         if needs_params:

@@ -222,17 +222,21 @@ def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
     return [x.sqrt_() if inplace else x.sqrt() for x in xs]
 
 
-def _may_write_into(out: TensorList | None) -> bool:
+def _may_write_into(out: TensorList | None, *inputs: Sequence[object]) -> bool:
     """Whether an ``*_into`` op may write its result into ``out``: given, safe to
-    overwrite, and in eager mode (compiled, the compiler plans its own buffers, and a
-    write into an input would become an extra pass at the end of the graph)."""
-    return out is not None and not torch.compiler.is_compiling() and may_overwrite(out, True)
+    overwrite, in eager mode (compiled, the compiler plans its own buffers, and a write
+    into an input would become an extra pass at the end of the graph), and not recorded
+    by autograd (an ``out=`` op has no derivative)."""
+    if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
+        return False
+    return not (torch.is_grad_enabled()
+                and any(isinstance(x, torch.Tensor) and x.requires_grad for xs in inputs for x in xs))
 
 
 def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorList:
     """``x - y``, written into ``out`` (buffers the caller may overwrite; ``out`` may be
     ``xs``) where that is safe in eager mode, else fresh (see :func:`sqrt_into`)."""
-    if not _may_write_into(out):
+    if not _may_write_into(out, xs, ys):
         return add(xs, ys, alpha=-1)
     return [torch.sub(x, y, out=o) for x, y, o in zip(xs, ys, out)]
 
@@ -240,7 +244,7 @@ def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorLi
 def mul_into(xs: TensorList, s: Scalar | list[float] | TensorList, out: TensorList | None) -> TensorList:
     """``x * s`` (``s`` a scalar or one per tensor), written into ``out`` where that is
     safe in eager mode, else fresh (see :func:`sqrt_into`)."""
-    if not _may_write_into(out):
+    if not _may_write_into(out, xs, s if isinstance(s, list) else [s]):
         return mul(xs, s)
     ss = s if isinstance(s, list) else [s] * len(xs)
     return [torch.mul(x, y, out=o) for x, y, o in zip(xs, ss, out)]
@@ -251,7 +255,7 @@ def sqrt_into(xs: TensorList, out: TensorList) -> TensorList:
     updates) where that is safe, else into fresh tensors: no scratch allocation, which on
     a CPU also spares the page faults of a fresh buffer. Compiled, a fresh result (see
     :func:`_may_write_into`)."""
-    if not _may_write_into(out):
+    if not _may_write_into(out, xs):
         return sqrt(xs)
     return [torch.sqrt(x, out=o) for x, o in zip(xs, out)]
 

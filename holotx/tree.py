@@ -154,17 +154,18 @@ def check_leaves(
     *,
     dtype: bool = True,
     shape: bool = True,
+    device: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the first path whose leaves differ in shape (with
-    ``shape=True``), device or dtype (with ``dtype=True``). ``None`` on either side is not
-    compared."""
+    ``shape=True``), device (with ``device=True``) or dtype (with ``dtype=True``). ``None``
+    on either side is not compared."""
     for i, (a, b) in enumerate(zip(ref, other)):
         if a is None or b is None:
             continue
         what = None
         if shape and a.shape != b.shape:
             what = f"shape {tuple(b.shape)} where {ref_name} has {tuple(a.shape)}"
-        elif a.device != b.device:
+        elif device and a.device != b.device:
             what = f"device {b.device} where {ref_name} has {a.device}"
         elif dtype and a.dtype != b.dtype:
             what = f"dtype {b.dtype} where {ref_name} has {a.dtype}"

@@ -89,6 +89,10 @@ class Case:
       rounding of a param is then a large relative change of a small update, so
       :func:`check_compile` compares eager and compiled where the updates land,
       ``params + updates``, relative to the params.
+    * ``none_is_zero_step``: a ``None`` gradient counts as a step that does not move the
+      leaf (Holocron's wrappers, reproduced by ``compat="holocron"``): its update is a
+      tensor, zero away from a sync, and its count advances, so
+      :func:`check_none_gradients` checks that update instead of an untouched state.
     * ``global_rtol``: the compile check's tolerance for every dtype, for a transform that
       computes one quantity from all leaves (Scout's sync rate): on the mixed-dtype tree a
       float64 leaf then inherits the rounding of the float32 leaves, which inductor fuses
@@ -104,6 +108,7 @@ class Case:
     steps: int = 3
     nondiff: str | None = None
     sync_updates: bool = False
+    none_is_zero_step: bool = False
     global_rtol: float | None = None
     inductor: bool = False
 
@@ -461,6 +466,9 @@ def check_none_gradients(case: Case) -> None:
     for i, path in enumerate(paths(params)):
         where = f"with grads None at {_path_str(path)}"
         updates, new_state = tx.update(with_leaf(grads, i, None), state, params)
+        if case.none_is_zero_step and flat(params)[i] is not None:
+            assert torch.equal(flat(updates)[i], torch.zeros_like(flat(params)[i])), f"{where}: not zero"
+            continue
         assert structure(updates) == structure(with_leaf(grads, i, None)), f"{where}: updates structure"
         assert flat(updates)[i] is None, f"{where}: the update there is {flat(updates)[i]!r}, not None"
         old = _leaf_state(state, path)

@@ -86,6 +86,7 @@ INVALID_HYPERPARAMETERS: list[tuple[str, Callable[[], object], tuple[str, ...]]]
           ("sync_rate-above-one", {"sync_rate": 1.5}, "sync_rate"),
           ("sync_rate-nan", {"sync_rate": math.nan}, "sync_rate"),
           ("sync_rate-string", {"sync_rate": "0.5"}, "sync_rate"),
+          ("sync_rate-schedule", {"sync_rate": holotx.linear_schedule(0.5, 1.0, 10)}, "sync_rate"),
           ("sync_period-zero", {"sync_period": 0}, "sync_period"),
           ("sync_period-negative", {"sync_period": -6}, "sync_period"),
           ("sync_period-float", {"sync_period": 6.0}, "sync_period"),

@@ -203,7 +203,7 @@ CASES = [
     Case("lookahead", lambda: holotx.lookahead(holotx.sgd(0.1, momentum=0.9), 0.5, 2), **WRAPPED),
     Case("lookahead_chain_holocron", lambda: holotx.lookahead(holotx.chain(
         holotx.clip_by_global_norm(1.0), holotx.adamw(1e-2, betas=(0.8, 0.95), weight_decay=0.1)),
-        sync_rate=0.8, sync_period=3, compat="holocron"), **WRAPPED),
+        sync_rate=0.8, sync_period=3, compat="holocron"), **WRAPPED, none_is_zero_step=True),
     Case("lookahead_of_scout", lambda: holotx.lookahead(
         holotx.scout(holotx.sgd(0.1, momentum=0.5), 0.0, 2), 0.5, 2), **SCOUT),
     Case("lookahead_masked", lambda: holotx.masked(
@@ -215,7 +215,7 @@ CASES = [
          **SCOUT, inductor=True),
     Case("scout_period_1", lambda: holotx.scout(holotx.sgd(0.1, momentum=0.9), 0.3, 1), **SCOUT),
     Case("scout_holocron", lambda: holotx.scout(holotx.sgd(0.1, momentum=0.9), 0.0, 3, compat="holocron"),
-         **SCOUT),
+         **SCOUT, none_is_zero_step=True),
     Case("scout_partition", lambda: holotx.partition(
         {"adam": holotx.scout(holotx.adam(1e-2, betas=(0.8, 0.95)), 0.0, 3), "sgd": holotx.sgd(0.1),
          "frozen": holotx.set_to_zero()}, LABELS_PREFIX), **SCOUT),

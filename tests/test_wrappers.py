@@ -288,3 +288,66 @@ def test_update_without_params_is_an_error():
     state = tx.init(make_params())
     with pytest.raises(ValueError, match="scout needs params"):
         tx.update(make_params(), state)
+
+
+@pytest.mark.parametrize("wrapper", [holotx.lookahead, holotx.scout])
+def test_meta_gradient_of_a_tensor_sync_rate_under_autograd(wrapper):
+    """A ``sync_rate`` that requires grad, params and grads that do not: plain autograd
+    differentiates the final loss through two syncs, and agrees with central differences."""
+
+    def final_loss(rate):
+        tx = wrapper(holotx.sgd(0.1, momentum=0.9), rate, 3)
+        params = make_params()
+        state = tx.init(params)
+        for step in range(7):
+            updates, state = tx.update(grads_for(params, step), state, params)
+            params = holotx.apply_updates(params, updates)
+        return sum((p ** 2).sum() for p in holotx.tree.flatten(params)[0])
+
+    rate = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(final_loss(rate), rate)
+    h = 1e-6
+    with torch.no_grad():
+        up, down = final_loss(torch.tensor(0.3 + h, dtype=F64)), final_loss(torch.tensor(0.3 - h, dtype=F64))
+    fd = (up - down) / (2 * h)
+    assert abs(grad.item() - fd.item()) <= 1e-6 * max(1.0, abs(fd.item()))
+
+
+def test_counts_live_on_the_host_and_statistics_dtypes_are_checked():
+    """Counts are CPU tensors whatever the params' device (the sync decision is read
+    without a device sync); Scout's statistics have their own dtype (float32 for bfloat16
+    params), and a state whose statistics have another is refused, naming the path."""
+    params = {"w": torch.randn(3, dtype=torch.bfloat16)}
+    tx = holotx.scout(holotx.sgd(0.1))
+    state = tx.init(params)
+    assert state.count["w"].device.type == "cpu"
+    assert state.update_m2["w"].dtype == torch.float32
+    bad = state._replace(update_m2={"w": torch.zeros(3, dtype=torch.bfloat16)})
+    with pytest.raises(ValueError, match=r"state.update_m2 at \['w'\] has dtype torch.bfloat16"):
+        tx.update({"w": torch.randn(3, dtype=torch.bfloat16)}, bad, params)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("wrapper", [holotx.lookahead, holotx.scout])
+def test_device_path_equals_host_path(wrapper, donate, monkeypatch):
+    """On an accelerator (or traced) the sync decision stays a tensor and ``torch.where``
+    applies it; on the CPU in eager mode it is read on the host. Forcing the first path on
+    the CPU (no per-step scalar may be read) gives the same numbers, bit for bit."""
+    make = lambda: wrapper(holotx.adamw(1e-2, weight_decay=0.1), 0.2, 3)
+    host = train_with(make(), donate)
+    monkeypatch.setattr(holotx.ops, "host_scalars_ok", lambda tensors: False)
+    device = train_with(make(), donate)
+    for (p_h, s_h), (p_d, s_d) in zip(host, device):
+        assert_equal(p_d, p_h)
+        assert_equal(s_d, s_h)
+
+
+def train_with(tx, donate, steps=7):
+    step_fn = make_step(tx, donate=donate)
+    params = make_params()
+    state = tx.init(params)
+    history = []
+    for step in range(steps):
+        params, state = step_fn(params, grads_for(params, step), state)
+        history.append((holotx.tree.map(torch.clone, params), holotx.tree.map(torch.clone, state)))
+    return history

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, Params, init_counts, without_final_scale
+from holotx.base import GradientTransformation, Params, without_final_scale
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
@@ -19,7 +19,7 @@ __all__ = ["LookaheadState", "lookahead"]
 
 class LookaheadState(NamedTuple):
     count: Any
-    """Fast steps taken by each leaf, a tree of 0-d int64 tensors (Holocron's
+    """Fast steps taken by each leaf, a tree of 0-d int64 tensors on the CPU (Holocron's
     ``fast_steps``, kept per leaf as torch.optim keeps ``step``): a leaf is synchronised
     when its count reaches a multiple of ``sync_period``."""
     slow: Params
@@ -56,28 +56,32 @@ def lookahead(
     Put the wrapper last in a chain (its updates are meant to be applied as they are);
     it nests (``lookahead(scout(...))``) and works under ``masked``/``partition``. It
     needs ``params``. ``sync_rate`` may be a 0-d tensor (``inject_hyperparams``, vmap,
-    meta-gradients); ``sync_period`` is a Python int.
+    meta-gradients; with half-precision params torch's ``lerp`` then rounds it to their
+    dtype, where a Python float is used as it is); ``sync_period`` is a Python int.
 
     Each leaf counts its own fast steps (:class:`LookaheadState`). With a gradient at
     every step, the usual case, all leaves synchronise together at steps
     :math:`k, 2k, \dots`. A leaf whose gradient is ``None`` is not stepped, so neither its
-    count nor its slow weights change (torch.optim's rule for a param without ``.grad``);
-    Holocron counts steps globally and also synchronises a param that had no gradient.
+    count nor its slow weights change (torch.optim's rule for a param without ``.grad``).
 
-    ``compat="holocron"`` is accepted for symmetry with Scout: Holocron 0.3.0's Lookahead
-    computes exactly this (``slow += rate * (fast - slow)`` when ``rate > 0``, then
-    ``fast = slow``), so both modes are the same. What Holocron's class gets wrong (its
-    ``state_dict``, schedulers) is the adapter's business, not the math's.
+    ``compat="holocron"``: Holocron 0.3.0's Lookahead computes the same rule
+    (``slow += rate * (fast - slow)`` when ``rate > 0``, then ``fast = slow``), but counts
+    steps for all params together and synchronises a param that had no gradient too. In
+    this mode a leaf whose inner update is ``None`` (its params given) is taken as a step
+    that did not move it: its count advances, and its update is a tensor (zero, or the
+    move onto the slow weights at a sync), so it needs its params. What Holocron's class
+    gets wrong (its ``state_dict``, schedulers) is the adapter's business, not the math's.
     """
-    holocron_mode(compat)
+    holocron = holocron_mode(compat)
     _validate_sync(sync_rate, sync_period)
     check_inner("lookahead", inner)
 
     def init(params):
-        return LookaheadState(init_counts(params), slow_copy(params), inner.init(params))
+        return LookaheadState(host_counts(params), slow_copy(params), inner.init(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra)
+        fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
+                                      holocron=holocron)
         count, flags = count_steps(fast, state.count, sync_period, donate=donate)
         new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate)
         return new_u, LookaheadState(count, slow, inner_state)
@@ -86,6 +90,9 @@ def lookahead(
 
 
 def _validate_sync(sync_rate: Any, sync_period: Any) -> None:
+    if callable(sync_rate) and not isinstance(sync_rate, torch.Tensor):
+        raise ValueError("sync_rate must be a number or a 0-d tensor, not a schedule (to change it "
+                         "between steps, use inject_hyperparams and set state.hyperparams['sync_rate'])")
     _validate.in_unit_interval("sync_rate", sync_rate, include_one=True)
     if isinstance(sync_period, torch.Tensor):
         raise ValueError("sync_period must be a Python int, got a tensor (with inject_hyperparams, "
@@ -173,6 +180,14 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
     return new_u, new_slow
 
 
+def host_counts(params: Params) -> Any:
+    """One 0-d int64 step count per leaf, on the CPU whatever the leaf's device (as
+    torch.optim keeps ``step`` when it is not capturable): in eager mode the sync decision
+    is then read on the host without a device sync, and a step that does not synchronise
+    costs nothing beyond the inner step on an accelerator too."""
+    return tree.map(lambda p: torch.zeros((), dtype=torch.int64), params)
+
+
 def check_inner(name: str, inner: Any) -> None:
     if not isinstance(inner, GradientTransformation):
         raise ValueError(f"{name} wraps a GradientTransformation, got {inner!r}")
@@ -186,12 +201,21 @@ def slow_copy(params: Params) -> Params:
 
 
 def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_state: Any, params: Any,
-              donate: bool, extra: dict[str, Any]) -> tuple[Any, Any]:
+              donate: bool, extra: dict[str, Any], *, holocron: bool) -> tuple[Any, Any]:
     """The fast step. The wrapper needs the inner updates as they are, so a request to
-    hand the final scaling over (:data:`~holotx.base.FINAL_SCALE`) stops here."""
+    hand the final scaling over (:data:`~holotx.base.FINAL_SCALE`) stops here. In
+    Holocron mode a param the inner transform did not step (``None`` update) counts as a
+    step that did not move it, as Holocron's wrappers see it."""
     if params is None:
         raise ValueError(f"{name} needs params: call update(updates, state, params)")
-    return inner.update(updates, inner_state, params, donate=donate, **without_final_scale(extra))
+    extra = without_final_scale(extra)
+    fast, inner_state = inner.update(updates, inner_state, params, donate=donate, **extra)
+    if holocron:
+        u_leaves, spec = tree.flatten(fast)
+        p_leaves = tree.leaves_matching(params, spec, "params", "updates")
+        fast = tree.unflatten(spec, [torch.zeros_like(p) if u is None and p is not None else u
+                                     for u, p in zip(u_leaves, p_leaves)])
+    return fast, inner_state
 
 
 def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) -> tuple[Any, list[Any]]:
@@ -207,5 +231,5 @@ def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) ->
         return u, count
 
     _, (new_counts,) = multi_tensor_update(kernel, updates, (counts,), state_names=("state.count",),
-                                           count_states=1, leaf_values=[list(range(n))])
+                                           count_states=1, host_counts=True, leaf_values=[list(range(n))])
     return new_counts, flags

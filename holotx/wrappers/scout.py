@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import ops, tree
-from holotx.base import GradientTransformation, Params, init_counts
+from holotx.base import GradientTransformation, Params
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
@@ -16,6 +16,7 @@ from holotx.transforms.adam import per_leaf, scalar_dtype
 from holotx.wrappers.lookahead import (
     _validate_sync,
     check_inner,
+    host_counts,
     host_decided,
     run_inner,
     slow_copy,
@@ -83,7 +84,8 @@ def scout(
     out of its tensor's mean; a tensor none of whose elements varied is left out of
     :math:`C`; and when no tensor varied, :math:`C` is undefined and the rate is
     ``sync_rate`` (so ``sync_period=1`` is Lookahead's). Wherever Holocron's rate is
-    defined, this one equals it. Holocron 0.3.0 instead gets NaN, and ``max(NaN, r)`` is
+    defined, this one equals it (to rounding: it is taken over the inner updates rather
+    than the realised changes, which in bfloat16 differ visibly). Holocron 0.3.0 instead gets NaN, and ``max(NaN, r)`` is
     NaN, which skips the outer step and puts the params back on the slow weights: the
     window's k steps are thrown away.
 
@@ -95,24 +97,28 @@ def scout(
     ``compat="holocron"`` reproduces pylocron 0.3.0's ``Scout``, NaN included: the
     statistics are those of the realised param changes :math:`\theta_j - \theta_{j-1}`
     in the params' dtype, any 0/0 makes the rate NaN, and a NaN rate synchronises
-    without an outer step. Everything else (per-leaf counts, ``None`` gradients,
+    without an outer step; and, as in :func:`~holotx.lookahead`'s Holocron mode, a param
+    without a gradient still counts a step, with a change of zero (so a param that never
+    gets one makes every rate NaN, as in Holocron). Everything else (per-leaf counts,
     ``sync_rate`` as a tensor) is as in :func:`~holotx.lookahead`.
     """
     holocron = holocron_mode(compat)
     _validate_sync(sync_rate, sync_period)
     check_inner("scout", inner)
 
+    def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype if holocron else ops.accumulation_dtype(dtype) or dtype
+
     def init(params):
         def stats(fill):
-            def make(p):
-                dtype = p.dtype if holocron else ops.accumulation_dtype(p.dtype) or p.dtype
-                return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
-            return tree.map(make, params)
-        return ScoutState(init_counts(params), slow_copy(params), stats(0.0), stats(0.0),
+            return tree.map(lambda p: torch.full_like(p, fill, dtype=stats_dtype(p.dtype),
+                                                      memory_format=torch.preserve_format), params)
+        return ScoutState(host_counts(params), slow_copy(params), stats(0.0), stats(0.0),
                           stats(math.inf), stats(-math.inf), inner.init(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, donate, extra)
+        fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, donate, extra,
+                                      holocron=holocron)
         leaves = tree.flatten(fast)[0]
         segments = _check_segments(extra.get("segments"), len(leaves), holocron)
         flags: list[Any] = [False] * len(leaves)
@@ -137,7 +143,8 @@ def scout(
         _, (count, mean, m2, low, high) = multi_tensor_update(
             kernel, fast, [getattr(state, n) for n in names], params,
             state_names=[f"state.{n}" for n in names],
-            needs_params=True, count_states=1, own_dtype_states=(1, 2, 3, 4),
+            needs_params=True, count_states=1, host_counts=True,
+            state_dtypes=dict.fromkeys((1, 2, 3, 4), stats_dtype),
             leaf_values=[list(range(len(leaves))), segments])
         rate = coherence_rate(sums, flags, sync_rate, holocron=holocron, device=tree.first_device(params))
         new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate)
