@@ -13,8 +13,7 @@ from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.transforms.adam import per_leaf, scalar_dtype
-from holotx.wrappers.lookahead import (
-    _validate_sync,
+from holotx.wrappers._sync import (
     check_inner,
     host_counts,
     host_decided,
@@ -22,6 +21,7 @@ from holotx.wrappers.lookahead import (
     slow_copy,
     sync_flags,
     synchronize,
+    validate_sync,
     write_back,
 )
 
@@ -85,9 +85,9 @@ def scout(
     :math:`C`; and when no tensor varied, :math:`C` is undefined and the rate is
     ``sync_rate`` (so ``sync_period=1`` is Lookahead's). Wherever Holocron's rate is
     defined, this one equals it (to rounding: it is taken over the inner updates rather
-    than the realised changes, which in bfloat16 differ visibly). Holocron 0.3.0 instead gets NaN, and ``max(NaN, r)`` is
-    NaN, which skips the outer step and puts the params back on the slow weights: the
-    window's k steps are thrown away.
+    than the realised changes, which in bfloat16 differ visibly). Holocron 0.3.0 instead
+    gets NaN, and ``max(NaN, r)`` is NaN, which skips the outer step and puts the params
+    back on the slow weights: the window's k steps are thrown away.
 
     The per-step updates are the inner transform's (in float32 for half-precision
     params). Over flat buffers (:mod:`holotx.flat`) pass the layout's ``segments`` as an
@@ -103,7 +103,7 @@ def scout(
     ``sync_rate`` as a tensor) is as in :func:`~holotx.lookahead`.
     """
     holocron = holocron_mode(compat)
-    _validate_sync(sync_rate, sync_period)
+    validate_sync(sync_rate, sync_period)
     check_inner("scout", inner)
 
     def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,10 +234,15 @@ def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
 
 def coherence_rate(sums: list[Any], flags: list[Any], sync_rate: Scalar, *, holocron: bool,
                    device: torch.device) -> Any:
-    r"""Scout's rate :math:`\max(1 - C, \text{sync\_rate})` from the per-tensor sums of
-    :func:`_spread_ratio_sums` of the leaves whose window ends (``flags``). A Python
-    float in plain eager mode on the CPU, else a 0-d tensor (no host sync). ``None``
-    when no leaf's window ends."""
+    r"""Scout's rate :math:`\max(1 - C, \text{sync\_rate})`.
+
+    ``sums`` has one entry per leaf: ``None`` for a leaf that takes no part, else a pair
+    ``(ratio_sums, counts)`` of 0-d tensors (or 1-D, one entry per tensor of a flat
+    buffer): the sum of :math:`\rho` over the elements where it is defined and their
+    number; in Holocron mode ``(mean of rho over all elements, None)``. ``flags`` says,
+    per leaf, whether its window ends (a bool or a 0-d bool tensor); only those leaves
+    count. A Python float in plain eager mode on the CPU, else a 0-d tensor (no host
+    sync); ``None`` when no leaf takes part."""
     taking_part = [i for i, s in enumerate(sums) if s is not None]
     if not taking_part:
         return None

@@ -1,0 +1,159 @@
+"""The machinery Lookahead and Scout share: counting each leaf's fast steps, deciding
+which leaves end their window (on the host in eager mode, with ``torch.where`` when
+traced), and moving the slow weights and the params at a sync."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from holotx import _validate, ops, tree
+from holotx.base import GradientTransformation, Params, without_final_scale
+from holotx.multi import multi_tensor_update
+from holotx.transforms.adam import per_leaf, step_counts
+
+
+def validate_sync(sync_rate: Any, sync_period: Any) -> None:
+    if callable(sync_rate) and not isinstance(sync_rate, torch.Tensor):
+        raise ValueError("sync_rate must be a number or a 0-d tensor, not a schedule (to change it "
+                         "between steps, use inject_hyperparams and set state.hyperparams['sync_rate'])")
+    _validate.in_unit_interval("sync_rate", sync_rate, include_one=True)
+    if isinstance(sync_period, torch.Tensor):
+        raise ValueError("sync_period must be a Python int, got a tensor (with inject_hyperparams, "
+                         "name it in static_args)")
+    _validate.positive_int("sync_period", sync_period)
+
+
+def sync_flags(counts: list[torch.Tensor], sync_period: int, *,
+               donate: bool) -> tuple[list[torch.Tensor], torch.Tensor, list[Any]]:
+    """Each leaf's count plus one, the new counts stacked, and per leaf whether its
+    window ends now: Python bools where they can be read without a trace (plain eager;
+    the counts live on the CPU, so on any device), else 0-d bool tensors."""
+    counts, t = step_counts(counts, inplace=donate)
+    (flags,) = per_leaf(t % sync_period == 0)
+    return counts, t, flags
+
+
+def host_decided(flags: Sequence[Any]) -> bool:
+    return all(isinstance(f, bool) for f in flags)
+
+
+def select(flags: Sequence[Any], new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``new`` where the leaf's flag is set, else ``old`` (flags: bools or 0-d tensors)."""
+    if host_decided(flags):
+        return [n if f else o for f, n, o in zip(flags, new, old)]
+    return [torch.where(f, n, o) for f, n, o in zip(flags, new, old)]
+
+
+def write_back(buffers: list[torch.Tensor], values: list[torch.Tensor], *,
+               inplace: bool) -> list[torch.Tensor]:
+    """``values``, written into ``buffers`` when they may be overwritten (donated state)."""
+    if inplace and ops.may_overwrite(buffers, True):
+        return ops.copy(buffers, values)
+    return values
+
+
+def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tensor], rate: Any, *,
+            inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    r"""For leaves that end their window: :math:`\phi_{new} = \phi + \alpha(\theta_k -
+    \phi)` (as ``lerp``) with the fast weights :math:`\theta_k = \theta + u`, no outer
+    step unless :math:`\alpha > 0` (a NaN rate leaves :math:`\phi`), and the update
+    :math:`\phi_{new} - \theta`. With ``inplace`` (donated state and updates) all of it
+    is written into ``u`` and ``slow``: three passes, no allocation."""
+    fast = ops.add(u, p, inplace=inplace)
+    if isinstance(rate, torch.Tensor):
+        # A rate that is not > 0 (NaN included) becomes 0 before it weighs anything: the
+        # same slow weights, and no NaN in a gradient.
+        rate = torch.where(rate > 0, rate, 0.0).to(device=fast[0].device, dtype=fast[0].dtype)
+        new_slow = ops.lerp(slow, fast, rate, inplace=inplace)
+    elif rate > 0:
+        new_slow = ops.lerp(slow, fast, float(rate), inplace=inplace)
+    else:
+        new_slow = slow
+    return ops.sub_into(new_slow, p, out=fast), new_slow
+
+
+def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: Any, *,
+                donate: bool) -> tuple[Any, Any]:
+    """The updates and slow weights after the leaves whose ``flags`` (one per leaf of
+    ``updates``, in flattening order) are set have been synchronised at ``rate``."""
+    if host_decided(flags) and not any(flags):
+        return updates, slow
+
+    def kernel(u, s, p, f):
+        if host_decided(f):
+            ends = [i for i, fi in enumerate(f) if fi]
+            if not ends:
+                return u, s
+            out, new = _synced([u[i] for i in ends], [s[i] for i in ends], [p[i] for i in ends], rate,
+                               inplace=donate)
+            u, s = list(u), list(s)
+            for j, i in enumerate(ends):
+                u[i], s[i] = out[j], new[j]
+            return u, s
+        # Traced (compile, functorch) or on an accelerator: every leaf computes both, and
+        # torch.where keeps one, with no host sync. Donated, the result goes back into the
+        # slow weights' buffers: compiled, into the same loop, with no fresh buffer.
+        out, new = _synced(u, s, p, rate, inplace=False)
+        return select(f, out, u), write_back(s, select(f, new, s), inplace=donate)
+
+    new_u, (new_slow,) = multi_tensor_update(kernel, updates, (slow,), params, state_names=("state.slow",),
+                                             needs_params=True, leaf_values=[flags])
+    return new_u, new_slow
+
+
+def host_counts(params: Params) -> Any:
+    """One 0-d int64 step count per leaf, on the CPU whatever the leaf's device (as
+    torch.optim keeps ``step`` when it is not capturable): in eager mode the sync decision
+    is then read on the host without a device sync, and a step that does not synchronise
+    costs nothing beyond the inner step on an accelerator too."""
+    return tree.map(lambda p: torch.zeros((), dtype=torch.int64), params)
+
+
+def check_inner(name: str, inner: Any) -> None:
+    if not isinstance(inner, GradientTransformation):
+        raise ValueError(f"{name} wraps a GradientTransformation, got {inner!r}")
+
+
+def slow_copy(params: Params) -> Params:
+    """The slow weights at ``init``: a copy of the params. Not detached, so that a
+    meta-gradient with respect to the initial params also flows through the slow weights
+    (call ``init`` under ``torch.no_grad()`` to keep autograd out of the state)."""
+    return tree.map(torch.clone, params)
+
+
+def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_state: Any, params: Any,
+              donate: bool, extra: dict[str, Any], *, holocron: bool) -> tuple[Any, Any]:
+    """The fast step. The wrapper needs the inner updates as they are, so a request to
+    hand the final scaling over (:data:`~holotx.base.FINAL_SCALE`) stops here. In
+    Holocron mode a param the inner transform did not step (``None`` update) counts as a
+    step that did not move it, as Holocron's wrappers see it."""
+    if params is None:
+        raise ValueError(f"{name} needs params: call update(updates, state, params)")
+    extra = without_final_scale(extra)
+    fast, inner_state = inner.update(updates, inner_state, params, donate=donate, **extra)
+    if holocron:
+        u_leaves, spec = tree.flatten(fast)
+        p_leaves = tree.leaves_matching(params, spec, "params", "updates")
+        fast = tree.unflatten(spec, [torch.zeros_like(p) if u is None and p is not None else u
+                                     for u, p in zip(u_leaves, p_leaves)])
+    return fast, inner_state
+
+
+def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) -> tuple[Any, list[Any]]:
+    """The new per-leaf counts, and one flag per leaf of ``updates`` (flattening order;
+    ``False`` at ``None`` leaves): whether its window ends at this step."""
+    n = len(tree.flatten(updates)[0])
+    flags: list[Any] = [False] * n
+
+    def kernel(u, count, _p, index):
+        count, _, f = sync_flags(count, sync_period, donate=donate)
+        for i, fi in zip(index, f):
+            flags[i] = fi
+        return u, count
+
+    _, (new_counts,) = multi_tensor_update(kernel, updates, (counts,), state_names=("state.count",),
+                                           count_states=1, host_counts=True, leaf_values=[list(range(n))])
+    return new_counts, flags
