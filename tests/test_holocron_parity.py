@@ -258,16 +258,8 @@ def _one_thread_and_report(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not WORST:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line("holocron parity, worst |holotx - pylocron| / running max|pylocron|:")
-        for key in sorted(WORST):
-            err, where = WORST[key]
-            reporter.write_line(f"  {key:<18} {err:.3e}  ({where})")
+    pylocron.report_worst(request.config,
+                          "holocron parity, worst |holotx - pylocron| / running max|pylocron|:", WORST)
 
 
 # ------------------------------------------------------------------------------ tree helpers

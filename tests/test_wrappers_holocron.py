@@ -89,17 +89,8 @@ WORST: dict[str, tuple[float, str]] = {}
 @pytest.fixture(scope="module", autouse=True)
 def _report_worst(request):
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not WORST:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_line("lookahead/scout holocron parity, worst |holotx - pylocron| / (|ref| + "
-                            "FLOOR max|ref|):")
-        for key in sorted(WORST):
-            err, where = WORST[key]
-            reporter.write_line(f"  {key:<20} {err:.3e}  ({where})")
+    pylocron.report_worst(request.config, "lookahead/scout holocron parity, worst |holotx - pylocron| / "
+                          "(|ref| + FLOOR max|ref|):", WORST)
 
 
 # ------------------------------------------------------------------------------ the two sides
