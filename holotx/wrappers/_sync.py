@@ -93,7 +93,7 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
             for j, i in enumerate(ends):
                 u[i], s[i] = out[j], new[j]
             return u, s
-        # Traced (compile, functorch) or on an accelerator: every leaf computes both, and
+        # Traced (compile, functorch): every leaf computes both, and
         # torch.where keeps one, with no host sync. Donated, the result goes back into the
         # slow weights' buffers: compiled, into the same loop, with no fresh buffer.
         out, new = _synced(u, s, p, rate, inplace=False)
