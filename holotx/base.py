@@ -144,7 +144,8 @@ scaling (:func:`~holotx.scale`, :func:`~holotx.scale_by_lr`,
 :func:`~holotx.scale_by_schedule`), to hand over its factor instead of multiplying: the
 value is a list the factor is appended to, and the updates come back unscaled. Applying
 ``p += factor * u`` then takes one pass over memory instead of two. Only ``chain`` (to its
-last transform) and ``inject_hyperparams`` pass it on; every other combinator drops it."""
+last transform), ``inject_hyperparams`` and ``lookahead`` (at steps where nothing
+synchronises) pass it on; every other combinator drops it."""
 
 
 def without_final_scale(extra: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, Params, without_final_scale
+from holotx.base import FINAL_SCALE, GradientTransformation, Params, without_final_scale
 from holotx.multi import multi_tensor_update
 from holotx.transforms.adam import per_leaf, step_counts
 
@@ -125,14 +125,19 @@ def slow_copy(params: Params) -> Params:
 
 
 def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_state: Any, params: Any,
-              donate: bool, extra: dict[str, Any], *, holocron: bool) -> tuple[Any, Any]:
-    """The fast step. The wrapper needs the inner updates as they are, so a request to
-    hand the final scaling over (:data:`~holotx.base.FINAL_SCALE`) stops here. In
-    Holocron mode a param the inner transform did not step (``None`` update) counts as a
-    step that did not move it, as Holocron's wrappers see it."""
+              donate: bool, extra: dict[str, Any], *, holocron: bool,
+              final_scale: list[Any] | None = None) -> tuple[Any, Any]:
+    """The fast step. A request to hand the final scaling over
+    (:data:`~holotx.base.FINAL_SCALE`) reaches the inner transform only as the list
+    ``final_scale`` the wrapper gives (the wrapper decides what to do with the factor);
+    without it, the inner updates come back scaled. In Holocron mode a param the inner
+    transform did not step (``None`` update) counts as a step that did not move it, as
+    Holocron's wrappers see it."""
     if params is None:
         raise ValueError(f"{name} needs params: call update(updates, state, params)")
     extra = without_final_scale(extra)
+    if final_scale is not None:
+        extra[FINAL_SCALE] = final_scale
     fast, inner_state = inner.update(updates, inner_state, params, donate=donate, **extra)
     if holocron:
         u_leaves, spec = tree.flatten(fast)
@@ -157,3 +162,9 @@ def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) ->
     _, (new_counts,) = multi_tensor_update(kernel, updates, (counts,), state_names=("state.count",),
                                            count_states=1, host_counts=True, leaf_values=[list(range(n))])
     return new_counts, flags
+
+
+def scaled(updates: Any, factor: Any, *, donate: bool) -> Any:
+    """``factor * updates`` (in place when donated): a final scaling the inner transform
+    handed over, applied after all because the wrapper synchronises."""
+    return multi_tensor_update(lambda u, _p: (ops.mul(u, factor, inplace=donate),), updates)[0]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from holotx.base import GradientTransformation, Params
+from holotx.base import FINAL_SCALE, GradientTransformation, Params
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import (
     check_inner,
     count_steps,
     host_counts,
+    host_decided,
     run_inner,
+    scaled,
     slow_copy,
     synchronize,
     validate_sync,
@@ -83,9 +85,20 @@ def lookahead(
         return LookaheadState(host_counts(params), slow_copy(params), inner.init(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
+        # A caller that applies the updates itself may ask for the final scaling (the
+        # learning rate) to be handed over: a step where nothing synchronises passes the
+        # request on to the inner transform and returns its updates unscaled, which spares
+        # a pass; a sync needs the real steps, so there the wrapper scales them itself.
+        handed_over = extra.get(FINAL_SCALE)
+        factor: list[Any] = []
         fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
-                                      holocron=holocron)
+                                      holocron=holocron, final_scale=None if handed_over is None else factor)
         count, flags = count_steps(fast, state.count, sync_period, donate=donate)
+        if factor:
+            if host_decided(flags) and not any(flags):
+                handed_over.append(factor[0])
+                return fast, LookaheadState(count, state.slow, inner_state)
+            fast = scaled(fast, factor[0], donate=donate)
         new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate)
         return new_u, LookaheadState(count, slow, inner_state)
 
