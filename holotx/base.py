@@ -9,9 +9,11 @@ A :class:`GradientTransformation` is a pair of pure functions::
 ``update`` never mutates its inputs. The one exception is opt-in *donation*: a caller that
 will never read ``updates`` (the incoming gradients) or ``state`` again may pass
 ``donate=True``, and the transform is then free to write its outputs into those buffers,
-as JAX does with donated arguments. ``donate_updates=True`` donates the incoming updates
-alone (a :func:`~holotx.chain` passes it on when the updates it hands to the next
-transform were freshly made by the previous one). A transform given ``donate=True`` never
+as JAX does with donated arguments. ``donate_updates`` overrides that for the incoming
+updates: ``True`` donates them alone (a :func:`~holotx.chain` passes it on when the
+updates it hands to the next transform were freshly made by the previous one), and
+``donate=True, donate_updates=False`` donates the state alone (a ``torch.optim`` adapter
+must leave the ``.grad`` tensors as they were). A transform given ``donate=True`` never
 returns updates that share memory with its state. ``params`` are never donated to
 ``update``; they are changed only by :func:`apply_updates` with ``inplace=True``. The
 pure and donated paths run the same code: each elementwise op is given an ``inplace``
@@ -154,8 +156,9 @@ def without_final_scale(extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def updates_donated(donate: bool, extra: dict[str, Any]) -> bool:
-    """Whether ``update`` may overwrite its incoming updates."""
-    return bool(donate or extra.get("donate_updates", False))
+    """Whether ``update`` may overwrite its incoming updates: ``donate_updates`` when given
+    (``donate=True, donate_updates=False`` donates the state alone), else ``donate``."""
+    return bool(extra.get("donate_updates", donate))
 
 
 def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:

@@ -81,9 +81,10 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
         here = extra if i + 1 == len(transforms) else not_last
         updates, new_s = t.update(updates, s, params, **{**here, "donate_updates": owned})
         new_states.append(new_s)
-        if i + 1 < len(transforms) and not donate:
+        if i + 1 < len(transforms) and not (donate and owned):
             # A transform sees only its own state and its input: its output can alias
-            # those, the params and the caller's grads, and nothing else.
+            # those, the params and the caller's grads, and nothing else. (Donated state
+            # and updates: its output is fresh or its donated input, so it stays owned.)
             owned = owns_memory(updates, (holders, s, new_s, () if owned else incoming))
     return updates, new_states
 

@@ -52,6 +52,7 @@ __all__ = [
     "check_chain_composition",
     "check_compile",
     "check_donated",
+    "check_donated_state_only",
     "check_grad",
     "check_inject",
     "check_inject_grad",
@@ -784,6 +785,31 @@ def check_donated(case: Case, dtype: str, tree: str = "small") -> None:
     for r in param_records:
         assert r.tensor._version == r.version, f"{r.where} was written in place by a donated update"
         assert torch.equal(r.tensor, r.copy), f"{r.where} changed under a donated update"
+
+
+def check_donated_state_only(case: Case, dtype: str = "float32", tree: str = "dense_big") -> None:
+    """``update(..., donate=True, donate_updates=False)`` donates the state alone (what a
+    ``torch.optim`` adapter does: the ``.grad`` tensors must be left as they were): the
+    results equal the pure call bit for bit, and the grads are neither changed nor written
+    (same version counters), nor shared with the new state or the updates' owner."""
+    tx = case.factory()
+    params = make_params(dtype, tree=tree)
+    pure_state = tx.init(params)
+    donated_state = tx.init(params)
+    for k, grads in enumerate(grads_seq(params, case.steps)):
+        step = f"step {k + 1}"
+        pure_u, pure_state = tx.update(grads, pure_state, params)
+        kept = clone_tree(grads)
+        records = _record(kept, "grads")
+        don_u, donated_state = tx.update(kept, clone_tree(donated_state), params, donate=True,
+                                         donate_updates=False)
+        assert_trees_close(don_u, pure_u, f"{step} updates (state donated)")
+        assert_trees_close(donated_state, pure_state, f"{step} state (state donated)")
+        for r in records:
+            assert r.tensor._version == r.version, f"{step}: {r.where} was written in place"
+            assert torch.equal(r.tensor, r.copy), f"{step}: {r.where} changed"
+        shared = _storages(kept) & _storages(donated_state)
+        assert not shared, f"{step}: the new state shares memory with the grads"
 
 
 # --------------------------------------------------------- 7. inject_hyperparams (and its use

@@ -24,6 +24,7 @@ from harness import (
     check_chain_composition,
     check_compile,
     check_donated,
+    check_donated_state_only,
     check_grad,
     check_inject,
     check_inject_grad,
@@ -323,6 +324,11 @@ def test_compile_inductor(case):
 @pytest.mark.parametrize("case", _params(CASES))
 def test_donated_equals_pure(case, dtype):
     check_donated(case, dtype)
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_donated_state_only_leaves_the_grads(case):
+    check_donated_state_only(case)
 
 
 @pytest.mark.parametrize("tree", ["dense", "dense_big"])

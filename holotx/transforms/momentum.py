@@ -64,7 +64,7 @@ def trace(
             if nesterov:
                 u = ops.add(g, buf, alpha=momentum, inplace=inplace)
             elif donate:  # the caller may write into the updates: they must not alias state
-                u = ops.copy(g, buf)
+                u = ops.copy(g, buf) if inplace else [b.clone() for b in buf]
             else:
                 u = buf
             return u, count, buf

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import FINAL_SCALE, GradientTransformation, Params, without_final_scale
+from holotx.base import (
+    FINAL_SCALE,
+    GradientTransformation,
+    Params,
+    owns_memory,
+    updates_donated,
+    without_final_scale,
+)
 from holotx.multi import multi_tensor_update
 from holotx.transforms.adam import per_leaf, step_counts
 
@@ -56,13 +63,14 @@ def write_back(buffers: list[torch.Tensor], values: list[torch.Tensor], *,
 
 
 def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tensor], rate: Any, *,
-            inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            inplace: bool, updates_owned: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     r"""For leaves that end their window: :math:`\phi_{new} = \phi + \alpha(\theta_k -
     \phi)` (as ``lerp``) with the fast weights :math:`\theta_k = \theta + u`, no outer
     step unless :math:`\alpha > 0` (a NaN rate leaves :math:`\phi`), and the update
-    :math:`\phi_{new} - \theta`. With ``inplace`` (donated state and updates) all of it
-    is written into ``u`` and ``slow``: three passes, no allocation."""
-    fast = ops.add(u, p, inplace=inplace)
+    :math:`\phi_{new} - \theta`. With ``inplace`` (donated state) and ``updates_owned``
+    (``u`` may be overwritten) all of it is written into ``u`` and ``slow``: three passes,
+    no allocation."""
+    fast = ops.add(u, p, inplace=updates_owned)
     if isinstance(rate, torch.Tensor):
         # A rate that is not > 0 (NaN included) becomes 0 before it weighs anything: the
         # same slow weights, and no NaN in a gradient.
@@ -76,9 +84,11 @@ def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tenso
 
 
 def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: Any, *,
-                donate: bool) -> tuple[Any, Any]:
+                donate: bool, updates_owned: bool) -> tuple[Any, Any]:
     """The updates and slow weights after the leaves whose ``flags`` (one per leaf of
-    ``updates``, in flattening order) are set have been synchronised at ``rate``."""
+    ``updates``, in flattening order) are set have been synchronised at ``rate``; the
+    slow weights are written in place with ``donate``, the updates with ``updates_owned``
+    (see :func:`updates_owned`)."""
     if host_decided(flags) and not any(flags):
         return updates, slow
 
@@ -88,7 +98,7 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
             if not ends:
                 return u, s
             out, new = _synced([u[i] for i in ends], [s[i] for i in ends], [p[i] for i in ends], rate,
-                               inplace=donate)
+                               inplace=donate, updates_owned=updates_owned)
             u, s = list(u), list(s)
             for j, i in enumerate(ends):
                 u[i], s[i] = out[j], new[j]
@@ -96,7 +106,7 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
         # Traced (compile, functorch): every leaf computes both, and
         # torch.where keeps one, with no host sync. Donated, the result goes back into the
         # slow weights' buffers: compiled, into the same loop, with no fresh buffer.
-        out, new = _synced(u, s, p, rate, inplace=False)
+        out, new = _synced(u, s, p, rate, inplace=False, updates_owned=False)
         return select(f, out, u), write_back(s, select(f, new, s), inplace=donate)
 
     new_u, (new_slow,) = multi_tensor_update(kernel, updates, (slow,), params, state_names=("state.slow",),
@@ -164,7 +174,16 @@ def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) ->
     return new_counts, flags
 
 
-def scaled(updates: Any, factor: Any, *, donate: bool) -> Any:
-    """``factor * updates`` (in place when donated): a final scaling the inner transform
+def scaled(updates: Any, factor: Any, *, owned: bool) -> Any:
+    """``factor * updates`` (in place when ``owned``): a final scaling the inner transform
     handed over, applied after all because the wrapper synchronises."""
-    return multi_tensor_update(lambda u, _p: (ops.mul(u, factor, inplace=donate),), updates)[0]
+    return multi_tensor_update(lambda u, _p: (ops.mul(u, factor, inplace=owned),), updates)[0]
+
+
+def updates_owned(fast: Any, updates: Any, params: Any, donate: bool, extra: dict[str, Any]) -> bool:
+    """Whether the wrapper may write into the inner transform's updates ``fast``: the
+    caller donated its updates, or ``fast`` holds none of the caller's grads (nor the
+    params). A donated inner transform never returns its own state as updates."""
+    if updates_donated(donate, extra):
+        return True
+    return donate and owns_memory(fast, (updates, params))

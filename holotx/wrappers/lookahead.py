@@ -16,6 +16,7 @@ from holotx.wrappers._sync import (
     scaled,
     slow_copy,
     synchronize,
+    updates_owned,
     validate_sync,
 )
 
@@ -94,12 +95,14 @@ def lookahead(
         fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
                                       holocron=holocron, final_scale=None if handed_over is None else factor)
         count, flags = count_steps(fast, state.count, sync_period, donate=donate)
+        owned = updates_owned(fast, updates, params, donate, extra)
         if factor:
             if host_decided(flags) and not any(flags):
                 handed_over.append(factor[0])
                 return fast, LookaheadState(count, state.slow, inner_state)
-            fast = scaled(fast, factor[0], donate=donate)
-        new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate)
+            fast, owned = scaled(fast, factor[0], owned=owned), True
+        new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate,
+                                  updates_owned=owned)
         return new_u, LookaheadState(count, slow, inner_state)
 
     return GradientTransformation(init, update)

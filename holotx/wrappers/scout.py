@@ -21,6 +21,7 @@ from holotx.wrappers._sync import (
     slow_copy,
     sync_flags,
     synchronize,
+    updates_owned,
     validate_sync,
     write_back,
 )
@@ -147,7 +148,8 @@ def scout(
             state_dtypes=dict.fromkeys((1, 2, 3, 4), stats_dtype),
             leaf_values=[list(range(len(leaves))), segments])
         rate = coherence_rate(sums, flags, sync_rate, holocron=holocron, device=tree.first_device(params))
-        new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate)
+        new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate,
+                                  updates_owned=updates_owned(fast, updates, params, donate, extra))
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
 
     return GradientTransformation(init, update)
