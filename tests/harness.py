@@ -13,7 +13,8 @@ clause of the contract in ``/work/shared/DESIGN.md`` ("The contract"):
 * :func:`check_grad`: ``torch.func.grad`` through several steps is the true derivative.
 * :func:`check_vmap`: ``torch.func.vmap`` over a batch equals a Python loop.
 * :func:`check_compile`: ``torch.compile(fullgraph=True)`` equals eager, as one graph.
-* :func:`check_donated`: the opt-in donated (in-place) path computes what the pure path does.
+* :func:`check_donated`: the opt-in donated (in-place) path computes what the pure path does,
+  also when the state alone is donated (the grads then stay untouched).
 * :func:`check_chain_composition`: a transform computes the same inside a chain as alone.
 * :func:`check_inject`: ``inject_hyperparams(alias)`` equals ``alias``, and its ``lr`` can be
   changed between steps; :func:`check_inject_no_retrace`: without re-tracing a compiled
@@ -52,7 +53,6 @@ __all__ = [
     "check_chain_composition",
     "check_compile",
     "check_donated",
-    "check_donated_state_only",
     "check_grad",
     "check_inject",
     "check_inject_grad",
@@ -751,7 +751,7 @@ def _storages(tree: Any) -> set[int]:
             if isinstance(x, torch.Tensor) and x.numel() > 0}
 
 
-def check_donated(case: Case, dtype: str, tree: str = "small") -> None:
+def check_donated(case: Case, dtype: str, tree: str = "small", *, state_only: bool = False) -> None:
     """``update(grads, state, params, donate=True)`` equals the pure call bit for bit.
 
     The contract says both paths are one implementation of the math (each op takes an
@@ -765,51 +765,36 @@ def check_donated(case: Case, dtype: str, tree: str = "small") -> None:
     corrupt the optimizer state), and the new state never shares memory with the
     donated grads (an owner such as ``FlatLayout.bind_grads`` refills the same grad
     buffers every step, which would overwrite that state).
+
+    With ``state_only``, the call is ``donate=True, donate_updates=False``: the state
+    alone is donated (what a ``torch.optim`` adapter does, whose ``.grad`` tensors must be
+    left as they were), and the grads must also come back bit-identical and unwritten.
     """
     tx = case.factory()
     params = make_params(dtype, tree=tree)
     param_records = _record(params, "params")
     pure_state = tx.init(params)
     donated_state = tx.init(params)
+    how = {"donate": True, **({"donate_updates": False} if state_only else {})}
+    what = "state-donated" if state_only else "donated"
     for k, grads in enumerate(grads_seq(params, case.steps)):
         step = f"step {k + 1}"
         pure_u, pure_state = tx.update(grads, pure_state, params)
         donated_grads = clone_tree(grads)
-        don_u, donated_state = tx.update(donated_grads, clone_tree(donated_state), params, donate=True)
-        assert_trees_close(don_u, pure_u, f"{step} donated updates")
-        assert_trees_close(donated_state, pure_state, f"{step} donated state")
+        grad_records = _record(donated_grads, "grads") if state_only else []
+        don_u, donated_state = tx.update(donated_grads, clone_tree(donated_state), params, **how)
+        assert_trees_close(don_u, pure_u, f"{step} {what} updates")
+        assert_trees_close(donated_state, pure_state, f"{step} {what} state")
         shared = _storages(don_u) & _storages(donated_state)
-        assert not shared, f"{step}: donated updates share memory with the new state"
+        assert not shared, f"{step}: {what} updates share memory with the new state"
         shared = _storages(donated_grads) & _storages(donated_state)
         assert not shared, f"{step}: the new state shares memory with the donated grads"
+        for r in grad_records:
+            assert r.tensor._version == r.version, f"{step}: {r.where} was written in place"
+            assert torch.equal(r.tensor, r.copy), f"{step}: {r.where} changed"
     for r in param_records:
         assert r.tensor._version == r.version, f"{r.where} was written in place by a donated update"
         assert torch.equal(r.tensor, r.copy), f"{r.where} changed under a donated update"
-
-
-def check_donated_state_only(case: Case, dtype: str = "float32", tree: str = "dense_big") -> None:
-    """``update(..., donate=True, donate_updates=False)`` donates the state alone (what a
-    ``torch.optim`` adapter does: the ``.grad`` tensors must be left as they were): the
-    results equal the pure call bit for bit, and the grads are neither changed nor written
-    (same version counters), nor shared with the new state or the updates' owner."""
-    tx = case.factory()
-    params = make_params(dtype, tree=tree)
-    pure_state = tx.init(params)
-    donated_state = tx.init(params)
-    for k, grads in enumerate(grads_seq(params, case.steps)):
-        step = f"step {k + 1}"
-        pure_u, pure_state = tx.update(grads, pure_state, params)
-        kept = clone_tree(grads)
-        records = _record(kept, "grads")
-        don_u, donated_state = tx.update(kept, clone_tree(donated_state), params, donate=True,
-                                         donate_updates=False)
-        assert_trees_close(don_u, pure_u, f"{step} updates (state donated)")
-        assert_trees_close(donated_state, pure_state, f"{step} state (state donated)")
-        for r in records:
-            assert r.tensor._version == r.version, f"{step}: {r.where} was written in place"
-            assert torch.equal(r.tensor, r.copy), f"{step}: {r.where} changed"
-        shared = _storages(kept) & _storages(donated_state)
-        assert not shared, f"{step}: the new state shares memory with the grads"
 
 
 # --------------------------------------------------------- 7. inject_hyperparams (and its use
