@@ -47,10 +47,15 @@ def host_decided(flags: Sequence[Any]) -> bool:
     return all(isinstance(f, bool) for f in flags)
 
 
-def select(flags: Sequence[Any], new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``new`` where the leaf's flag is set, else ``old`` (flags: bools or 0-d tensors)."""
-    if host_decided(flags):
-        return [n if f else o for f, n, o in zip(flags, new, old)]
+def nothing_syncs(flags: Sequence[Any]) -> bool:
+    """Known on the host that no leaf ends its window at this step (a step that costs
+    the wrapper nothing beyond counting)."""
+    return host_decided(flags) and not any(flags)
+
+
+def select(flags: Sequence[torch.Tensor], new: list[torch.Tensor],
+           old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``new`` where the leaf's 0-d bool flag is set, else ``old``."""
     return [torch.where(f, n, o) for f, n, o in zip(flags, new, old)]
 
 
@@ -88,9 +93,7 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
     """The updates and slow weights after the leaves whose ``flags`` (one per leaf of
     ``updates``, in flattening order) are set have been synchronised at ``rate``; the
     slow weights are written in place with ``donate``, the updates with ``updates_owned``
-    (see :func:`updates_owned`)."""
-    if host_decided(flags) and not any(flags):
-        return updates, slow
+    (see :func:`updates_owned`). Callers skip it when :func:`nothing_syncs`."""
 
     def kernel(u, s, p, f):
         if host_decided(f):

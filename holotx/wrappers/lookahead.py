@@ -11,7 +11,7 @@ from holotx.wrappers._sync import (
     check_inner,
     count_steps,
     host_counts,
-    host_decided,
+    nothing_syncs,
     run_inner,
     scaled,
     slow_copy,
@@ -95,11 +95,12 @@ def lookahead(
         fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
                                       holocron=holocron, final_scale=None if handed_over is None else factor)
         count, flags = count_steps(fast, state.count, sync_period, donate=donate)
+        if nothing_syncs(flags):
+            if factor:
+                handed_over.append(factor[0])
+            return fast, LookaheadState(count, state.slow, inner_state)
         owned = updates_owned(fast, updates, params, donate, extra)
         if factor:
-            if host_decided(flags) and not any(flags):
-                handed_over.append(factor[0])
-                return fast, LookaheadState(count, state.slow, inner_state)
             fast, owned = scaled(fast, factor[0], owned=owned), True
         new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate,
                                   updates_owned=owned)

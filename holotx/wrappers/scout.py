@@ -17,6 +17,7 @@ from holotx.wrappers._sync import (
     check_inner,
     host_counts,
     host_decided,
+    nothing_syncs,
     run_inner,
     slow_copy,
     sync_flags,
@@ -148,6 +149,8 @@ def scout(
             state_dtypes=dict.fromkeys((1, 2, 3, 4), stats_dtype),
             leaf_values=[list(range(len(leaves))), segments])
         rate = coherence_rate(sums, flags, sync_rate, holocron=holocron, device=tree.first_device(params))
+        if nothing_syncs(flags):  # the rate is None then: no leaf took part
+            return fast, ScoutState(count, state.slow, mean, m2, low, high, inner_state)
         new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate,
                                   updates_owned=updates_owned(fast, updates, params, donate, extra))
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
