@@ -1,0 +1,104 @@
+"""Where each leaf of a group's pytree state lives in ``optimizer.state[param]``.
+
+torch.optim keeps its state per parameter (``state[p] = {"exp_avg": ..., "step": ...}``)
+and every tool built on it (checkpoints, ``torch.distributed.checkpoint``, FSDP) expects
+that layout. A holotx transform keeps one pytree over the group's list of params. A
+:class:`StateLayout` maps one to the other: a leaf inside a list with one entry per
+param belongs to that param, under a key made of the field names on its path
+(``"mu"``, ``"inner_state.nu"``); any other tensor leaf (a group-wide step count) is the
+group's, and is stored, the same tensor, under every param of the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+import torch
+
+from holotx import tree
+
+__all__ = ["StateLayout"]
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    spec: optree.PyTreeSpec
+    """The structure of the group's state (``None`` a leaf, as in :mod:`holotx.tree`)."""
+    keys: tuple[str | None, ...]
+    """Per leaf: its key in a param's state dict, or ``None`` for a non-tensor leaf."""
+    owners: tuple[int | None, ...]
+    """Per leaf: the index of its param in the group, or ``None`` for a group-wide leaf."""
+    expected: tuple[tuple[torch.Size, torch.dtype, torch.device] | None, ...]
+    """Per tensor leaf: the shape, dtype and device a loaded value must have."""
+
+    @classmethod
+    def of(cls, state: Any, params: list[torch.Tensor]) -> StateLayout:
+        """The layout of ``state``, as returned by ``init(params)``. ``params`` are the
+        real params: a leaf initialised on the meta device takes its param's device."""
+        leaves, spec = tree.flatten(state)
+        accessors = spec.accessors()
+        n = len(params)
+        # A list holding one entry per param: its path, and how many leaves it has.
+        lists: dict[tuple[Any, ...], list[int]] = {}
+        for a in accessors:
+            entries = list(a)
+            if entries and entries[-1].type is list:
+                lists.setdefault(_path_key(entries[:-1]), []).append(entries[-1].entry)
+        per_param = {path for path, idx in lists.items() if idx == list(range(n))}
+        names: list[str | None] = []
+        owners: list[int | None] = []
+        for a, leaf in zip(accessors, leaves):
+            entries = list(a)
+            owner = None
+            if entries and entries[-1].type is list and _path_key(entries[:-1]) in per_param:
+                owner = entries[-1].entry
+                entries = entries[:-1]
+            owners.append(owner)
+            names.append(_name(entries, short=True) if isinstance(leaf, torch.Tensor) else None)
+        # Chain positions are left out of the names unless two leaves of one param would
+        # then share a name (a chain of two momentum traces).
+        seen = [(k, o) for k, o in zip(names, owners) if k is not None]
+        if len(set(seen)) != len(seen):
+            names = [_name(list(a), short=False, drop_last=o is not None) if k is not None else None
+                     for a, k, o in zip(accessors, names, owners)]
+        expected = []
+        for leaf, owner in zip(leaves, owners):
+            if not isinstance(leaf, torch.Tensor):
+                expected.append(None)
+                continue
+            device = leaf.device
+            if device.type == "meta":
+                device = params[owner if owner is not None else 0].device
+            expected.append((leaf.shape, leaf.dtype, device))
+        return cls(spec, tuple(names), tuple(owners), tuple(expected))
+
+    def keys_per_param(self, n: int) -> list[set[str]]:
+        """The keys each of the ``n`` params of the group has in its state dict."""
+        out: list[set[str]] = [set() for _ in range(n)]
+        for key, owner in zip(self.keys, self.owners):
+            if key is None:
+                continue
+            for i in range(n) if owner is None else (owner,):
+                out[i].add(key)
+        return out
+
+
+def _path_key(entries: list[Any]) -> tuple[Any, ...]:
+    return tuple((e.type, e.entry) for e in entries)
+
+
+def _name(entries: list[Any], *, short: bool, drop_last: bool = False) -> str:
+    if drop_last:
+        entries = entries[:-1]
+    parts = []
+    for e in entries:
+        fields = getattr(e.type, "_fields", None)
+        if fields is not None:
+            parts.append(fields[e.entry])
+        elif issubclass(e.type, dict):
+            parts.append(str(e.entry))
+        elif not short:
+            parts.append(f"[{e.entry}]")
+    return ".".join(parts).replace(".[", "[") or "state"

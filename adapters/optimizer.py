@@ -1,0 +1,546 @@
+"""TransformOptimizer: any holotx transform as a real ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from numbers import Number
+from typing import Any
+
+import torch
+from torch.optim.optimizer import Optimizer, required
+
+from holotx import tree
+from holotx.base import FINAL_SCALE, GradientTransformation, apply_updates
+from holotx.combine import chain
+from holotx.transforms import scale
+
+from ._layout import StateLayout
+
+__all__ = ["TransformOptimizer"]
+
+Factory = Callable[..., GradientTransformation]
+
+_ADAPTER_KEYS = ("lr", "maximize")
+"""Group keys the adapter itself handles when the factory (or transform) does not take them."""
+
+
+class TransformOptimizer(Optimizer):
+    r"""A holotx transform behind the ``torch.optim.Optimizer`` interface.
+
+    Built from a **factory** (``holotx.lamb``, ``holotx.adamw``, or any function returning
+    a :class:`~holotx.GradientTransformation`) and keyword hyperparameters::
+
+        opt = TransformOptimizer(model.parameters(), holotx.lamb, lr=1e-3, weight_decay=0.01)
+
+    every param group carries every argument of the factory in its dict (the factory's
+    defaults, overridden by the keywords, overridden by the group's own entries), and the
+    group's transform is the factory called with the group's values **on every step**: a
+    change made by the user or by any ``torch.optim.lr_scheduler`` (``lr``, ``betas``,
+    ``weight_decay``, ...) takes effect on the next step, and the state carries on.
+    Arguments that change the transform's structure (``amsgrad``, ``nesterov``,
+    ``compat``, a hyperparameter moving between zero and non-zero) may change too: the
+    state is then carried over key by key and new buffers start fresh, as
+    ``torch.optim.SGD`` creates its momentum buffer when momentum becomes non-zero.
+
+    Built from a **transform** (``holotx.chain(...)``, ``holotx.lookahead(...)``), every
+    group runs that transform on its own state, and only two things vary per group: its
+    ``lr`` (default 1), by which its updates are multiplied (so a scheduler scales the
+    transform's steps), and ``maximize``. Hyperparameters inside the transform are fixed;
+    to vary them per group or over time, pass a factory (``functools.partial`` works) or
+    build the transform with :func:`holotx.inject_hyperparams`.
+
+    As in torch.optim:
+
+    - ``params`` is an iterable of tensors, of ``(name, tensor)`` pairs, or of group
+      dicts; :meth:`add_param_group` works mid-run;
+    - :meth:`step` takes an optional closure and returns its loss;
+    - a param whose ``.grad`` is ``None`` is skipped: no update, no state change, its step
+      count does not advance (a group none of whose params has a gradient is not stepped
+      at all); the state of a group is created on its first step, for all its params;
+    - ``maximize=True`` ascends;
+    - :meth:`state_dict` is laid out per parameter (``state[i]`` a dict of tensors,
+      ``param_groups`` with ``params`` indices), loads with
+      ``torch.load(weights_only=True)`` and round-trips through
+      ``torch.distributed.checkpoint``; :meth:`load_state_dict` restores a run bit for bit
+      and raises ``ValueError`` naming what differs when a checkpoint does not fit,
+      leaving the optimizer as it was.
+
+    A group's state keys are the field names of the transform's state (``"count"``,
+    ``"mu"``, ``"nu"`` for Adam; ``"slow"``, ``"inner_state.mu"`` under Lookahead); a
+    group-wide leaf (a schedule's step count) is stored under every param of the group.
+
+    The step is the donated one of DESIGN.md: the optimizer owns its state, so the
+    transform updates it in place, and the learning rate is applied as the params are
+    (``p += lr * u``, one pass). The ``.grad`` tensors are never written.
+
+    ``state_dtype`` (e.g. ``torch.float32``) keeps the state of lower-precision params
+    (bfloat16, float16) in that dtype: the transform sees their gradients and params
+    upcast, and each update is added to the upcast param and rounded once into the param.
+
+    ``torch.compile(opt.step)`` gives the eager numbers; the group's numbers are read
+    outside the graph (one graph break), so a scheduler changing ``lr`` never recompiles.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        tx_or_factory: GradientTransformation | Factory,
+        *,
+        state_dtype: torch.dtype | None = None,
+        **hyperparams: Any,
+    ) -> None:
+        if isinstance(tx_or_factory, GradientTransformation):
+            self._factory: Factory | None = None
+            self._transform: GradientTransformation | None = tx_or_factory
+            self._tensor_args: frozenset[str] = frozenset({"lr"})
+            self._factory_args: tuple[str, ...] = ()
+            defaults: dict[str, Any] = {"lr": 1.0, "maximize": False}
+            unknown = sorted(set(hyperparams) - set(defaults))
+            if unknown:
+                raise ValueError(
+                    f"TransformOptimizer built from a transform takes only lr and maximize as "
+                    f"hyperparameters, got {', '.join(unknown)}: pass a factory (e.g. holotx.lamb) "
+                    "to have per-group hyperparameters")
+        elif callable(tx_or_factory):
+            self._factory = tx_or_factory
+            self._transform = None
+            defaults, self._factory_args, self._tensor_args = _factory_defaults(tx_or_factory, hyperparams)
+        else:
+            raise ValueError("tx_or_factory must be a holotx GradientTransformation or a function "
+                             f"returning one, got {type(tx_or_factory).__name__}")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+        self._state_dtype = state_dtype
+        self._runtimes: dict[int, _GroupRuntime] = {}
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; its hyperparameters are checked first (by
+        building its transform), so a bad value raises ``ValueError`` naming the argument
+        and the optimizer is left as it was."""
+        if isinstance(param_group, dict):
+            candidate = dict(param_group)
+            for name, default in self.defaults.items():
+                if default is not required:
+                    candidate.setdefault(name, default)
+            if self._factory is None:
+                _validate_lr(candidate.get("lr"))
+            if all(name in candidate for name in self._factory_args):
+                self._build(candidate)
+        super().add_param_group(param_group)
+
+    def _values(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {name: group[name] for name in self._factory_args}
+
+    def _build(self, group: dict[str, Any]) -> GradientTransformation:
+        """The group's transform, from the numbers in its dict."""
+        return self._transform_from(self._values(group), group.get("maximize", False))
+
+    def _transform_from(self, values: dict[str, Any], maximize: bool) -> GradientTransformation:
+        if self._factory is None:
+            assert self._transform is not None
+            tx = self._transform
+        else:
+            tx = self._factory(**{k: tuple(v) if isinstance(v, list) and _is_numeric(v) else v
+                                  for k, v in values.items()})
+            if not isinstance(tx, GradientTransformation):
+                raise ValueError(f"{_name(self._factory)} returned {type(tx).__name__}, "
+                                 "not a GradientTransformation")
+        if maximize and "maximize" not in self._factory_args:
+            tx = chain(scale(-1.0), tx)
+        return tx
+
+    def _signature(self, group: dict[str, Any]) -> list[Any]:
+        """What fixes the structure of the group's transform: the values that are not
+        numbers, and which numbers are Python zeros (a factory leaves a zero term out)."""
+        out: list[Any] = []
+        for name in (*self._factory_args, "maximize"):
+            value = group.get(name)
+            if name in self._tensor_args and _is_numeric(value):
+                out.append((name, _is_zero(value)))
+            else:
+                out.append((name, value))
+        return out
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One step for every group; returns the closure's loss (``None`` without one)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_groups()
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._step_group(group)
+        return loss
+
+    def _check_groups(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[torch.Tensor] = group["params"]
+        grads = [p.grad for p in params]
+        if not params or all(g is None for g in grads):
+            return
+        runtime, values, lr = self._prepare(group, torch.compiler.is_compiling())
+        tx = self._transform_from(values, group.get("maximize", False))
+        tx_params, tx_grads, upcast = self._working_copies(params, grads)
+        state = runtime.assemble(self.state, params)
+        factors: list[Any] = []
+        updates, state = tx.update(tx_grads, state, tx_params, donate=True, donate_updates=False,
+                                   **{FINAL_SCALE: factors})
+        runtime.scatter(self.state, params, state)
+        factor = factors[0] if factors else None
+        if self._factory is None:  # the group's lr multiplies the transform's updates
+            factor = lr if factor is None else factor * lr
+        if not upcast:
+            apply_updates(params, updates, inplace=True, scale=factor)
+            return
+        apply_updates(tx_params, updates, inplace=True, scale=factor)
+        for i in upcast:
+            params[i].copy_(tx_params[i])
+
+    @torch._disable_dynamo
+    def _prepare(self, group: dict[str, Any], compiling: bool) -> tuple[_GroupRuntime, dict[str, Any], Any]:
+        """The group's runtime (rebuilt, its state carried over key by key, when the
+        structure of its transform changed), the factory's arguments and the adapter's
+        lr. Outside any graph: under torch.compile the non-zero numbers become 0-d tensors
+        here, so the graph takes them as inputs and a new value (a scheduler's) needs no
+        recompile."""
+        signature = self._signature(group)
+        runtime = self._runtimes.get(id(group))
+        if runtime is None or runtime.signature != signature or runtime.group is not group:
+            runtime = self._new_runtime(group, signature, fresh=True)
+        values = self._values(group)
+        lr = group.get("lr")
+        if compiling:
+            device = group["params"][0].device
+            for name, value in values.items():
+                if name in self._tensor_args and _is_numeric(value) and not _is_zero(value):
+                    values[name] = _as_tensor(value, device)
+            if self._factory is None and _is_numeric(lr):
+                lr = _as_tensor(lr, device)
+        return runtime, values, lr
+
+    def _working_copies(self, params, grads):
+        """Params and grads as the transform sees them: lower-precision ones upcast to
+        ``state_dtype``; and the indices of those."""
+        sd = self._state_dtype
+        if sd is None:
+            return list(params), grads, []
+        upcast = [i for i, p in enumerate(params)
+                  if p.is_floating_point() and p.dtype != sd and p.dtype.itemsize < sd.itemsize]
+        if not upcast:
+            return list(params), grads, []
+        tx_params, tx_grads = list(params), list(grads)
+        for i in upcast:
+            tx_params[i] = params[i].to(sd)
+            tx_grads[i] = None if grads[i] is None else grads[i].to(sd)
+        return tx_params, tx_grads, upcast
+
+    @torch._disable_dynamo
+    def _new_runtime(self, group: dict[str, Any], signature: list[Any], *, fresh: bool) -> _GroupRuntime:
+        if not fresh:  # the state is all there: only its layout is needed
+            runtime = _GroupRuntime(group, signature, self._layout_for(group))
+        else:
+            params = group["params"]
+            tx_params, _, _ = self._working_copies(params, [None] * len(params))
+            with torch.no_grad():
+                init = self._build(group).init(tx_params)
+            runtime = _GroupRuntime(group, signature, StateLayout.of(init, params))
+            runtime.adopt(self.state, params, init)
+        self._runtimes[id(group)] = runtime
+        return runtime
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`. Everything is checked before anything changes: a
+        checkpoint of another algorithm or chain, other shapes, another number of groups
+        or params, missing or unexpected keys raise ``ValueError`` naming the group, the
+        param and the key, and leave the optimizer as it was. Tensors are moved to their
+        param's device; floating-point state takes the dtype this optimizer keeps."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("an optimizer state_dict has the keys 'state' and 'param_groups'")
+        saved_groups = deepcopy(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        new_groups = []
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {g} has {len(saved['params'])} params in the checkpoint, "
+                                 f"{len(group['params'])} here")
+            candidate = {**saved, "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                candidate["param_names"] = group["param_names"]
+            missing = [k for k in self._factory_args if k not in candidate]
+            if missing:
+                raise ValueError(f"param group {g} of the checkpoint lacks {', '.join(missing)}: "
+                                 "it was saved by another algorithm")
+            try:
+                self._build(candidate)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"param group {g} of the checkpoint does not fit this optimizer: "
+                                 f"{err}") from err
+            entries = [saved_state.get(i) for i in saved["params"]]
+            if any(e is not None for e in entries):
+                layout = self._layout_for(candidate)
+                new_state.update(_checked_entries(g, group, entries, layout))
+            new_groups.append(candidate)
+        # Nothing above changed the optimizer: now it takes the checkpoint.
+        self.state.clear()
+        self.state.update(new_state)
+        self.param_groups = new_groups
+        self._runtimes = {}
+        for group in self.param_groups:
+            if any(p in self.state for p in group["params"]):
+                self._new_runtime(group, self._signature(group), fresh=False)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _layout_for(self, group: dict[str, Any]) -> StateLayout:
+        tx = self._build(group)
+        params = group["params"]
+        meta, _, _ = self._working_copies([torch.empty_like(p, device="meta") for p in params],
+                                          [None] * len(params))
+        return StateLayout.of(tx.init(meta), params)
+
+    # -- copies and pickles ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_factory=self._factory, _transform=self._transform, _tensor_args=self._tensor_args,
+                     _factory_args=self._factory_args, _state_dtype=self._state_dtype)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._runtimes = {}
+        for group in self.param_groups:
+            if any(p in self.state for p in group["params"]):
+                self._new_runtime(group, self._signature(group), fresh=False)
+
+    def __repr__(self) -> str:
+        what = _name(self._factory) if self._factory is not None else "transform"
+        return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__} [{what}] (", 1)
+
+
+class _GroupRuntime:
+    """A group's state layout, for the structure its transform has now."""
+
+    __slots__ = ("group", "layout", "signature")
+
+    def __init__(self, group: dict[str, Any], signature: list[Any], layout: StateLayout) -> None:
+        self.group = group
+        self.signature = signature
+        self.layout = layout
+
+    def assemble(self, state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor]) -> Any:
+        """The group's pytree state, read from the per-param dicts."""
+        layout = self.layout
+        leaves = []
+        for key, owner in zip(layout.keys, layout.owners):
+            if key is None:
+                leaves.append(None)
+            else:
+                leaves.append(state[params[0 if owner is None else owner]].get(key))
+        return tree.unflatten(layout.spec, leaves)
+
+    def scatter(self, state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor],
+                new_state: Any) -> None:
+        """Write the group's new pytree state back into the per-param dicts."""
+        leaves, _ = tree.flatten(new_state)
+        layout = self.layout
+        if len(leaves) != len(layout.keys):
+            raise RuntimeError(f"the transform returned a state of {len(leaves)} leaves, its init had "
+                               f"{len(layout.keys)}: an update must keep the structure of its state")
+        for leaf, key, owner in zip(leaves, layout.keys, layout.owners):
+            if key is None:
+                continue
+            for p in params if owner is None else (params[owner],):
+                state[p][key] = leaf
+
+    def adopt(self, state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor], init: Any) -> None:
+        """Take ``init`` as the group's state, keeping every existing entry whose key,
+        shape and dtype still fit (a structure change carries the state over)."""
+        leaves, _ = tree.flatten(init)
+        layout = self.layout
+        keep: list[dict[str, Any]] = []
+        for p in params:
+            old = state.get(p, {})
+            keep.append({})
+            for key, owner, exp in zip(layout.keys, layout.owners, layout.expected):
+                if key is None or key not in old or (owner is not None and params[owner] is not p):
+                    continue
+                value = old[key]
+                if isinstance(value, torch.Tensor) and exp is not None and \
+                        (value.shape, value.dtype, value.device) == exp:
+                    keep[-1][key] = value
+        for p in params:
+            state[p] = {}
+        for leaf, key, owner in zip(leaves, layout.keys, layout.owners):
+            if key is None:
+                continue
+            for i in range(len(params)) if owner is None else (owner,):
+                state[params[i]][key] = keep[i].get(key, leaf)
+
+
+def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
+                     layout: StateLayout) -> dict[torch.Tensor, dict[str, Any]]:
+    """The checkpoint's entries for one group, checked against its layout and cast."""
+    params = group["params"]
+    names = group.get("param_names")
+    expected_keys = layout.keys_per_param(len(params))
+    where: dict[tuple[int, str], tuple[torch.Size, torch.dtype, torch.device]] = {}
+    for key, owner, exp in zip(layout.keys, layout.owners, layout.expected):
+        if key is not None and exp is not None:
+            for i in range(len(params)) if owner is None else (owner,):
+                where[(i, key)] = exp
+    out: dict[torch.Tensor, dict[str, Any]] = {}
+    for i, (p, entry) in enumerate(zip(params, entries)):
+        label = f"param group {g}, param {i}" + (f" ({names[i]})" if names else "")
+        if entry is None:
+            raise ValueError(f"{label} has no state in the checkpoint, while other params of its group do")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{label}: its state in the checkpoint is a {type(entry).__name__}, not a dict")
+        entry = _dotted(entry)
+        missing = sorted(expected_keys[i] - set(entry))
+        unexpected = sorted(set(entry) - expected_keys[i])
+        if missing or unexpected:
+            raise ValueError(
+                f"{label}: the checkpoint's state has keys {sorted(entry)}, this optimizer expects "
+                f"{sorted(expected_keys[i])} (missing {missing}, unexpected {unexpected}): it was saved by "
+                "another algorithm or chain")
+        cast = {}
+        for key, value in entry.items():
+            shape, dtype, device = where[(i, key)]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{label}, key {key!r}: expected a tensor, got {type(value).__name__}")
+            if value.shape != shape:
+                raise ValueError(f"{label}, key {key!r}: shape {tuple(value.shape)} in the checkpoint, "
+                                 f"{tuple(shape)} expected")
+            if value.is_floating_point() != dtype.is_floating_point:
+                raise ValueError(f"{label}, key {key!r}: dtype {value.dtype} in the checkpoint, "
+                                 f"{dtype} expected")
+            cast[key] = value.to(device=device, dtype=dtype, copy=True)
+        out[p] = cast
+    # A group-wide leaf is one tensor under every param; give them one tensor again.
+    for key, owner in zip(layout.keys, layout.owners):
+        if key is not None and owner is None:
+            first = out[params[0]][key]
+            for p in params[1:]:
+                out[p][key] = first
+    return out
+
+
+def _dotted(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A param's state with nested dicts flattened to dotted keys (a flattened
+    ``torch.distributed.checkpoint`` splits ``"inner_state.mu"`` at its dots)."""
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _validate_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element, got shape {tuple(lr.shape)}")
+        return
+    if isinstance(lr, bool) or not isinstance(lr, Number) or not lr >= 0:
+        raise ValueError(f"lr must be a number >= 0 or a 0-d tensor, got {lr!r}")
+
+
+def _as_tensor(value: Any, device: torch.device) -> Any:
+    """A number (or a tuple of them) as 0-d float64 tensors (float32 on MPS) on ``device``."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_tensor(v, device) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _factory_defaults(factory: Factory, given: dict[str, Any]
+                      ) -> tuple[dict[str, Any], tuple[str, ...], frozenset[str]]:
+    """The group defaults of a factory: its keyword arguments' defaults (``required``
+    where there is none), the adapter's ``lr``/``maximize`` where it does not take them,
+    then ``given``; the factory's argument names; those that may be 0-d tensors."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot read the arguments of {_name(factory)}: {err}") from err
+    defaults: dict[str, Any] = {}
+    tensor_args = set()
+    for name, p in signature.parameters.items():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise ValueError(f"{_name(factory)} has a positional-only argument {name!r}: "
+                             "the adapter passes hyperparameters by name")
+        defaults[name] = required if p.default is inspect.Parameter.empty else p.default
+        if _admits_tensor(p.annotation):
+            tensor_args.add(name)
+    args = tuple(defaults)
+    unknown = sorted(set(given) - set(defaults) - set(_ADAPTER_KEYS))
+    if unknown:
+        raise ValueError(f"{_name(factory)} has no argument {', '.join(map(repr, unknown))}; "
+                         f"its arguments are {', '.join(args)}")
+    if "lr" in given and "lr" not in defaults:
+        raise ValueError(f"{_name(factory)} takes no lr: the adapter's lr applies to transforms only")
+    defaults.setdefault("maximize", False)
+    defaults.update(given)
+    return defaults, args, frozenset(tensor_args)
+
+
+def _admits_tensor(annotation: Any) -> bool:
+    """Whether an argument may be a 0-d tensor: unannotated, or typed with holotx's
+    ``Scalar`` (``float | Tensor``) or a type naming ``Tensor``."""
+    if annotation is inspect.Parameter.empty:
+        return True
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return "Scalar" in text or "Tensor" in text
+
+
+def _is_numeric(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, Number) or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point()):
+        return True
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(
+        (isinstance(v, Number) and not isinstance(v, bool)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+        for v in x)
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _name(factory: Any) -> str:
+    module = getattr(factory, "__module__", "") or ""
+    name = getattr(factory, "__qualname__", None) or type(factory).__name__
+    if module.startswith("holotx"):
+        module = "holotx"
+    return f"{module}.{name}" if module else name

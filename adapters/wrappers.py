@@ -1,0 +1,322 @@
+"""Lookahead and Scout around any ``torch.optim.Optimizer`` (holotx's or torch's own).
+
+The same rule as :func:`holotx.lookahead` and :func:`holotx.scout`, at the level of an
+optimizer: the base optimizer moves the params (the fast weights); after every
+``sync_period`` of a param's steps, its slow weights move towards it,
+``slow += rate * (fast - slow)``, and the param is put on them. Scout's rate is
+:math:`\\max(1 - C, \\text{sync\\_rate})`, with :math:`C` computed, as in
+:func:`holotx.scout`, from the param changes of the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from holotx.optimizers._common import holocron_mode
+from holotx.wrappers._sync import validate_sync
+from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums, coherence_rate
+
+__all__ = ["Lookahead", "Scout"]
+
+
+class _SyncWrapper(Optimizer):
+    """What Lookahead and Scout share: the base optimizer's groups seen as the wrapper's
+    own (so a scheduler on the wrapper reaches them), per-param step counts, slow weights
+    created at a param's first step, and a state dict that holds both."""
+
+    prefix = ""
+    _stat_keys: tuple[str, ...] = ()
+
+    def __init__(self, base_optimizer: Optimizer, sync_rate: float = 0.5, sync_period: int = 6, *,
+                 compat: str | None = None) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise ValueError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got "
+                             f"{type(base_optimizer).__name__}")
+        validate_sync(sync_rate, sync_period)
+        holocron_mode(compat)
+        self.base_optimizer = base_optimizer
+        self.sync_rate = sync_rate
+        self.sync_period = sync_period
+        self.compat = compat
+        # torch's Optimizer.__init__ would copy the groups; __setstate__ sets up the hooks.
+        self._own: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        Optimizer.__setstate__(self, {"defaults": base_optimizer.defaults})
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = groups
+
+    @property
+    def state(self) -> defaultdict[torch.Tensor, dict[str, Any]]:  # type: ignore[override]
+        """Per param, the base optimizer's state and the wrapper's (``lookahead_slow``,
+        ``lookahead_count``, ...), merged into one dict as :meth:`state_dict` saves them
+        (``torch.distributed.checkpoint`` reads the keys here). A view: write into the
+        tensors, not into the dicts."""
+        merged: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for p, entry in self.base_optimizer.state.items():
+            merged[p].update(entry)
+        for p, entry in self._own.items():
+            merged[p].update(entry)
+        return merged
+
+    @state.setter
+    def state(self, value: dict[torch.Tensor, dict[str, Any]]) -> None:
+        self._own = defaultdict(dict, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; its params get their slow weights at their
+        first step."""
+        self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}_{name}"
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _init_param(self, p: torch.Tensor) -> None:
+        self._own[p] = {self._key("slow"): p.detach().clone(),
+                         self._key("count"): torch.zeros((), dtype=torch.int64)}
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """The base optimizer's step, then the synchronisation of the params whose window
+        ends. Returns the closure's loss."""
+        params = self._params()
+        with torch.no_grad():
+            for p in params:
+                if p not in self._own:
+                    self._init_param(p)
+            self._before(params)
+        loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
+        with torch.no_grad():
+            holocron = self.compat == "holocron"
+            # A param without a gradient was not stepped by the base optimizer; Holocron's
+            # wrappers count it all the same.
+            stepped = [p for p in params if holocron or p.grad is not None]
+            ends = []
+            for p in stepped:
+                count = self._own[p][self._key("count")]
+                count.add_(1)
+                if int(count) % self.sync_period == 0:
+                    ends.append(p)
+            self._after(stepped, ends)
+        return loss
+
+    def _before(self, params: list[torch.Tensor]) -> None:
+        pass
+
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _synchronize(self, ends: list[torch.Tensor], rate: Any) -> None:
+        """``slow += rate * (fast - slow)`` (only for a rate > 0: a NaN rate leaves the slow
+        weights), then the params take the slow weights."""
+        if not ends:
+            return
+        slow = [self._own[p][self._key("slow")] for p in ends]
+        if rate > 0:
+            torch._foreach_lerp_(slow, ends, float(rate))
+        torch._foreach_copy_(ends, slow)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, each param's entry holding the wrapper's state
+        too (``lookahead_slow``, ``lookahead_count``, ...), each group recording
+        ``sync_rate`` and ``sync_period``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        base = self.base_optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(self._params())}
+        state = {k: dict(v) for k, v in base["state"].items()}
+        for p, entry in self._own.items():
+            state.setdefault(index[id(p)], {}).update(entry)
+        groups = [{**g, self._key("sync_rate"): self.sync_rate, self._key("sync_period"): self.sync_period}
+                  for g in base["param_groups"]]
+        state_dict = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the wrapper's state and the base optimizer's. The wrapper's part is
+        checked first (its keys, shapes, ``sync_period``), then the base optimizer loads
+        its own; if either fails, nothing has changed."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        name = type(self).__name__
+        params = self._params()
+        ours = {self._key(k) for k in ("slow", "count", *self._stat_keys)}
+        groups = state_dict["param_groups"]
+        for g, group in enumerate(groups):
+            # A flattened torch.distributed.checkpoint keeps only the live groups' keys.
+            period = group.get(self._key("sync_period"), self.sync_period)
+            if period != self.sync_period:
+                raise ValueError(f"param group {g} of the checkpoint was saved with sync_period={period}, "
+                                 f"this {name} has {self.sync_period}")
+        saved_ids = [i for group in groups for i in group["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"the checkpoint has {len(saved_ids)} params, this {name} {len(params)}")
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        base_state: dict[Any, dict[str, Any]] = {}
+        for i, p in zip(saved_ids, params):
+            entry = dict(state_dict["state"].get(i, {}))
+            mine = {k: entry.pop(k) for k in list(entry) if k in ours}
+            if entry:
+                base_state[i] = entry
+            if not mine:
+                continue
+            if set(mine) != ours:
+                raise ValueError(f"param {i}: the checkpoint has {sorted(mine)}, {name} expects "
+                                 f"{sorted(ours)}")
+            new_state[p] = {}
+            for k, v in mine.items():
+                expected = p.shape if k != self._key("count") else torch.Size([])
+                if not isinstance(v, torch.Tensor) or v.shape != expected:
+                    raise ValueError(f"param {i}, key {k!r}: expected a tensor of shape {tuple(expected)}")
+                if k == self._key("count"):
+                    new_state[p][k] = v.to(device="cpu", dtype=torch.int64, copy=True)
+                else:
+                    dtype = self._dtype(k, p)
+                    new_state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
+        base_groups = [{k: v for k, v in group.items()
+                        if k not in (self._key("sync_rate"), self._key("sync_period"))} for group in groups]
+        self.base_optimizer.load_state_dict({"state": base_state, "param_groups": base_groups})
+        self.sync_rate = groups[0].get(self._key("sync_rate"), self.sync_rate) if groups else self.sync_rate
+        self._own = defaultdict(dict, new_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _dtype(self, key: str, p: torch.Tensor) -> torch.dtype:
+        return p.dtype
+
+    # -- copies and printing --------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"base_optimizer": self.base_optimizer, "sync_rate": self.sync_rate,
+                "sync_period": self.sync_period, "compat": self.compat, "state": self._own,
+                "defaults": self.base_optimizer.defaults}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self._own = defaultdict(dict, state.pop("state"))
+        Optimizer.__setstate__(self, state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SyncWrapper:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
+        compat = f", compat={self.compat!r}" if self.compat else ""
+        return (f"{type(self).__name__}(sync_rate={self.sync_rate}, sync_period={self.sync_period}{compat}) "
+                f"around\n{inner}")
+
+
+class Lookahead(_SyncWrapper):
+    """Lookahead (Zhang et al., 2019, "Lookahead Optimizer: k steps forward, 1 step
+    back") around any optimizer, with ``holocron.optim.Lookahead``'s signature.
+
+    After every ``sync_period`` steps of a param (default 6), its slow weights move
+    towards it by ``sync_rate`` (default 0.5) and the param is put on them. The base
+    optimizer's state carries on across synchronisations. Counts are per param: one
+    whose ``.grad`` is ``None`` at a step was not stepped and does not count it
+    (``compat="holocron"`` counts every step for every param, as Holocron does).
+
+    Differences from Holocron 0.3.0: the slow weights are taken at a param's first step
+    (Holocron takes them when wrapping), ``add_param_group`` works, ``state_dict`` saves
+    the slow weights and counts and loads them back (Holocron's raises on torch >= 2.1),
+    and an LR scheduler on the wrapper reaches the base optimizer's groups (Holocron's
+    changes a copy).
+    """
+
+    prefix = "lookahead"
+
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
+        self._synchronize(ends, self.sync_rate)
+
+
+class Scout(_SyncWrapper):
+    """Holocron's Scout around any optimizer: :class:`Lookahead` whose rate is
+    :math:`\\max(1 - C, \\text{sync\\_rate})`, :math:`C` the mean over the params that
+    synchronise of the mean, over their elements, of std/max-deviation of the element's
+    changes over the window (see :func:`holotx.scout`).
+
+    The changes are the params' realised ones, ``p_after - p_before`` around each base
+    step, accumulated in O(1) memory per element (Welford's mean and M2, the minimum and
+    the maximum: float32 for half-precision params). By default, elements whose changes
+    were constant over the window are left out, so the rate is never NaN;
+    ``compat="holocron"`` reproduces Holocron 0.3.0, NaN included (a NaN rate puts the
+    params back on the slow weights without an outer step). Also see :class:`Lookahead`
+    for counts, checkpoints and schedulers.
+    """
+
+    prefix = "scout"
+    _stat_keys = ("mean", "m2", "min", "max")
+
+    def _dtype(self, key: str, p: torch.Tensor) -> torch.dtype:
+        if key == self._key("slow") or self.compat == "holocron":
+            return p.dtype
+        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+    def _init_param(self, p: torch.Tensor) -> None:
+        super()._init_param(p)
+        dtype = self._dtype(self._key("mean"), p)
+        for key, fill in (("mean", 0.0), ("m2", 0.0), ("min", math.inf), ("max", -math.inf)):
+            self._own[p][self._key(key)] = torch.full_like(p, fill, dtype=dtype,
+                                                            memory_format=torch.preserve_format)
+
+    def _before(self, params: list[torch.Tensor]) -> None:
+        # The params before the base step (with a closure, which params get a gradient is
+        # known only after it).
+        self._previous = {p: p.detach().clone() for p in params}
+
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
+        previous, self._previous = self._previous, {}
+        if not stepped:
+            return
+        k = self.sync_period
+        holocron = self.compat == "holocron"
+        by_dtype: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in stepped:
+            by_dtype.setdefault((p.device, p.dtype), []).append(p)
+        ending = set(ends)
+        sums: list[Any] = []
+        for ps in by_dtype.values():
+            st = [self._own[p] for p in ps]
+            mean, m2, low, high = ([s[self._key(n)] for s in st] for n in self._stat_keys)
+            dtype = mean[0].dtype
+            change = [(p.to(dtype) - previous[p].to(dtype)) for p in ps]
+            weight = [1.0 / ((int(s[self._key("count")]) - 1) % k + 1) for s in st]
+            _accumulate(change, mean, m2, low, high, weight, inplace=True)
+            flags = [p in ending for p in ps]
+            for j, flag in enumerate(flags):
+                if flag:
+                    sums.append(_spread_ratio_sums(mean[j], m2[j], low[j], high[j], k, holocron, None))
+            _fresh_window(flags, mean, m2, low, high, inplace=True)
+        if not ends:
+            return
+        rate = coherence_rate(sums, [True] * len(sums), self.sync_rate, holocron=holocron,
+                              device=torch.device("cpu"))
+        self._synchronize(ends, rate if not isinstance(rate, torch.Tensor) else rate.item())
