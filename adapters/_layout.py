@@ -32,6 +32,10 @@ class StateLayout:
     """Per leaf: the index of its param in the group, or ``None`` for a group-wide leaf."""
     expected: tuple[tuple[torch.Size, torch.dtype, torch.device] | None, ...]
     """Per tensor leaf: the shape, dtype and device a loaded value must have."""
+    template: Any
+    """The state's containers with each leaf's index in its place: :meth:`build` fills
+    them in plain Python, which torch.compile traces (it cannot call ``unflatten`` on a
+    structure made outside the graph)."""
 
     @classmethod
     def of(cls, state: Any, params: list[torch.Tensor]) -> StateLayout:
@@ -72,7 +76,12 @@ class StateLayout:
             if device.type == "meta":
                 device = params[owner if owner is not None else 0].device
             expected.append((leaf.shape, leaf.dtype, device))
-        return cls(spec, tuple(names), tuple(owners), tuple(expected))
+        template = optree.tree_unflatten(spec, list(range(len(leaves))))
+        return cls(spec, tuple(names), tuple(owners), tuple(expected), template)
+
+    def build(self, leaves: list[Any]) -> Any:
+        """The state with these leaves (in flattening order)."""
+        return _fill(self.template, leaves)
 
     def keys_per_param(self, n: int) -> list[set[str]]:
         """The keys each of the ``n`` params of the group has in its state dict."""
@@ -83,6 +92,19 @@ class StateLayout:
             for i in range(n) if owner is None else (owner,):
                 out[i].add(key)
         return out
+
+
+def _fill(node: Any, leaves: list[Any]) -> Any:
+    if isinstance(node, int):
+        return leaves[node]
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*(_fill(x, leaves) for x in node))
+    if isinstance(node, (tuple, list)):
+        return type(node)(_fill(x, leaves) for x in node)
+    if isinstance(node, dict):
+        return type(node)((k, _fill(v, leaves)) for k, v in node.items())
+    raise TypeError(f"cannot rebuild a state holding a {type(node).__name__}: register it as a pytree "
+                    "of tuples, lists, dicts or NamedTuples")
 
 
 def _path_key(entries: list[Any]) -> tuple[Any, ...]:

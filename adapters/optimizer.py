@@ -192,13 +192,16 @@ class TransformOptimizer(Optimizer):
         grads = [p.grad for p in params]
         if not params or all(g is None for g in grads):
             return
-        runtime, values, lr = self._prepare(group, torch.compiler.is_compiling())
+        compiling = torch.compiler.is_compiling()
+        runtime, values, lr = self._prepare(group, compiling)
         tx = self._transform_from(values, group.get("maximize", False))
         tx_params, tx_grads, upcast = self._working_copies(params, grads)
         state = runtime.assemble(self.state, params)
+        # Eager, the chain's last scaling (the lr) is applied with the update, in one pass;
+        # compiled, the compiler fuses it, and better without the hand-over (as make_step).
         factors: list[Any] = []
-        updates, state = tx.update(tx_grads, state, tx_params, donate=True, donate_updates=False,
-                                   **{FINAL_SCALE: factors})
+        extra = {} if compiling else {FINAL_SCALE: factors}
+        updates, state = tx.update(tx_grads, state, tx_params, donate=True, donate_updates=False, **extra)
         runtime.scatter(self.state, params, state)
         factor = factors[0] if factors else None
         if self._factory is None:  # the group's lr multiplies the transform's updates
@@ -363,7 +366,7 @@ class _GroupRuntime:
                 leaves.append(None)
             else:
                 leaves.append(state[params[0 if owner is None else owner]].get(key))
-        return tree.unflatten(layout.spec, leaves)
+        return layout.build(leaves)
 
     def scatter(self, state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor],
                 new_state: Any) -> None:

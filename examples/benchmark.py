@@ -13,6 +13,9 @@ holotx's paths:
 
 - pure: ``updates, state = tx.update(...)`` then ``apply_updates``: nothing is mutated;
 - donated: the same code told it owns the state and grads (``donate=True``), in place;
+- adapter: :class:`holotx.adapters.TransformOptimizer` over the same factory, grads in
+  ``.grad`` (it donates its state, never the grads); with ``--adapter-compiled``, also
+  ``torch.compile(opt.step)``;
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
   dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; flat segmented compiled:
   the same over a buffer aligned to rows of 256 values, passing ``segments=`` so that
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import statistics
 import sys
 import time
@@ -40,6 +44,7 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -117,7 +122,9 @@ def _holocron_wrapper(name: str) -> Callable[..., torch.optim.Optimizer] | None:
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    holotx: Callable[[], holotx.GradientTransformation]
+    holotx: partial[holotx.GradientTransformation]
+    """holotx's factory and hyperparameters: ``algo.holotx()`` is the transform, and the
+    adapter is ``TransformOptimizer(params, algo.holotx.func, **hyperparameters)``."""
     torch: Callable[..., torch.optim.Optimizer] | None
     torch_variants: tuple[str, ...]
     bytes_per_param: float
@@ -140,34 +147,34 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "adamw": Algorithm("AdamW", lambda: holotx.adamw(1e-3, weight_decay=1e-2),
+    "adamw": Algorithm("AdamW", partial(holotx.adamw, 1e-3, weight_decay=1e-2),
                        lambda ps, **kw: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, **kw),
                        ("for-loop", "foreach", "fused"), 28),
-    "adam": Algorithm("Adam", lambda: holotx.adam(1e-3),
+    "adam": Algorithm("Adam", partial(holotx.adam, 1e-3),
                       lambda ps, **kw: torch.optim.Adam(ps, lr=1e-3, **kw),
                       ("for-loop", "foreach", "fused"), 28),
-    "sgd": Algorithm("SGD momentum", lambda: holotx.sgd(1e-3, momentum=0.9),
+    "sgd": Algorithm("SGD momentum", partial(holotx.sgd, 1e-3, momentum=0.9),
                      lambda ps, **kw: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **kw),
                      ("for-loop", "foreach", "fused"), 20),
-    "radam": Algorithm("RAdam", lambda: holotx.radam(1e-3),
+    "radam": Algorithm("RAdam", partial(holotx.radam, 1e-3),
                        lambda ps, **kw: torch.optim.RAdam(ps, lr=1e-3, **kw),
                        ("for-loop", "foreach"), 28),
     # Holocron's eight, default hyperparameters (LARS with momentum, so it keeps a buffer).
-    "lars": Algorithm("LARS", lambda: holotx.lars(1e-3, momentum=0.9), None, (), 28,
+    "lars": Algorithm("LARS", partial(holotx.lars, 1e-3, momentum=0.9), None, (), 28,
                       lambda: _holocron("LARS", lr=1e-3, momentum=0.9), per_tensor=True, segments=True),
-    "lamb": Algorithm("LAMB", lambda: holotx.lamb(1e-3), None, (), 40,
+    "lamb": Algorithm("LAMB", partial(holotx.lamb, 1e-3), None, (), 40,
                       lambda: _holocron("LAMB", lr=1e-3), per_tensor=True, segments=True),
-    "ralars": Algorithm("RaLars", lambda: holotx.ralars(1e-3), None, (), 40,
+    "ralars": Algorithm("RaLars", partial(holotx.ralars, 1e-3), None, (), 40,
                         lambda: _holocron("RaLars", lr=1e-3), per_tensor=True, segments=True),
-    "tadam": Algorithm("TAdam", lambda: holotx.tadam(1e-3), None, (), 40,
+    "tadam": Algorithm("TAdam", partial(holotx.tadam, 1e-3), None, (), 40,
                        lambda: _holocron("TAdam", lr=1e-3), per_tensor=True),
-    "adabelief": Algorithm("AdaBelief", lambda: holotx.adabelief(1e-3), None, (), 28,
+    "adabelief": Algorithm("AdaBelief", partial(holotx.adabelief, 1e-3), None, (), 28,
                            lambda: _holocron("AdaBelief", lr=1e-3)),
-    "adamp": Algorithm("AdamP", lambda: holotx.adamp(1e-3), None, (), 40,
+    "adamp": Algorithm("AdamP", partial(holotx.adamp, 1e-3), None, (), 40,
                        lambda: _holocron("AdamP", lr=1e-3), per_tensor=True),
-    "adan": Algorithm("Adan", lambda: holotx.adan(1e-3), None, (), 44,
+    "adan": Algorithm("Adan", partial(holotx.adan, 1e-3), None, (), 44,
                       lambda: _holocron("Adan", lr=1e-3)),
-    "ademamix": Algorithm("AdEMAMix", lambda: holotx.ademamix(1e-3), None, (), 36,
+    "ademamix": Algorithm("AdEMAMix", partial(holotx.ademamix, 1e-3), None, (), 36,
                           lambda: _holocron("AdEMAMix", lr=1e-3)),
     # The wrappers around AdamW, default sync rate 0.5 and period 6. Lookahead adds a read
     # and a write of the slow weights at every 6th step: 28 + 8/6 B. Scout also reads and
@@ -175,9 +182,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     # pass (read and write the params and slow weights, +16 B) once the rate, a reduction
     # over all tensors, is known: (5 * 60 + 76) / 6 B.
     "lookahead_adamw": Algorithm("Lookahead(AdamW)",
-                                 lambda: holotx.lookahead(holotx.adamw(1e-3, weight_decay=1e-2)), None, (),
+                                 partial(holotx.lookahead, holotx.adamw(1e-3, weight_decay=1e-2)), None, (),
                                  28 + 8 / 6, lambda: _holocron_wrapper("Lookahead"), period=6),
-    "scout_adamw": Algorithm("Scout(AdamW)", lambda: holotx.scout(holotx.adamw(1e-3, weight_decay=1e-2)),
+    "scout_adamw": Algorithm("Scout(AdamW)", partial(holotx.scout, holotx.adamw(1e-3, weight_decay=1e-2)),
                              None, (), (5 * 60 + 76) / 6, lambda: _holocron_wrapper("Scout"),
                              per_tensor=True, segments=True, period=6),
 }
@@ -267,6 +274,22 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
     raise ValueError(path)
 
 
+def adapter_step(algo: Algorithm, compiled: bool, shapes) -> Callable[[], object]:
+    """A step of :class:`holotx.adapters.TransformOptimizer` built as a user would: the
+    factory and its hyperparameters (one param group), the grads in ``.grad``; with
+    ``compiled``, ``torch.compile(opt.step)``."""
+    from holotx.adapters import TransformOptimizer
+
+    params, grads = make_tensors(shapes)
+    params = [p.requires_grad_() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    factory = algo.holotx.func
+    hyperparams = inspect.signature(factory).bind(*algo.holotx.args, **algo.holotx.keywords).arguments
+    step = TransformOptimizer(params, factory, **hyperparams).step
+    return torch.compile(step) if compiled else step
+
+
 def median_ms(step: Callable[[], object], steps: int, warmup: int, period: int = 1) -> float:
     """The median over ``steps`` timings of the mean time per step over ``period`` steps."""
     for _ in range(warmup * period):
@@ -310,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best median counts")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    parser.add_argument("--adapter-compiled", action="store_true",
+                        help="also time torch.compile(opt.step) of the adapter (slow to compile)")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
@@ -352,6 +377,9 @@ def run(args: argparse.Namespace) -> None:
                        "list compiled" if algo.per_tensor else "flat compiled")
             for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):
                 steps_by_label[f"holotx {path}"] = holotx_step(algo, path, shapes)
+            steps_by_label["holotx adapter"] = adapter_step(algo, False, shapes)
+            if args.adapter_compiled:
+                steps_by_label["holotx adapter compiled"] = adapter_step(algo, True, shapes)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)
             del steps_by_label
             rows = [(label, ms, first) for label, (first, ms) in results.items()]

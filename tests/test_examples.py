@@ -70,7 +70,7 @@ def test_benchmark_runs_tiny(keep_threads, capsys):
     benchmark.main(["--sets", "small", "--optimizers", "adamw", "--steps", "1", "--warmup", "0",
                     "--no-compile", "--threads", "1"])
     out = capsys.readouterr().out
-    for label in ("torch fused", "holotx pure", "holotx donated", "memory floor"):
+    for label in ("torch fused", "holotx pure", "holotx donated", "holotx adapter", "memory floor"):
         assert label in out
 
 
@@ -83,6 +83,7 @@ def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
     for name in ("LAMB", "Adan", r"Lookahead\(AdamW\)"):
         assert re.search(rf"^{name} +Holocron \(pylocron\) ", out, flags=re.MULTILINE), name
         assert re.search(rf"^{name} +holotx donated ", out, flags=re.MULTILINE), name
+        assert re.search(rf"^{name} +holotx adapter ", out, flags=re.MULTILINE), name
     for floor in ("(40 B/param)", "(44 B/param)", "(29.3 B/param)"):
         assert floor in out
 
