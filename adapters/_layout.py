@@ -11,6 +11,7 @@ group's, and is stored, the same tensor, under every param of the group.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,11 +63,15 @@ class StateLayout:
             owners.append(owner)
             names.append(_name(entries, short=True) if isinstance(leaf, torch.Tensor) else None)
         # Chain positions are left out of the names unless two leaves of one param would
-        # then share a name (a chain of two momentum traces).
-        seen = [(k, o) for k, o in zip(names, owners) if k is not None]
-        if len(set(seen)) != len(seen):
-            names = [_name(list(a), short=False, drop_last=o is not None) if k is not None else None
-                     for a, k, o in zip(accessors, names, owners)]
+        # then share a name (a chain of two momentum traces; Adam's per-param count and a
+        # schedule's group-wide one): those take their full paths.
+        group_wide = Counter(k for k, o in zip(names, owners) if k is not None and o is None)
+        per_param = Counter((k, o) for k, o in zip(names, owners) if k is not None and o is not None)
+        clashing = {k for k, n in group_wide.items() if n > 1}
+        clashing |= {k for (k, _), n in per_param.items() if n > 1}
+        clashing |= {k for k, _ in per_param} & set(group_wide)
+        names = [_name(list(a), short=False, drop_last=o is not None) if k in clashing else k
+                 for a, k, o in zip(accessors, names, owners)]
         expected = []
         for leaf, owner in zip(leaves, owners):
             if not isinstance(leaf, torch.Tensor):

@@ -103,6 +103,7 @@ class TransformOptimizer(Optimizer):
                     f"TransformOptimizer built from a transform takes only lr and maximize as "
                     f"hyperparameters, got {', '.join(unknown)}: pass a factory (e.g. holotx.lamb) "
                     "to have per-group hyperparameters")
+            defaults.update(hyperparams)
         elif callable(tx_or_factory):
             self._factory = tx_or_factory
             self._transform = None
@@ -128,11 +129,20 @@ class TransformOptimizer(Optimizer):
             for name, default in self.defaults.items():
                 if default is not required:
                     candidate.setdefault(name, default)
-            if self._factory is None:
-                _validate_lr(candidate.get("lr"))
             if all(name in candidate for name in self._factory_args):
-                self._build(candidate)
+                self._check_group(candidate)
         super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """``ValueError`` naming the argument if the group's hyperparameters are invalid
+        (its transform is built once to find out)."""
+        if self._factory is None:
+            _validate_lr(group.get("lr"))
+        for name in self._tensor_args:
+            value = group.get(name)
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+        self._build(group)
 
     def _values(self, group: dict[str, Any]) -> dict[str, Any]:
         return {name: group[name] for name in self._factory_args}
@@ -295,12 +305,17 @@ class TransformOptimizer(Optimizer):
             candidate = {**saved, "params": group["params"]}
             if "param_names" in group and "param_names" not in saved:
                 candidate["param_names"] = group["param_names"]
-            missing = [k for k in self._factory_args if k not in candidate]
-            if missing:
-                raise ValueError(f"param group {g} of the checkpoint lacks {', '.join(missing)}: "
-                                 "it was saved by another algorithm")
+            # A checkpoint from before an argument existed takes its default (torch.optim's
+            # rule for flags added later); a checkpoint of another algorithm is told by its
+            # state keys below.
+            for name, default in self.defaults.items():
+                if name not in candidate:
+                    if default is required:
+                        raise ValueError(f"param group {g} of the checkpoint lacks {name}, which this "
+                                         "optimizer requires")
+                    candidate[name] = default
             try:
-                self._build(candidate)
+                self._check_group(candidate)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"param group {g} of the checkpoint does not fit this optimizer: "
                                  f"{err}") from err
