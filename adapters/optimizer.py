@@ -73,11 +73,18 @@ class TransformOptimizer(Optimizer):
 
     The step is the donated one of DESIGN.md: the optimizer owns its state, so the
     transform updates it in place, and the learning rate is applied as the params are
-    (``p += lr * u``, one pass). The ``.grad`` tensors are never written.
+    (``p += lr * u``, one pass). The ``.grad`` tensors are left as they were (unless ``donate_grads``).
 
     ``state_dtype`` (e.g. ``torch.float32``) keeps the state of lower-precision params
     (bfloat16, float16) in that dtype: the transform sees their gradients and params
     upcast, and each update is added to the upcast param and rounded once into the param.
+
+    ``donate_grads=True`` lets the step use the ``.grad`` tensors as scratch, as the
+    functional donated step does: they hold garbage after it (torch.optim leaves them as
+    they were; a loop that calls ``zero_grad()`` after each step never sees the
+    difference). On a CPU this spares the allocation of one buffer per param per step,
+    whose page faults cost more than a pass over memory (about 20% of an AdamW step on
+    the ResNet-50 set).
 
     ``torch.compile(opt.step)`` gives the eager numbers; the group's numbers are read
     outside the graph (one graph break), so a scheduler changing ``lr`` never recompiles.
@@ -89,6 +96,7 @@ class TransformOptimizer(Optimizer):
         tx_or_factory: GradientTransformation | Factory,
         *,
         state_dtype: torch.dtype | None = None,
+        donate_grads: bool = False,
         **hyperparams: Any,
     ) -> None:
         if isinstance(tx_or_factory, GradientTransformation):
@@ -115,6 +123,9 @@ class TransformOptimizer(Optimizer):
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
         self._state_dtype = state_dtype
+        if not isinstance(donate_grads, bool):
+            raise ValueError(f"donate_grads must be a bool, got {donate_grads!r}")
+        self._donate_grads = donate_grads
         self._runtimes: dict[int, _GroupRuntime] = {}
         super().__init__(params, defaults)
 
@@ -211,7 +222,8 @@ class TransformOptimizer(Optimizer):
         # compiled, the compiler fuses it, and better without the hand-over (as make_step).
         factors: list[Any] = []
         extra = {} if compiling else {FINAL_SCALE: factors}
-        updates, state = tx.update(tx_grads, state, tx_params, donate=True, donate_updates=False, **extra)
+        updates, state = tx.update(tx_grads, state, tx_params, donate=True,
+                                   donate_updates=self._donate_grads, **extra)
         runtime.scatter(self.state, params, state)
         factor = factors[0] if factors else None
         if self._factory is None:  # the group's lr multiplies the transform's updates
@@ -347,7 +359,8 @@ class TransformOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(_factory=self._factory, _transform=self._transform, _tensor_args=self._tensor_args,
-                     _factory_args=self._factory_args, _state_dtype=self._state_dtype)
+                     _factory_args=self._factory_args, _state_dtype=self._state_dtype,
+                     _donate_grads=self._donate_grads)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -14,8 +14,9 @@ holotx's paths:
 - pure: ``updates, state = tx.update(...)`` then ``apply_updates``: nothing is mutated;
 - donated: the same code told it owns the state and grads (``donate=True``), in place;
 - adapter: :class:`holotx.adapters.TransformOptimizer` over the same factory, grads in
-  ``.grad`` (it donates its state, never the grads); with ``--adapter-compiled``, also
-  ``torch.compile(opt.step)``;
+  ``.grad`` (it donates its state, not the grads: one fresh buffer per param per step);
+  "donate_grads": the same letting the step use the ``.grad`` tensors as scratch, as the
+  donated functional step does; with ``--adapter-compiled``, also ``torch.compile(opt.step)``;
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
   dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; flat segmented compiled:
   the same over a buffer aligned to rows of 256 values, passing ``segments=`` so that
@@ -274,10 +275,10 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
     raise ValueError(path)
 
 
-def adapter_step(algo: Algorithm, compiled: bool, shapes) -> Callable[[], object]:
+def adapter_step(algo: Algorithm, compiled: bool, shapes, **options: Any) -> Callable[[], object]:
     """A step of :class:`holotx.adapters.TransformOptimizer` built as a user would: the
     factory and its hyperparameters (one param group), the grads in ``.grad``; with
-    ``compiled``, ``torch.compile(opt.step)``."""
+    ``compiled``, ``torch.compile(opt.step)``; ``options`` such as ``donate_grads``."""
     from holotx.adapters import TransformOptimizer
 
     params, grads = make_tensors(shapes)
@@ -286,7 +287,7 @@ def adapter_step(algo: Algorithm, compiled: bool, shapes) -> Callable[[], object
         p.grad = g
     factory = algo.holotx.func
     hyperparams = inspect.signature(factory).bind(*algo.holotx.args, **algo.holotx.keywords).arguments
-    step = TransformOptimizer(params, factory, **hyperparams).step
+    step = TransformOptimizer(params, factory, **hyperparams, **options).step
     return torch.compile(step) if compiled else step
 
 
@@ -378,6 +379,8 @@ def run(args: argparse.Namespace) -> None:
             for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):
                 steps_by_label[f"holotx {path}"] = holotx_step(algo, path, shapes)
             steps_by_label["holotx adapter"] = adapter_step(algo, False, shapes)
+            steps_by_label["holotx adapter, donate_grads"] = adapter_step(algo, False, shapes,
+                                                                          donate_grads=True)
             if args.adapter_compiled:
                 steps_by_label["holotx adapter compiled"] = adapter_step(algo, True, shapes)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)

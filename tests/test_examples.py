@@ -70,7 +70,8 @@ def test_benchmark_runs_tiny(keep_threads, capsys):
     benchmark.main(["--sets", "small", "--optimizers", "adamw", "--steps", "1", "--warmup", "0",
                     "--no-compile", "--threads", "1"])
     out = capsys.readouterr().out
-    for label in ("torch fused", "holotx pure", "holotx donated", "holotx adapter", "memory floor"):
+    for label in ("torch fused", "holotx pure", "holotx donated", "holotx adapter", "donate_grads",
+                  "memory floor"):
         assert label in out
 
 
