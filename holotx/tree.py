@@ -18,6 +18,7 @@ from optree import PyTreeSpec
 __all__ = [
     "PyTreeSpec",
     "check_leaves",
+    "detach",
     "find_states",
     "first_device",
     "flatten",
@@ -179,6 +180,14 @@ def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     others = [leaves_matching(r, spec, f"tree {k + 1}", "tree 0") for k, r in enumerate(rest)]
     out = [None if x is None else fn(x, *(o[i] for o in others)) for i, x in enumerate(leaves)]
     return unflatten(spec, out)
+
+
+def detach(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached (non-tensor leaves as they are): between
+    steps of a differentiated loop, ``state = holotx.tree.detach(state)`` stops gradients
+    through the optimizer's history (first-order MAML), while the step itself stays
+    differentiable. Works under ``torch.func`` transforms too."""
+    return map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def zeros_like(tree: Any, dtype: torch.dtype | None = None) -> Any:
