@@ -214,7 +214,25 @@ def addcdiv(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1, *,
             for x, p, q in zip(xs, a, b)]
 
 
+def _differentiated(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd records ops on ``xs`` here: a functorch grad or jvp transform,
+    or grad mode with an operand that requires grad."""
+    if not torch.compiler.is_compiling() and _functorch_transforms() & {
+            _functorch.TransformType.Grad, _functorch.TransformType.Jvp}:
+        return True
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
+    """``sqrt(x)``; where differentiated, with a derivative of 0 (not infinity) at 0.
+
+    A second moment that is exactly 0 (a zero gradient: a dead ReLU unit, a masked
+    entry) has a zero derivative itself, and the infinite derivative of the square root
+    there would make it 0 * inf = NaN in a meta-gradient, as in every Adam-like rule.
+    0 is the subgradient of ``sqrt(v) = |g| sqrt(1 - b2)`` at ``g = 0``. Values are
+    unchanged."""
+    if _differentiated(xs):
+        return [torch.where(x > 0, torch.where(x > 0, x, 1.0).sqrt(), 0.0) for x in xs]
     inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs):
         fn = torch._foreach_sqrt_ if inplace else torch._foreach_sqrt
@@ -313,6 +331,7 @@ def div_into(xs: TensorList, ys: TensorList, *, inplace: bool = False) -> Tensor
     scratch denominator): one buffer fewer than :func:`div`. On a CPU each leaf gets
     ``torch.div(x, y, out=y)``; foreach kernels have no ``out=``, so elsewhere this is a
     fresh foreach division."""
-    if may_overwrite(ys, inplace) and ys[0].device.type == "cpu":
+    # An out= op has no derivative: not while autograd records the numerators either.
+    if may_overwrite(ys, inplace) and ys[0].device.type == "cpu" and not _differentiated(xs):
         return [torch.div(x, y, out=y) for x, y in zip(xs, ys)]
     return div(xs, ys)

@@ -625,3 +625,34 @@ def test_vmap_over_tasks(name: str) -> None:
         torch.testing.assert_close(g_lr[i], e_lr, rtol=1e-12, atol=1e-14)
     # The tasks differ, so the batch is not one gradient repeated.
     assert (g_p["w"][0] - g_p["w"][1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "radam", "lamb", "ralars", "tadam", "adabelief", "adamp",
+                                  "adan", "ademamix"])
+@pytest.mark.parametrize("how", ["func", "autograd"])
+def test_zero_gradient_entry_gives_a_finite_meta_gradient(name, how):
+    """A gradient entry that is exactly zero (a dead ReLU unit) has a zero second moment,
+    where the square root's derivative is infinite: 0 * inf would be NaN. The meta-gradient
+    must be finite and equal finite differences."""
+    tx = getattr(holotx, name)(lr=0.1)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+
+    def final(w):
+        p = {"w": w}
+        state = tx.init(p)
+        for _ in range(3):
+            u, state = tx.update({"w": torch.tanh(p["w"]) * mask}, state, p)
+            p = holotx.apply_updates(p, u)
+        return p["w"].sum()
+
+    w0 = torch.tensor([0.7, -0.4, 1.3], dtype=torch.float64)
+    if how == "func":
+        got = torch.func.grad(final)(w0)
+    else:
+        w = w0.clone().requires_grad_()
+        (got,) = torch.autograd.grad(final(w), [w])
+    assert torch.isfinite(got).all(), got
+    h = 1e-6
+    basis = torch.eye(3, dtype=torch.float64)
+    fd = torch.stack([(final(w0 + h * e) - final(w0 - h * e)) / (2 * h) for e in basis])
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
