@@ -17,6 +17,7 @@ from optree import PyTreeSpec
 
 __all__ = [
     "PyTreeSpec",
+    "batch_dims",
     "check_leaves",
     "detach",
     "find_states",
@@ -180,6 +181,14 @@ def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     others = [leaves_matching(r, spec, f"tree {k + 1}", "tree 0") for k, r in enumerate(rest)]
     out = [None if x is None else fn(x, *(o[i] for o in others)) for i, x in enumerate(leaves)]
     return unflatten(spec, out)
+
+
+def batch_dims(tree: Any, dim: int = 0) -> Any:
+    """``dim`` at every tensor leaf of ``tree``, ``None`` elsewhere: the ``in_dims`` or
+    ``out_dims`` for a batch of optimizer states under ``torch.func.vmap``, e.g.
+    ``vmap(tx.init, out_dims=batch_dims(tx.init(one_member)))``. vmap refuses a plain
+    ``0`` for a state holding ``None`` (Adam's ``nu_max`` without AMSGrad)."""
+    return map(lambda x: dim if isinstance(x, torch.Tensor) else None, tree)
 
 
 def detach(tree: Any) -> Any:

@@ -656,3 +656,18 @@ def test_zero_gradient_entry_gives_a_finite_meta_gradient(name, how):
     basis = torch.eye(3, dtype=torch.float64)
     fd = torch.stack([(final(w0 + h * e) - final(w0 - h * e)) / (2 * h) for e in basis])
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_batch_dims_lets_vmap_batch_a_state_holding_none():
+    """Adam's state holds None (no AMSGrad maximum): vmap refuses out_dims 0 for it, and
+    batch_dims gives None there."""
+    tx = holotx.adamw(lr=0.1)
+    one = {"w": torch.zeros(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="NoneType"):
+        torch.func.vmap(tx.init)({"w": torch.zeros(4, 3, dtype=torch.float64)})
+    dims = holotx.tree.batch_dims(tx.init(one))
+    assert dims[0].nu_max is None
+    assert dims[0].mu == {"w": 0}
+    batched = torch.func.vmap(tx.init, out_dims=dims)({"w": torch.zeros(4, 3, dtype=torch.float64)})
+    assert batched[0].mu["w"].shape == (4, 3)
+    assert batched[0].count["w"].shape == (4,)

@@ -1,0 +1,190 @@
+"""The batched examples (ensemble, sweep) and the functional loop run, in reduced sizes.
+
+The vmapped runs must equal the same runs done one by one, in float64 to 1e-12 (a batched
+matmul may sum in another order, so not bit for bit). The sweep's PNG must be a valid PNG of
+the stated size. The functional loop must lower the loss and classify the test set well.
+Timings are printed by the examples but never asserted: the speed measurement runs only
+with tiny sizes, to check that it runs. Everything runs on one thread (see test_examples.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"holotx_example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """The examples set torch's thread count; put it back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- ensemble
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb", "lookahead(adamw)"])
+def test_ensemble_equals_separate_runs(keep_threads, capsys, optimizer):
+    ensemble = load_example("ensemble")
+    result = ensemble.main(["--quick", "--dtype", "float64", "--optimizer", optimizer, "--threads", "1"])
+    out = capsys.readouterr().out
+    assert result.models == 4
+    assert result.max_abs_diff is not None
+    assert result.max_abs_diff <= 1e-12, result.max_abs_diff
+    assert result.final_loss < result.initial_loss
+    # The mean of the members' probabilities: never a worse log-loss than the mean member.
+    assert result.scores.ensemble_nll <= result.mean_member_nll
+    assert len(set(result.scores.member_nll)) == result.models  # independent members
+    assert "max |batched - separate|" in out
+    assert "ensemble" in out
+
+
+def test_ensemble_members_are_independent(keep_threads):
+    """Member i of the batched run is the run that starts from member i's weights and
+    draws member i's batches, whatever the other members do."""
+    ensemble = load_example("ensemble")
+    torch.set_num_threads(1)
+    task = ensemble.make_task(models=3, steps=5, hidden=8, dtype=torch.float64)
+    tx = ensemble.make_optimizer("adamw", 1e-2)
+    batched, _ = ensemble.train_batched(task, tx)
+    task.params = {k: v[1:2] for k, v in task.params.items()}
+    task.batches = task.batches[:, 1:2]
+    alone = ensemble.train_separately(task, tx)
+    assert max(float((batched[k][1] - alone[k][0]).abs().max()) for k in alone) <= 1e-12
+
+
+def test_ensemble_rejects_unknown_optimizer(keep_threads):
+    ensemble = load_example("ensemble")
+    with pytest.raises(SystemExit):
+        ensemble.main(["--quick", "--optimizer", "lookahead(nosuch)"])
+
+
+# ---------------------------------------------------------------- sweep
+
+def read_png(data: bytes) -> tuple[int, int, bytes]:
+    """Width, height and the decompressed image data of an 8-bit RGB PNG; each chunk's
+    CRC is checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR"
+    assert chunks[-1] == (b"IEND", b"")
+    width, height, depth, color, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color) == (8, 2)
+    return width, height, zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+
+
+def test_sweep_equals_separate_runs_and_plots(keep_threads, capsys, tmp_path):
+    sweep = load_example("sweep")
+    png = tmp_path / "curves.png"
+    result = sweep.main(["--quick", "--dtype", "float64", "--lr-range", "1e-3", "3e-2", "--plot", str(png),
+                         "--threads", "1"])
+    out = capsys.readouterr().out
+    assert len(result.lrs) == 4
+    assert result.max_abs_diff is not None
+    assert max(result.max_abs_diff) <= 1e-12, result.max_abs_diff
+    assert result.lrs[0] == pytest.approx(1e-3)
+    assert result.lrs[-1] == pytest.approx(3e-2)
+    # Training lowered the loss, and the best configuration is the one printed.
+    assert float(result.curves[-1].min()) < float(result.curves[0].max())
+    assert result.test_loss[result.best] == min(result.test_loss)
+    match = re.search(r"^best configuration: lr=(\S+),", out, flags=re.MULTILINE)
+    assert match, out
+    assert float(match.group(1)) == pytest.approx(result.lrs[result.best], rel=1e-2)
+    assert " <- best" in out
+    width, height, raw = read_png(png.read_bytes())
+    assert (width, height) == (800, 480)
+    assert len(raw) == height * (1 + 3 * width)
+    assert set(raw[::1 + 3 * width]) == {0}  # filter type 0 on every row
+    row = 1 + 3 * width
+    colors = {raw[y * row + 1 + 3 * x:][:3] for y in range(height) for x in range(width)}
+    assert len(colors) >= 4 + 3  # white, black, grey and one colour per learning rate (at least)
+
+
+def test_sweep_init_gives_each_configuration_its_lr(keep_threads):
+    sweep = load_example("sweep")
+    torch.set_num_threads(1)
+    task = sweep.make_task(steps=2, hidden=4, dtype=torch.float64)
+    lrs = torch.tensor([1e-3, 1e-2, 1e-1], dtype=torch.float64)
+    params, _, _ = sweep.sweep_batched(task, lrs, 0.0)
+    reference = sweep.sweep_sequential(task, lrs, 0.0)
+    for j in range(3):
+        assert max(float((params[k][j] - reference[k][j]).abs().max()) for k in params) <= 1e-12
+    assert not torch.equal(params["0.weight"][0], params["0.weight"][2])
+
+
+def test_sweep_timing_and_fallback_run_tiny(keep_threads, capsys):
+    """Only that the measurements run; what they measure is not checked."""
+    sweep = load_example("sweep")
+    result = sweep.main(["--lrs", "2", "--steps", "2", "--hidden", "4", "--no-check", "--plot", "", "--time",
+                         "--rounds", "1", "--fallback-cost", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert result.plot is None
+    assert result.batched_seconds > 0
+    assert result.sequential_seconds > 0
+    assert set(result.fallback_us) >= {"vmapped (per-leaf ops)", "stacked tensors, foreach, no vmap"}
+    assert "faster batched" in out
+
+
+def test_png_encoder_round_trip(tmp_path):
+    sweep = load_example("sweep")
+    canvas = sweep.Canvas(7, 3)
+    canvas.line(0, 0, 6, 2, (255, 0, 0))
+    canvas.text(0, 0, "1.5e-3", scale=1)
+    width, height, raw = read_png(canvas.png())
+    assert (width, height) == (7, 3)
+    assert len(raw) == 3 * (1 + 3 * 7)
+    assert raw[1 + 3 * 6 + 2 * (1 + 3 * 7):][:3] == bytes((255, 0, 0))  # the line's last pixel, (6, 2)
+
+
+# ---------------------------------------------------------------- functional loop
+
+def test_functional_loop_learns(keep_threads, capsys):
+    loop = load_example("functional_loop")
+    result = loop.main(["--quick", "--lr", "0.1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert math.isfinite(result.train_loss)
+    assert result.train_loss < 0.5 * result.initial_loss
+    assert result.test_accuracy > 0.85
+    assert result.test_loss < result.initial_loss
+    assert [h[0] for h in result.history][-1] == 300
+    assert "test acc" in out
+
+
+def test_functional_loop_float64_is_deterministic(keep_threads):
+    loop = load_example("functional_loop")
+    argv = ["--steps", "12", "--dtype", "float64", "--threads", "1"]
+    assert loop.main(argv).train_loss == loop.main(argv).train_loss
+
+
+@pytest.mark.slow
+def test_functional_loop_compiled_matches_eager(keep_threads, fresh_dynamo):
+    """The compiled step (about 10 s to compile) gives the eager numbers to rounding."""
+    loop = load_example("functional_loop")
+    argv = ["--steps", "30", "--dtype", "float64", "--threads", "1"]
+    eager, compiled = loop.main(argv), loop.main([*argv, "--compile"])
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-9)
