@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -38,20 +37,12 @@ from torch.func import functional_call, grad_and_value
 import holotx
 from holotx.flat import make_step
 
+from toy_data import spirals
+
 SEED = 0
 
 
 # ---------------------------------------------------------------- data and model
-
-def spirals(n: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points on two interleaved spirals (two turns each, radius up to about 4),
-    with Gaussian noise of standard deviation ``noise``; labels 0 and 1."""
-    labels = torch.arange(n) % 2
-    t = torch.rand(n, generator=generator) * 4 * math.pi + 0.5
-    angle = t + labels * math.pi
-    x = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1) / math.pi
-    return x + noise * torch.randn(n, 2, generator=generator), labels
-
 
 def make_model(hidden: int = 64) -> nn.Module:
     """A 2 -> hidden -> hidden -> 2 MLP (4,482 parameters at ``hidden=64``)."""

@@ -28,7 +28,6 @@ compiles it (tens of seconds on 2 cores), then it runs from the cache.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -42,19 +41,11 @@ from torch.func import functional_call, grad_and_value
 
 import holotx
 
+from toy_data import spirals
+
 SEED = 0
 Params = dict[str, torch.Tensor]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def spirals(n: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points on two interleaved spirals (two turns each, radius up to about 4),
-    with Gaussian noise of standard deviation ``noise``; labels 0 and 1."""
-    labels = torch.arange(n) % 2
-    t = torch.rand(n, generator=generator) * 4 * math.pi + 0.5
-    angle = t + labels * math.pi
-    x = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1) / math.pi
-    return x + noise * torch.randn(n, 2, generator=generator), labels
 
 
 def make_schedule(steps: int, peak_lr: float) -> holotx.Schedule:

@@ -74,22 +74,14 @@ from torch.func import functional_call, grad_and_value, vmap
 
 import holotx
 
+from toy_data import spirals
+
 SEED = 0
 Params = dict[str, torch.Tensor]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ---------------------------------------------------------------- data and model
-
-def spirals(n: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points on two interleaved spirals (two turns each, radius up to about 4),
-    with Gaussian noise of standard deviation ``noise``; labels 0 and 1."""
-    labels = torch.arange(n) % 2
-    t = torch.rand(n, generator=generator) * 4 * math.pi + 0.5
-    angle = t + labels * math.pi
-    x = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1) / math.pi
-    return x + noise * torch.randn(n, 2, generator=generator), labels
-
 
 @dataclass
 class Task:

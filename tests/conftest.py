@@ -1,6 +1,6 @@
 """Shared pytest setup: the tests folder on the import path (for ``tests/harness.py``),
-the ``--runslow`` option declared by the ``slow`` marker, ``cuda`` skips, and a fresh
-dynamo cache for compile checks."""
+the ``--runslow`` option declared by the ``slow`` marker, ``cuda`` skips, a fresh
+dynamo cache for compile checks, and the thread count kept around the examples."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def keep_threads():
+    """The examples set torch's thread count; put it back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

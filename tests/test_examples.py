@@ -10,32 +10,15 @@ parallelises wait milliseconds for a core whenever other processes keep the core
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import load_example
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"holotx_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def keep_threads():
-    """The examples set torch's thread count; put it back afterwards."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_demo_quick_lowers_the_loss_with_every_optimizer(keep_threads, capsys):

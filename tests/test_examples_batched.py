@@ -9,35 +9,14 @@ with tiny sizes, to check that it runs. Everything runs on one thread (see test_
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import struct
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"holotx_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def keep_threads():
-    """The examples set torch's thread count; put it back afterwards."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
+from example_scripts import load_example
 
 # ---------------------------------------------------------------- ensemble
 

@@ -13,34 +13,14 @@ runs on one thread (see tests/test_examples.py).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import load_example
 from torch.func import grad
 
 import holotx
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"holotx_example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def keep_threads():
-    """The examples set torch's thread count; put it back afterwards."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
