@@ -232,7 +232,8 @@ def sqrt(xs: TensorList, *, inplace: bool = False) -> TensorList:
     0 is the subgradient of ``sqrt(v) = |g| sqrt(1 - b2)`` at ``g = 0``. Values are
     unchanged."""
     if _differentiated(xs):
-        return [torch.where(x > 0, torch.where(x > 0, x, 1.0).sqrt(), 0.0) for x in xs]
+        # Only exact zeros are replaced (a NaN or a negative input still gives NaN).
+        return [torch.where(x == 0, 0.0, torch.where(x == 0, 1.0, x).sqrt()) for x in xs]
     inplace = may_overwrite(xs, inplace)
     if foreach_supported(xs):
         fn = torch._foreach_sqrt_ if inplace else torch._foreach_sqrt

@@ -671,3 +671,16 @@ def test_batch_dims_lets_vmap_batch_a_state_holding_none():
     batched = torch.func.vmap(tx.init, out_dims=dims)({"w": torch.zeros(4, 3, dtype=torch.float64)})
     assert batched[0].mu["w"].shape == (4, 3)
     assert batched[0].count["w"].shape == (4,)
+
+
+def test_differentiated_sqrt_keeps_values_nan_and_negative_included():
+    """The derivative-0-at-0 square root changes no value: NaN and negative inputs still
+    give NaN, as the plain one."""
+    x = torch.tensor([4.0, 0.0, -1.0, float("nan"), 2.0], dtype=torch.float64)
+    plain = holotx.ops.sqrt([x])[0]
+    w = x.clone().requires_grad_()
+    differentiated = holotx.ops.sqrt([w])[0]
+    torch.testing.assert_close(differentiated, plain, equal_nan=True, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(differentiated[[0, 1, 4]].sum(), [w])
+    assert g[1] == 0.0
+    torch.testing.assert_close(g[[0, 4]], 0.5 / x[[0, 4]].sqrt(), rtol=0, atol=0)
