@@ -37,18 +37,12 @@ from torch.func import functional_call, grad_and_value
 import holotx
 from holotx.flat import make_step
 
-from toy_data import spirals
+from common import make_model, spirals
 
 SEED = 0
 
 
 # ---------------------------------------------------------------- data and model
-
-def make_model(hidden: int = 64) -> nn.Module:
-    """A 2 -> hidden -> hidden -> 2 MLP (4,482 parameters at ``hidden=64``)."""
-    return nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, 2))
-
 
 @dataclass
 class Task:

@@ -37,31 +37,22 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 import holotx
 
-from toy_data import spirals
+from common import DTYPES, make_model, make_step, spirals
 
 SEED = 0
 Params = dict[str, torch.Tensor]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ---------------------------------------------------------------- data and model
-
-def make_model(hidden: int) -> nn.Module:
-    """A 2 -> hidden -> hidden -> 2 MLP."""
-    return nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, 2))
-
 
 @dataclass
 class Task:
@@ -99,8 +90,7 @@ def member(params: Params, i: int) -> Params:
 
 # ---------------------------------------------------------------- optimizers
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "radam", "lars", "lamb", "ralars", "tadam", "adabelief", "adamp",
-              "adan", "ademamix")
+OPTIMIZERS = tuple(holotx.optimizers.__all__)
 """holotx factories that take ``lr``; ``lookahead(NAME)`` and ``scout(NAME)`` wrap one."""
 WRAPPERS = {"lookahead": holotx.lookahead, "scout": holotx.scout}
 
@@ -122,26 +112,6 @@ def make_optimizer(spec: str, lr: float) -> holotx.GradientTransformation:
 
 
 # ---------------------------------------------------------------- training
-
-Step = Callable[[Params, Any, torch.Tensor, torch.Tensor], tuple[Params, Any, torch.Tensor]]
-
-
-def make_step(model: nn.Module, tx: holotx.GradientTransformation) -> Step:
-    """One member's training step, ``step(params, state, x, y) -> (params, state, loss)``:
-    pure, so that ``vmap`` can batch it."""
-
-    def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    grad_fn = grad_and_value(loss_fn)
-
-    def step(params, state, x, y):
-        grads, loss = grad_fn(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return holotx.apply_updates(params, updates), state, loss
-
-    return step
-
 
 def train_batched(task: Task, tx: holotx.GradientTransformation) -> tuple[Params, torch.Tensor]:
     """All members at once: vmapped ``init``, then one vmapped step per step. Returns

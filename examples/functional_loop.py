@@ -4,7 +4,7 @@
     python examples/functional_loop.py --compile       # the step compiled with torch.compile
     python examples/functional_loop.py --quick         # a few steps, for the tests
 
-The task is the two noisy interleaved spirals of ``examples/demo.py`` (generated here from
+The task is the two noisy interleaved spirals of ``examples/common.py`` (generated from
 a seed; nothing is downloaded), classified by a small MLP. Nothing is mutated: the params
 are a dict of tensors, ``torch.func.grad_and_value`` over ``torch.func.functional_call``
 gives the gradients and the loss, ``tx.update`` the updates and the new state, and
@@ -30,22 +30,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
 
 import holotx
 
-from toy_data import spirals
+from common import DTYPES, make_model, make_step, spirals
 
 SEED = 0
 Params = dict[str, torch.Tensor]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def make_schedule(steps: int, peak_lr: float) -> holotx.Schedule:
@@ -61,25 +57,6 @@ def make_optimizer(schedule: holotx.Schedule, weight_decay: float) -> holotx.Gra
     every 6 steps)."""
     inner = holotx.chain(holotx.clip_by_global_norm(1.0), holotx.lamb(lr=schedule, weight_decay=weight_decay))
     return holotx.lookahead(inner, sync_rate=0.5, sync_period=6)
-
-
-Step = Callable[[Params, Any, torch.Tensor, torch.Tensor], tuple[Params, Any, torch.Tensor]]
-
-
-def make_step(model: nn.Module, tx: holotx.GradientTransformation) -> Step:
-    """``step(params, state, x, y) -> (params, state, loss)``: one pure training step."""
-
-    def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    grad_fn = grad_and_value(loss_fn)
-
-    def step(params, state, x, y):
-        grads, loss = grad_fn(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return holotx.apply_updates(params, updates), state, loss
-
-    return step
 
 
 @dataclass
@@ -121,7 +98,7 @@ def main(argv: list[str] | None = None) -> Result:
     x_train, x_test = x_train.to(dtype), x_test.to(dtype)
     torch.manual_seed(SEED)
     h = args.hidden
-    model = nn.Sequential(nn.Linear(2, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 2)).to(dtype)
+    model = make_model(h).to(dtype)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = [torch.randint(0, len(x_train), (args.batch_size,), generator=gen) for _ in range(steps)]
 

@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
     steps = 150 if args.quick else args.steps
     if steps < 1 or args.horizon < 1:
         parser.error("--steps and --horizon must be >= 1")
+    if args.starts is not None and min(args.starts) <= 0:
+        parser.error("--starts must be learning rates > 0")
     torch.set_num_threads(args.threads)
     problem = make_problem(steps, seed=args.seed, dtype=getattr(torch, args.dtype))
     starts = args.starts or STARTS[args.optimizer]

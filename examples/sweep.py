@@ -70,15 +70,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 import holotx
 
-from toy_data import spirals
+from common import DTYPES, make_model, make_step, spirals
 
 SEED = 0
 Params = dict[str, torch.Tensor]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ---------------------------------------------------------------- data and model
@@ -103,30 +102,10 @@ def make_task(steps: int, hidden: int = 32, batch_size: int = 64, n_train: int =
     x_train, y_train = spirals(n_train, 0.1, gen)
     x_test, y_test = spirals(n_test, 0.1, gen)
     torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                          nn.Linear(hidden, 2)).to(dtype)
+    model = make_model(hidden).to(dtype)
     params = {k: v.detach() for k, v in model.named_parameters()}
     batches = [torch.randint(0, n_train, (batch_size,), generator=gen) for _ in range(steps)]
     return Task(model.to("meta"), params, x_train.to(dtype), y_train, x_test.to(dtype), y_test, batches)
-
-
-Step = Callable[[Params, Any, torch.Tensor, torch.Tensor], tuple[Params, Any, torch.Tensor]]
-
-
-def make_step(model: nn.Module, tx: holotx.GradientTransformation) -> Step:
-    """``step(params, state, x, y) -> (params, state, loss)``, pure (so vmap batches it)."""
-
-    def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    grad_fn = grad_and_value(loss_fn)
-
-    def step(params, state, x, y):
-        grads, loss = grad_fn(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return holotx.apply_updates(params, updates), state, loss
-
-    return step
 
 
 def losses(task: Task, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -406,8 +385,8 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     n, steps = (4, 30) if args.quick else (args.lrs, args.steps)
-    if n < 1 or steps < 1 or args.record_every < 1:
-        parser.error("--lrs, --steps and --record-every must be >= 1")
+    if n < 1 or steps < 1 or args.record_every < 1 or args.rounds < 1:
+        parser.error("--lrs, --steps, --record-every and --rounds must be >= 1")
     if not 0 < args.lr_range[0] <= args.lr_range[1]:
         parser.error("--lr-range needs 0 < MIN <= MAX")
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ EXAMPLES = ROOT / "examples"
 
 def load_example(name: str) -> ModuleType:
     """``examples/<name>.py`` as a module. The examples folder goes on the import path, as
-    it is when a script runs (``toy_data``, their shared data)."""
+    it is when a script runs (``common``, what they share)."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"holotx_example_{name}", EXAMPLES / f"{name}.py")
