@@ -38,10 +38,9 @@ from torch.func import functional_call
 
 import holotx
 
-from common import DTYPES, make_model, make_step, spirals
+from common import DTYPES, Params, make_model, make_step, spirals
 
 SEED = 0
-Params = dict[str, torch.Tensor]
 
 
 def make_schedule(steps: int, peak_lr: float) -> holotx.Schedule:

@@ -74,10 +74,9 @@ from torch.func import functional_call, vmap
 
 import holotx
 
-from common import DTYPES, make_model, make_step, spirals
+from common import DTYPES, Params, make_model, make_step, spirals
 
 SEED = 0
-Params = dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- data and model
