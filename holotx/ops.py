@@ -248,8 +248,7 @@ def _may_write_into(out: TensorList | None, *inputs: Sequence[object]) -> bool:
     by autograd (an ``out=`` op has no derivative)."""
     if out is None or torch.compiler.is_compiling() or not may_overwrite(out, True):
         return False
-    return not (torch.is_grad_enabled()
-                and any(isinstance(x, torch.Tensor) and x.requires_grad for xs in inputs for x in xs))
+    return not _differentiated([x for xs in inputs for x in xs if isinstance(x, torch.Tensor)])
 
 
 def sub_into(xs: TensorList, ys: TensorList, out: TensorList | None) -> TensorList:
