@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from copy import deepcopy
 from typing import Any
 
 import torch
@@ -220,12 +219,6 @@ class _SyncWrapper(Optimizer):
         state = dict(state)
         self._own = defaultdict(dict, state.pop("state"))
         Optimizer.__setstate__(self, state)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _SyncWrapper:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__setstate__(deepcopy(self.__getstate__(), memo))
-        return new
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
