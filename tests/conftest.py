@@ -1,6 +1,12 @@
 """Shared pytest setup: the tests folder on the import path (for ``tests/harness.py``),
 the ``--runslow`` option declared by the ``slow`` marker, ``cuda`` skips, a fresh
-dynamo cache for compile checks, and the thread count kept around the examples."""
+dynamo cache for compile checks, the thread count kept around the examples, and the
+vector width inductor generates code for (``HOLOTX_INDUCTOR_SIMDLEN``).
+
+CI machines differ in CPU (AVX-512, AVX2, ...), and inductor's generated loops, so the
+order of a fused reduction's sums, differ with the vector width. To see a run as another
+machine would, set ``HOLOTX_INDUCTOR_SIMDLEN=256`` (AVX2) or ``=0`` (scalar code) for
+inductor, and ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) for torch's eager kernels."""
 
 from __future__ import annotations
 
@@ -12,6 +18,11 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+if os.environ.get("HOLOTX_INDUCTOR_SIMDLEN"):
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.simdlen = int(os.environ["HOLOTX_INDUCTOR_SIMDLEN"])
 
 
 def pytest_addoption(parser):
@@ -44,3 +55,4 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+

@@ -25,6 +25,7 @@ from holotx.tree import flatten
 
 F64 = torch.float64
 REL_TOL = 1e-12
+TREE_FLOOR = 1e-3  # a leaf is compared at least at 1e-3 of the tree's largest magnitude
 STEPS = 20
 
 
@@ -39,14 +40,18 @@ def grad_stream(n: int, seed: int = 1) -> list[dict]:
 
 
 def assert_trees_close(a: Any, b: Any, rtol: float = REL_TOL) -> None:
+    """Each leaf within ``rtol`` of its largest magnitude, with an absolute floor of
+    ``rtol * TREE_FLOOR`` times the largest magnitude in the tree (the data's scale)."""
     la, sa = flatten(a)
     lb, sb = flatten(b)
     assert sa == sb
+    data_scale = max((y.abs().max().item() for y in lb if y.numel()), default=0.0)
     for x, y in zip(la, lb):
         assert x.shape == y.shape
         assert x.dtype == y.dtype
         err = (x - y).abs().max().item()
-        assert err <= rtol * max(y.abs().max().item(), 1e-300), f"relative error {err:.3e}"
+        bound = rtol * max(y.abs().max().item(), TREE_FLOOR * data_scale, 1e-300)
+        assert err <= bound, f"relative error {err:.3e}"
 
 
 def run(tx, params, grads):
