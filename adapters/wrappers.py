@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
+from holotx import ops
 from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import validate_sync
 from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums, coherence_rate
@@ -129,7 +130,7 @@ class _SyncWrapper(Optimizer):
         slow = [self._own[p][self._key("slow")] for p in ends]
         if rate > 0:
             torch._foreach_lerp_(slow, ends, float(rate))
-        torch._foreach_copy_(ends, slow)
+        ops.copy(ends, slow)
 
     # -- checkpoints ----------------------------------------------------------------------
 

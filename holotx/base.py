@@ -172,6 +172,11 @@ def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack():
         return False
     leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    held = [x for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)]
+    # A DTensor has no storage of its own (its data pointer reads 0, as a fresh tensor's
+    # would): nothing can be told about what it shares, so it is never taken as owned.
+    if any(type(x) is not torch.Tensor and ops.is_wrapper(x) for x in (*leaves, *held)):
+        return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
         return False
     # A view may share its base's memory at any offset: never taken for fresh. The others
@@ -185,8 +190,7 @@ def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
     # Memory shared with the updates would be seen through a tensor of their dtype (step
     # counts and other integer state are skipped: that is most of the leaves of a state).
     dtypes = {x.dtype for x in leaves}
-    taken = {_storage_start(x) for x in tree.flatten(others)[0]
-             if isinstance(x, torch.Tensor) and x.dtype in dtypes}
+    taken = {_storage_start(x) for x in held if x.dtype in dtypes}
     return taken.isdisjoint(pointers)
 
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx import tree
+from holotx import ops, tree
 from holotx.base import FINAL_SCALE, GradientTransformation, Params, State, apply_updates, owns_memory
 
 __all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
@@ -66,10 +66,16 @@ class FlatLayout:
         keys: dict[tuple[torch.device, torch.dtype], int] = {}
         sizes: list[int] = []
         self.slots: list[LeafSlot | None] = []
-        for leaf in leaves:
+        for i, leaf in enumerate(leaves):
             if leaf is None:
                 self.slots.append(None)
                 continue
+            if ops.is_wrapper(leaf):
+                path = tree.path_strings(self.treespec)[i]
+                raise ValueError(
+                    f"FlatLayout cannot pack the {type(leaf).__name__} at {path}: a DTensor (FSDP2, "
+                    "tensor parallel) is sharded across ranks and has no storage of its own to lay "
+                    "out; run the transform on the DTensors themselves")
             key = (leaf.device, leaf.dtype)
             g = keys.setdefault(key, len(keys))
             if g == len(sizes):

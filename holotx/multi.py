@@ -9,10 +9,13 @@ and put the trees back together.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from holotx import tree
+import torch
+
+from holotx import ops, tree
 
 Kernel = Callable[..., tuple[list[Any], ...]]
 
@@ -87,18 +90,21 @@ def multi_tensor_update(
                 if leaves is not None and leaves[i] is None:
                     raise ValueError(f"{names[k]} has no entry at {tree.path_strings(spec)[i]}, "
                                      "where updates has a tensor: was init given this leaf?")
-            groups.setdefault((g.device, g.dtype), []).append(i)
+            # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
+            wrapped = type(g) is not torch.Tensor and ops.is_wrapper(g)
+            groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
 
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
-    for idx in groups.values():
+    for (_, _, wrapped), idx in groups.items():
         inputs = [
             [g_leaves[i] for i in idx],
             *[None if leaves is None else [leaves[i] for i in idx] for leaves in state_leaves],
             None if p_leaves is None else [p_leaves[i] for i in idx],
             *[[values[i] for i in idx] for values in leaf_values],
         ]
-        outs = kernel(*inputs)
+        with _replicating(wrapped):
+            outs = kernel(*inputs)
         for j, i in enumerate(idx):
             new_u[i] = outs[0][j]
         for k, out in enumerate(outs[1:]):
@@ -109,3 +115,13 @@ def multi_tensor_update(
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]
 
+
+def _replicating(wrapped: bool) -> contextlib.AbstractContextManager[Any]:
+    """For a group of ``DTensor`` leaves, a context in which plain tensors (step counts,
+    bias corrections, per-tensor scalars kept as plain state) take part in their math as
+    replicated values; nothing otherwise."""
+    if not wrapped:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()

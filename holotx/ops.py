@@ -27,6 +27,7 @@ from typing import Union
 
 import torch
 import torch._C._functorch as _functorch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 Scalar = Union[float, int, torch.Tensor]
 TensorList = list[torch.Tensor]
@@ -42,6 +43,7 @@ __all__ = [
     "div_into",
     "foreach_supported",
     "host_scalars_ok",
+    "is_wrapper",
     "lerp",
     "maximum",
     "may_overwrite",
@@ -49,6 +51,7 @@ __all__ = [
     "mul",
     "mul_into",
     "norms",
+    "realize",
     "sqrt",
     "sqrt_into",
     "sub_into",
@@ -89,13 +92,28 @@ def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
     return not _under_vmap_eager()
 
 
+def is_wrapper(x: object) -> bool:
+    """Whether ``x`` is a tensor subclass that wraps others (a ``DTensor``): it has no
+    storage of its own to read, and no ``.tolist()``."""
+    return is_traceable_wrapper_subclass(x)
+
+
+def realize(x: torch.Tensor) -> torch.Tensor:
+    """A reduction's value as a plain tensor: a ``DTensor`` (a per-shard partial result) is
+    brought to its whole-tensor value by its collective, so it can join plain per-step
+    scalars and state (step counts, Scout's rate, TAdam's weights). Other tensors as
+    they are."""
+    return x.full_tensor() if is_wrapper(x) else x
+
+
 def host_scalars_ok(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether per-step scalars may be read to Python here: plain eager mode (no compile,
-    no functorch transform), on the CPU (no device sync), and nothing needs their
-    gradient."""
+    no functorch transform), on the CPU (no device sync), plain tensors (a ``DTensor``
+    scalar is a collective's result, read through the collective), and nothing needs
+    their gradient."""
     if torch.compiler.is_compiling() or _functorch.get_interpreter_stack():
         return False
-    if any(t.device.type != "cpu" for t in tensors):
+    if any(t.device.type != "cpu" or is_wrapper(t) for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -190,7 +208,9 @@ def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar | list[S
     tensors)."""
     inplace = may_overwrite(xs, inplace)
     per_tensor = isinstance(value, list)
-    if foreach_supported(xs) and (_scalar_ok(value) or (per_tensor and all(map(_scalar_ok, value)))):
+    # _foreach_addcmul's ScalarList overload has no DTensor sharding rule in torch 2.13.
+    foreach = foreach_supported(xs) and not (per_tensor and is_wrapper(xs[0]))
+    if foreach and (_scalar_ok(value) or (per_tensor and all(map(_scalar_ok, value)))):
         fn = torch._foreach_addcmul_ if inplace else torch._foreach_addcmul
         return _done(xs, fn(xs, a, b, value), inplace)
     if per_tensor:
@@ -319,8 +339,9 @@ def sums(xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:
 
 
 def copy(dst: TensorList, src: TensorList) -> TensorList:
-    """Write ``src`` into ``dst`` and return ``dst``."""
-    if foreach_supported(dst):
+    """Write ``src`` into ``dst`` and return ``dst``. (``_foreach_copy_`` has no DTensor
+    sharding rule in torch 2.13: DTensors are copied one by one.)"""
+    if foreach_supported(dst) and not is_wrapper(dst[0]):
         torch._foreach_copy_(dst, src)
         return dst
     return [d.copy_(s) for d, s in zip(dst, src)]

@@ -175,6 +175,29 @@ def check_leaves(
             raise ValueError(f"{other_name} at {path_strings(treespec)[i]} has {what}")
 
 
+def check_whole_tensors(params: Any, rule: str) -> None:
+    """Refuse FSDP1's flattened parameters for ``rule``, which reduces over whole tensors.
+
+    ``FullyShardedDataParallel`` (FSDP1) concatenates a module's tensors into one flat
+    parameter and gives each rank a slice of it, so a norm, sum or cosine per tensor
+    would silently be taken over a slice that mixes tensors. FSDP2's ``fully_shard``
+    keeps each parameter a ``DTensor``, over which holotx reduces the whole tensor.
+    """
+    if params is None:
+        return
+    leaves, spec = flatten(params)
+    for i, p in enumerate(leaves):
+        # FSDP1 marks its flat parameters (_is_flat_param) and, with use_orig_params=True,
+        # the per-tensor views into their shards (_fsdp_flattened).
+        if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+            raise ValueError(
+                f"{rule} computes per-tensor norms, sums or cosines, but params at "
+                f"{path_strings(spec)[i]} is sharded by FSDP1 (FullyShardedDataParallel), whose "
+                "flat shards hide the tensors' boundaries: use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard), whose DTensor params holotx reduces whole; "
+                "elementwise rules (sgd, adam, adamw, adabelief, adan, ademamix) run under FSDP1")
+
+
 def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """``fn`` applied leafwise; a ``None`` leaf in ``tree`` stays ``None``."""
     leaves, spec = flatten(tree)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -56,3 +57,18 @@ def fresh_dynamo():
     yield
     torch._dynamo.reset()
 
+
+@pytest.fixture(scope="module")
+def one_process_mesh():
+    """A one-process gloo group and a CPU ``DeviceMesh`` over it, for the module's tests:
+    DTensors whose single shard is the whole tensor. Torn down with the module, so that
+    no other test runs with a default process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0, world_size=1)
+        try:
+            yield init_device_mesh("cpu", (1,))
+        finally:
+            dist.destroy_process_group()

@@ -16,6 +16,8 @@ clause of the contract in ``/work/shared/DESIGN.md`` ("The contract"):
 * :func:`check_donated`: the opt-in donated (in-place) path computes what the pure path does,
   also when the state alone is donated (the grads then stay untouched).
 * :func:`check_chain_composition`: a transform computes the same inside a chain as alone.
+* :func:`check_dtensor`: on ``DTensor`` params (FSDP2, tensor parallel) the same numbers,
+  pure and donated, with nothing of the caller's written.
 * :func:`check_inject`: ``inject_hyperparams(alias)`` equals ``alias``, and its ``lr`` can be
   changed between steps; :func:`check_inject_no_retrace`: without re-tracing a compiled
   update; :func:`check_inject_grad`: injected hyperparameters can be differentiated.
@@ -53,6 +55,7 @@ __all__ = [
     "check_chain_composition",
     "check_compile",
     "check_donated",
+    "check_dtensor",
     "check_grad",
     "check_inject",
     "check_inject_grad",
@@ -961,3 +964,82 @@ def check_inject_grad(case: InjectCase) -> None:
             f"d loss / d {name}: torch.func.grad gives {got:.9g}, finite differences {expected:.9g}"
         )
 
+
+# ------------------------------------------------------------------ 8. DTensor params
+
+
+def to_dtensor(tree: Any, mesh: Any) -> Any:
+    """Each tensor leaf as a ``DTensor`` sharded along its first dimension (replicated if
+    it is 0-d), on ``mesh``."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return distribute_tensor(x, mesh, [Shard(0) if x.dim() else Replicate()])
+
+    return optree.tree_map(one, tree, none_is_leaf=True)
+
+
+def full_tensors(tree: Any) -> Any:
+    """Each ``DTensor`` leaf as its whole value, a plain tensor; other leaves as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return optree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree,
+                           none_is_leaf=True)
+
+
+def check_dtensor(case: Case, mesh: Any) -> None:
+    """On ``DTensor`` params and grads (every leaf sharded along its first dimension on
+    ``mesh``, a one-process mesh in the harness), the pure update and the donated step
+    give, bit for bit, what they give on plain tensors; updates come back as DTensors; the
+    pure update leaves the grads, params and state as they were.
+
+    On one process every DTensor op runs the same local kernel as on the plain tensor, so
+    any difference is a code path that reads a DTensor's storage, calls ``.tolist()`` on
+    it, mixes it with plain tensors, or reduces over a shard: the machinery failures a
+    sharded run would meet. The sharded reductions themselves are checked on two
+    processes in ``tests/test_distributed.py``.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from holotx.flat import make_step
+
+    params = make_params(COMPILE_DTYPES, tree="small")
+    seq = grads_seq(params, case.steps)
+    d_params = to_dtensor(params, mesh)
+    d_seq = [to_dtensor(g, mesh) for g in seq]
+    expected = run(case.factory(), params, seq)
+    tx = case.factory()
+    state = tx.init(d_params)
+    records = _record_local(d_params, "params")
+    for k, (grads, (u_e, s_e)) in enumerate(zip(d_seq, expected)):
+        records += _record_local(grads, f"step {k + 1} grads") + _record_local(state, f"step {k + 1} state")
+        updates, state = tx.update(grads, state, d_params)
+        for path, u, g in zip(paths(updates), flat(updates), flat(grads)):
+            if g is not None:
+                assert isinstance(u, DTensor), f"step {k + 1} updates at {_path_str(path)}: not a DTensor"
+        assert_trees_close(full_tensors(updates), u_e, f"DTensor step {k + 1} updates")
+        assert_trees_close(full_tensors(state), s_e, f"DTensor step {k + 1} state")
+    for r in records:
+        assert r.tensor._version == r.version, f"{r.where} was written in place"
+        assert torch.equal(r.tensor, r.copy), f"{r.where} changed value"
+
+    step = make_step(case.factory(), donate=True)
+    plain = make_step(case.factory(), donate=True)
+    tx = case.factory()
+    p_plain, s_plain = clone_tree(params), tx.init(params)
+    p_dist, s_dist = to_dtensor(params, mesh), tx.init(d_params)
+    for k, (grads, d_grads) in enumerate(zip(seq, d_seq)):
+        p_plain, s_plain = plain(p_plain, clone_tree(grads), s_plain)
+        p_dist, s_dist = step(p_dist, clone_tree(d_grads), s_dist)
+        assert_trees_close(full_tensors(p_dist), p_plain, f"DTensor donated step {k + 1} params")
+        assert_trees_close(full_tensors(s_dist), s_plain, f"DTensor donated step {k + 1} state")
+
+
+def _record_local(tree: Any, label: str) -> list[_Record]:
+    """:func:`_record` of each ``DTensor``'s local shard (a DTensor has no storage of its own)."""
+    from torch.distributed.tensor import DTensor
+
+    return _record(optree.tree_map(lambda x: x.to_local() if isinstance(x, DTensor) else x, tree,
+                                   none_is_leaf=True), label)

@@ -24,6 +24,7 @@ from harness import (
     check_chain_composition,
     check_compile,
     check_donated,
+    check_dtensor,
     check_grad,
     check_inject,
     check_inject_grad,
@@ -328,6 +329,11 @@ def test_donated_equals_pure(case, dtype):
 @pytest.mark.parametrize("case", _params(CASES))
 def test_donated_state_only_leaves_the_grads(case):
     check_donated(case, "float32", "dense_big", state_only=True)
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_dtensor(case, one_process_mesh):
+    check_dtensor(case, one_process_mesh)
 
 
 @pytest.mark.parametrize("tree", ["dense", "dense_big"])

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from holotx import _validate, ops
+from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
@@ -62,7 +62,15 @@ def projection_coefficients(
     if (projection == "official" and p.ndim <= 1) or p.numel() == 0:
         never = torch.zeros((), dtype=torch.bool, device=p.device)
         return torch.zeros((), dtype=p.dtype, device=p.device), never
-    rows = p.shape[0] if projection == "official" else 1
+    if projection == "holocron":
+        # Whole-tensor sums, without a reshape (a DTensor unevenly sharded along its first
+        # dimension cannot be flattened).
+        norm_p = (p * p).sum().sqrt()
+        cos = _cosine((p * g).sum(), norm_p, (g * g).sum().sqrt(), 1e-8)
+        coef = (p * direction).sum() / (norm_p + eps) ** 2
+        projected = cos < delta / math.sqrt(p.numel())
+        return torch.where(projected, coef, torch.zeros_like(coef)), projected
+    rows = p.shape[0]
     pr, gr, dr = p.reshape(rows, -1), g.reshape(rows, -1), direction.reshape(rows, -1)
     # Per-row sums; the whole tensor's come from them.
     row_pp = (pr * pr).sum(1)
@@ -70,15 +78,13 @@ def projection_coefficients(
     row_pg = (pr * gr).sum(1)
     row_pd = (pr * dr).sum(1)
     layer_norm_p = row_pp.sum().sqrt()
-    layer_cos = _cosine(row_pg.sum(), layer_norm_p, row_gg.sum().sqrt(),
-                        eps if projection == "official" else 1e-8)
+    layer_cos = _cosine(row_pg.sum(), layer_norm_p, row_gg.sum().sqrt(), eps)
     layer_coef = row_pd.sum() / (layer_norm_p + eps) ** 2
-    if projection == "holocron":
-        projected = layer_cos < delta / math.sqrt(p.numel())
-        return torch.where(projected, layer_coef, torch.zeros_like(layer_coef)), projected
     row_norm_p = row_pp.sqrt()
     channel_cos = _cosine(row_pg, row_norm_p, row_gg.sqrt(), eps).abs()
-    by_channel = channel_cos.max() < delta / math.sqrt(pr.shape[1])
+    # One value per output channel, gathered whole for a DTensor: a shard may hold no row
+    # (FSDP2's uneven split), and a max has no value over nothing.
+    by_channel = ops.realize(channel_cos).max() < delta / math.sqrt(pr.shape[1])
     by_layer = layer_cos.abs() < delta / math.sqrt(p.numel())
     channel_coef = row_pd / (row_norm_p + eps) ** 2
     zero = torch.zeros_like(channel_coef)
@@ -133,6 +139,7 @@ def scale_by_adamp(
         del extra
         if params is None:
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
+        tree.check_whole_tensors(params, "scale_by_adamp")
 
         def kernel(g, count, mu, nu, nu_max, p):
             count, t = step_counts(count, inplace=donate)

@@ -68,13 +68,12 @@ def scale_by_belief(
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
             mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
             residual = ops.sub_into(g, mu, g if scratch_ok else None)  # g is not read again
-            if eps_in_variance:
-                # b2 s + eps in one pass: s + (1 - b2) (eps / (1 - b2) - s).
-                target = torch.as_tensor(eps / (1 - b2), dtype=nu[0].dtype, device=nu[0].device)
-                nu = ops.lerp(nu, [target.expand_as(x) for x in nu], 1 - b2, inplace=donate)
-            else:
-                nu = ops.mul(nu, b2, inplace=donate)
+            nu = ops.mul(nu, b2, inplace=donate)
             nu = ops.addcmul(nu, residual, residual, 1 - b2, inplace=True)
+            if eps_in_variance:
+                # Its own pass: folded into a lerp toward eps / (1 - b2), an s that has
+                # overflowed would give inf - inf = NaN where b2 s + eps is inf.
+                nu = ops.add_scalar(nu, eps, inplace=True)
             if nu_max is not None:
                 nu_max = ops.maximum(nu_max, nu, inplace=donate)
             u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,

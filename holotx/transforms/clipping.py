@@ -40,7 +40,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         return EmptyState()
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params
+        tree.check_whole_tensors(params, "clip_by_global_norm")
         inplace = updates_donated(donate, extra)
         norm = global_norm(updates)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))

@@ -81,7 +81,7 @@ def scale_by_tadam(
                                  zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
-        del params
+        tree.check_whole_tensors(params, "scale_by_tadam")
         scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, weight_sum, mu, nu, nu_max, _p):
@@ -96,6 +96,7 @@ def scale_by_tadam(
             deviation = ops.div_into(deviation, ops.add_scalar(nu, eps), inplace=True)
             dtype = scalar_dtype(t.device)
             mahalanobis = torch.stack(ops.sums(deviation, ops.accumulation_dtype(g[0].dtype))).to(dtype)
+            mahalanobis = ops.realize(mahalanobis)  # W stays a plain tensor, as the count
             numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
             nu_dof = numel if dof is None else dof
             # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the

@@ -120,6 +120,7 @@ def scale_by_trust_ratio(
         owned = updates_donated(donate, extra)
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
+        tree.check_whole_tensors(params, "scale_by_trust_ratio")
         g_leaves, spec = tree.flatten(updates)
         segments = extra.get("segments")
         if segments is not None:

@@ -119,6 +119,7 @@ def scout(
                           stats(math.inf), stats(-math.inf), inner.init(params))
 
     def update(updates, state, params=None, *, donate=False, **extra):
+        tree.check_whole_tensors(params, "scout")
         fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, donate, extra,
                                       holocron=holocron)
         leaves = tree.flatten(fast)[0]
@@ -215,7 +216,7 @@ def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
         # torch.std of one value is NaN (k = 1): so is m2 / 0 here
         ratio = into(torch.div, m2, k - 1 if k > 1 else 0.0, out=other).sqrt()
         ratio = into(torch.div, ratio, spread, out=ratio)
-        return ratio.mean().to(scalar_dtype(ratio.device)), None
+        return ops.realize(ratio.mean()).to(scalar_dtype(ratio.device)), None
     varied = high > low
     # Guarded so that the elements left out put no NaN into a gradient either.
     one = torch.ones((), dtype=m2.dtype, device=m2.device)
@@ -228,7 +229,7 @@ def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
     # the whole tensor), counted without turning the mask into integers.
     dtype = scalar_dtype(ratio.device)
     if segments is None:
-        return ratio.sum().to(dtype), torch.count_nonzero(varied)
+        return ops.realize(ratio.sum()).to(dtype), ops.realize(torch.count_nonzero(varied))
     row_ids, count, width = segments.row_ids, segments.count, segments.width
     sums = torch.zeros(count, dtype=dtype, device=ratio.device).index_add(
         0, row_ids, ratio.reshape(-1, width).sum(1).to(dtype))
