@@ -196,26 +196,30 @@ class TransformOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_groups()
+        # Every group's transform is built (its hyperparameters checked) before any group
+        # steps: a bad value edited into group 1 raises with group 0 unchanged too.
+        compiling = torch.compiler.is_compiling()
+        planned = [(group, *self._plan(group, compiling)) for group in self.param_groups if _has_grads(group)]
         with torch.no_grad():
-            for group in self.param_groups:
-                self._step_group(group)
+            for group, tx, lr in planned:
+                self._step_group(group, tx, lr)
         return loss
 
-    def _check_groups(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+    def _plan(self, group: dict[str, Any], compiling: bool) -> tuple[GradientTransformation, Any]:
+        """The group's transform and the adapter's lr, checked; nothing is changed."""
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if self._factory is None:
+            _validate_lr(group.get("lr"))
+        values, lr = self._hyperparameters(group, compiling)
+        return self._transform_from(values, group.get("maximize", False)), lr
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], tx: GradientTransformation, lr: Any) -> None:
         params: list[torch.Tensor] = group["params"]
         grads = [p.grad for p in params]
-        if not params or all(g is None for g in grads):
-            return
         compiling = torch.compiler.is_compiling()
-        runtime, values, lr = self._prepare(group, compiling)
-        tx = self._transform_from(values, group.get("maximize", False))
+        runtime = self._runtime(group)
         tx_params, tx_grads, upcast = self._working_copies(params, grads)
         state = runtime.assemble(self.state, params)
         # Eager, the chain's last scaling (the lr) is applied with the update, in one pass;
@@ -236,16 +240,20 @@ class TransformOptimizer(Optimizer):
             params[i].copy_(tx_params[i])
 
     @torch._disable_dynamo
-    def _prepare(self, group: dict[str, Any], compiling: bool) -> tuple[_GroupRuntime, dict[str, Any], Any]:
-        """The group's runtime (rebuilt, its state carried over key by key, when the
-        structure of its transform changed), the factory's arguments and the adapter's
-        lr. Outside any graph: under torch.compile the non-zero numbers become 0-d tensors
-        here, so the graph takes them as inputs and a new value (a scheduler's) needs no
-        recompile."""
+    def _runtime(self, group: dict[str, Any]) -> _GroupRuntime:
+        """The group's runtime, rebuilt (its state carried over key by key) when the
+        structure of its transform changed."""
         signature = self._signature(group)
         runtime = self._runtimes.get(id(group))
         if runtime is None or runtime.signature != signature or runtime.group is not group:
             runtime = self._new_runtime(group, signature, fresh=True)
+        return runtime
+
+    @torch._disable_dynamo
+    def _hyperparameters(self, group: dict[str, Any], compiling: bool) -> tuple[dict[str, Any], Any]:
+        """The factory's arguments and the adapter's lr. Outside any graph: under
+        torch.compile the non-zero numbers become 0-d tensors here, so the graph takes them
+        as inputs and a new value (a scheduler's) needs no recompile."""
         values = self._values(group)
         lr = group.get("lr")
         if compiling:
@@ -255,7 +263,7 @@ class TransformOptimizer(Optimizer):
                     values[name] = _as_tensor(value, device)
             if self._factory is None and _is_numeric(lr):
                 lr = _as_tensor(lr, device)
-        return runtime, values, lr
+        return values, lr
 
     def _working_copies(self, params, grads):
         """Params and grads as the transform sees them: lower-precision ones upcast to
@@ -493,6 +501,11 @@ def _dotted(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _has_grads(group: dict[str, Any]) -> bool:
+    """Whether the group steps: it has a param with a gradient."""
+    return any(p.grad is not None for p in group["params"])
 
 
 def _validate_lr(lr: Any) -> None:

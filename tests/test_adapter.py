@@ -497,6 +497,29 @@ def test_transform_add_param_group_rejects_bad_lr():
     assert groups_view(opt) == before
 
 
+@pytest.mark.parametrize(("build", "edit", "arg"), [
+    (lambda groups: TransformOptimizer(groups, holotx.adamw, lr=0.01), {"lr": -1.0}, "lr"),
+    (lambda groups: TransformOptimizer(groups, holotx.adamw, lr=0.01), {"betas": (0.9, 1.5)}, "betas"),
+    (lambda groups: TransformOptimizer(groups, adam_chain()), {"lr": float("nan")}, "lr"),
+], ids=["factory-lr", "factory-betas", "transform-nan-lr"])
+def test_a_group_edited_to_a_bad_value_fails_the_step_before_any_group_steps(build, edit, arg):
+    """Every group is checked before any steps: the bad value in the second group raises
+    with the first group's params and state as they were (their count not advanced)."""
+    params = leafs(make_params())
+    opt = build([{"params": params[:2]}, {"params": params[2:]}])
+    stream = grad_stream(2, skip=False)
+    set_grads(params, stream[0])
+    opt.step()
+    opt.param_groups[1].update(edit)
+    set_grads(params, stream[1])
+    values = [p.detach().clone() for p in params]
+    snap = snapshot_state(opt)
+    with pytest.raises(ValueError, match=arg):
+        opt.step()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert_state_equal(opt, snap)
+
+
 def test_construction_errors():
     params = leafs(make_params())
     with pytest.raises(ValueError, match="lr"):
