@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from holotx import _validate
+from holotx import _validate, ops
 from holotx.base import GradientTransformation, init_counts, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
@@ -42,6 +44,34 @@ def rectification(
     rho = torch.where(active, rho_t, rho_inf + torch.zeros_like(rho_t))
     r = torch.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
     return active, r
+
+
+def _rectified_or_plain(mu, nu, scale, shift, rectifying, out):
+    r"""Per leaf, :math:`m / (\sqrt{v}\,a + b)` where it rectifies and :math:`m / b` (with
+    :math:`b = 1 - \beta_1^t`) where it does not. The plain branch never reads
+    :math:`v`: as :math:`\sqrt{v} \cdot 0 + b` it would be :math:`\infty \cdot 0` = NaN
+    once :math:`g^2` overflows, where torch.optim.RAdam (and Holocron's RaLars) stay
+    finite. On the host (eager, CPU) the leaves are split by branch; traced or on an
+    accelerator the branch is a ``torch.where`` per leaf."""
+    if not isinstance(rectifying[0], torch.Tensor):
+        u: list[Any] = [None] * len(mu)
+        rect = [i for i, r in enumerate(rectifying) if r]
+        plain = [i for i, r in enumerate(rectifying) if not r]
+        if rect:
+            ratios = adaptive_ratio(_take(mu, rect), _take(nu, rect), _take(scale, rect), _take(shift, rect),
+                                    out=None if out is None else _take(out, rect))
+            for i, x in zip(rect, ratios):
+                u[i] = x
+        if plain:
+            for i, x in zip(plain, ops.div(_take(mu, plain), _take(shift, plain))):
+                u[i] = x
+        return u
+    ratios = adaptive_ratio(mu, nu, scale, shift, out=out)
+    return [torch.where(r > 0, x, m / b) for x, m, b, r in zip(ratios, mu, shift, rectifying)]
+
+
+def _take(xs: list[Any], idx: list[int]) -> list[Any]:
+    return [xs[i] for i in idx]
 
 
 def scale_by_radam(
@@ -102,10 +132,14 @@ def scale_by_radam(
                 plain, plain_shift = adaptive, eps * bc1 if eps_after_correction else eps * adaptive
             else:
                 plain, plain_shift = torch.zeros_like(bc2), bc1
-            scale, shift = per_leaf(torch.where(active, rectified, plain),
-                                    torch.where(active, rectified_shift, plain_shift))
+            scale, shift, rectifying = per_leaf(torch.where(active, rectified, plain),
+                                                torch.where(active, rectified_shift, plain_shift),
+                                                active.to(bc2.dtype))
             mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
-            return adaptive_ratio(mu, nu, scale, shift, out=g if scratch_ok else None), count, mu, nu, None
+            out = g if scratch_ok else None
+            if force_adaptive:
+                return adaptive_ratio(mu, nu, scale, shift, out=out), count, mu, nu, None
+            return _rectified_or_plain(mu, nu, scale, shift, rectifying, out), count, mu, nu, None
 
         u, (count, mu, nu, _) = multi_tensor_update(
             kernel, updates, (state.count, state.mu, state.nu, None),

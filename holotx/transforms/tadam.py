@@ -88,15 +88,18 @@ def scale_by_tadam(
             count, t = step_counts(count, inplace=donate)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
-            # The Student-t weight, from the previous moments. The sum of (g - m)^2 / (v + eps)
-            # accumulates in the tensors' dtype, as Holocron's, or float32 for half types (a
-            # float64 upcast would cost a copy of each tensor).
+            # The Student-t weight, from the previous moments: sum (g - m)^2 / (v + eps), as the
+            # squared norm of (g - m) / sqrt(v + eps). Dividing before squaring keeps it finite
+            # where (g - m)^2 overflows (|g| > 1e19 in float32) and v, from the same overflow,
+            # is inf: inf / inf would be NaN. It accumulates in the tensors' dtype, as
+            # Holocron's, or float32 for half types (a float64 upcast would copy each tensor).
             deviation = ops.add(g, mu, alpha=-1)
-            deviation = ops.mul(deviation, deviation, inplace=True)
-            deviation = ops.div_into(deviation, ops.add_scalar(nu, eps), inplace=True)
+            spread = ops.sqrt(ops.add_scalar(nu, eps), inplace=True)
+            deviation = ops.div_into(deviation, spread, inplace=True)
             dtype = scalar_dtype(t.device)
-            mahalanobis = torch.stack(ops.sums(deviation, ops.accumulation_dtype(g[0].dtype))).to(dtype)
-            mahalanobis = ops.realize(mahalanobis)  # W stays a plain tensor, as the count
+            # realize: W stays a plain tensor, as the count, on DTensor leaves too.
+            norms = ops.realize(torch.stack(ops.norms(deviation, ops.accumulation_dtype(g[0].dtype))))
+            mahalanobis = norms.to(dtype) ** 2
             numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
             nu_dof = numel if dof is None else dof
             # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the
