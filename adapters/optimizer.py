@@ -12,7 +12,7 @@ import torch
 from torch.optim.optimizer import Optimizer, required
 
 from holotx import tree
-from holotx.base import FINAL_SCALE, GradientTransformation, apply_updates
+from holotx.base import FINAL_SCALE, FinalScale, GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import scale
 
@@ -225,7 +225,7 @@ class TransformOptimizer(Optimizer):
         # Eager, the chain's last scaling (the lr) is applied with the update, in one pass;
         # compiled, the compiler fuses it, and better without the hand-over (as make_step).
         factors: list[Any] = []
-        extra = {} if compiling else {FINAL_SCALE: factors}
+        extra = {} if compiling else {FINAL_SCALE: FinalScale(tx.update, factors)}
         updates, state = tx.update(tx_grads, state, tx_params, donate=True,
                                    donate_updates=self._donate_grads, **extra)
         runtime.scatter(self.state, params, state)

@@ -22,6 +22,7 @@ flag, never a second copy of the math.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -64,6 +65,30 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
+_CONTRACT_KEEPERS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def own_transform(init: TransformInitFn, update: TransformUpdateFn,
+                  wrapped: tuple[GradientTransformation, ...] = ()) -> GradientTransformation:
+    """A transform of holotx's own, registered as keeping the donation contract when every
+    transform it wraps keeps it too: given ``donate=True``, its updates never share memory
+    with its state, the params, or anything but the donated incoming updates. A chain may
+    then let the next transform write into those updates without looking at their memory.
+    A transform built elsewhere (a user's, written as optax's) is not registered, and a
+    chain checks what its updates share before anything writes into them. (Traced by
+    torch.compile, where nothing is written in place between transforms, nothing is
+    registered.)"""
+    if not torch.compiler.is_compiling() and all(keeps_donation_contract(t) for t in wrapped):
+        _CONTRACT_KEEPERS.add(update)
+    return GradientTransformation(init, update)
+
+
+def keeps_donation_contract(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` was built by :func:`own_transform` from transforms that all keep the
+    donation contract (never, under torch.compile: the compiler plans the buffers)."""
+    return not torch.compiler.is_compiling() and tx.update in _CONTRACT_KEEPERS
+
+
 def identity() -> GradientTransformation:
     """The transform that returns its updates unchanged."""
 
@@ -75,7 +100,7 @@ def identity() -> GradientTransformation:
         del params, extra
         return updates, state
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)
 
 
 def stateless(
@@ -141,18 +166,50 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
 
 FINAL_SCALE = "final_scale"
 """The extra keyword by which a caller that applies the updates itself (a donated
-:func:`holotx.flat.make_step`) asks the *last* transform of a chain, if it is a plain
+:func:`holotx.flat.make_step`, the adapter) asks the transform it calls, if that is a plain
 scaling (:func:`~holotx.scale`, :func:`~holotx.scale_by_lr`,
-:func:`~holotx.scale_by_schedule`), to hand over its factor instead of multiplying: the
-value is a list the factor is appended to, and the updates come back unscaled. Applying
-``p += factor * u`` then takes one pass over memory instead of two. Only ``chain`` (to its
-last transform), ``inject_hyperparams`` and ``lookahead`` (at steps where nothing
-synchronises) pass it on; every other combinator drops it."""
+:func:`~holotx.scale_by_schedule`) or a chain ending in one, to hand over its factor
+instead of multiplying. The value is a :class:`FinalScale` addressed to one transform's
+``update``; the factor is appended to its list, and the updates come back unscaled.
+Applying ``p += factor * u`` then takes one pass over memory instead of two. Only
+``chain`` (to its last transform), ``inject_hyperparams`` and ``lookahead`` (at steps where
+nothing synchronises) readdress it to the transform they run; any other transform, a
+user's own included, passes on a request that is not addressed to what it calls, so a
+wrapper that forwards ``**extra`` and post-processes its inner updates gets them scaled."""
+
+
+class FinalScale(NamedTuple):
+    """A request to hand over the final scaling (see :data:`FINAL_SCALE`)."""
+
+    target: Callable[..., Any]
+    """The ``update`` function the request is addressed to."""
+    factors: list[Any]
+    """Where that transform appends its factor."""
+
+
+def final_scale_request(update: Callable[..., Any], extra: dict[str, Any]) -> list[Any] | None:
+    """The factor list of a :class:`FinalScale` in ``extra`` addressed to ``update``, else
+    ``None``. A bare list is a request its caller handed straight to this transform
+    (``tx.update(..., final_scale=factors)``); holotx's combinators never pass one on."""
+    request = extra.get(FINAL_SCALE)
+    if isinstance(request, FinalScale):
+        return request.factors if request.target is update else None
+    return request
 
 
 def without_final_scale(extra: dict[str, Any]) -> dict[str, Any]:
     """``extra`` without :data:`FINAL_SCALE`, for a transform that must not be deferred."""
     return {k: v for k, v in extra.items() if k != FINAL_SCALE}
+
+
+def readdressed(extra: dict[str, Any], factors: list[Any] | None,
+                inner: GradientTransformation) -> dict[str, Any]:
+    """``extra`` for calling ``inner``: any request removed and, with ``factors``, a
+    request addressed to ``inner`` in its place."""
+    extra = without_final_scale(extra)
+    if factors is not None:
+        extra[FINAL_SCALE] = FinalScale(inner.update, factors)
+    return extra
 
 
 def updates_donated(donate: bool, extra: dict[str, Any]) -> bool:

@@ -17,8 +17,12 @@ from holotx import _validate, tree
 from holotx.base import (
     GradientTransformation,
     Params,
+    final_scale_request,
     init_count,
+    keeps_donation_contract,
+    own_transform,
     owns_memory,
+    readdressed,
     updates_donated,
     without_final_scale,
 )
@@ -55,20 +59,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(updates, state, params=None, **extra):
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
-        updates, new_state = _run_in_sequence(transforms, state, updates, params, extra)
+        updates, new_state = _run_in_sequence(transforms, state, updates, params, extra,
+                                              final_scale_request(update, extra))
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, transforms)
 
 
-def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
+def _run_in_sequence(transforms, states, updates, params, extra, final_scale) -> tuple[Any, list[Any]]:
     """Each transform's update on the previous one's output.
 
     The next transform may write into the updates when nothing else holds their memory
     (see :func:`~holotx.base.owns_memory`): not the params, not any state (a momentum buffer can be the
     updates), and not the caller's grads unless the caller donated them. With
     ``donate=True`` every transform may, by the donation contract: a transform never
-    returns updates that share memory with its donated state.
+    returns updates that share memory with its donated state. A request to hand the final
+    scaling over, addressed to the chain (``final_scale``, its factor list), is
+    readdressed to the last transform; no other transform sees one.
     """
     donate = extra.get("donate", False)
     owned = updates_donated(donate, extra)
@@ -78,13 +85,14 @@ def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, l
     not_last = without_final_scale(extra)
     for i, (t, s) in enumerate(zip(transforms, states)):
         incoming = updates
-        here = extra if i + 1 == len(transforms) else not_last
+        here = readdressed(extra, final_scale, t) if i + 1 == len(transforms) else not_last
         updates, new_s = t.update(updates, s, params, **{**here, "donate_updates": owned})
         new_states.append(new_s)
-        if i + 1 < len(transforms) and not (donate and owned):
+        if i + 1 < len(transforms) and not (donate and owned and keeps_donation_contract(t)):
             # A transform sees only its own state and its input: its output can alias
             # those, the params and the caller's grads, and nothing else. (Donated state
-            # and updates: its output is fresh or its donated input, so it stays owned.)
+            # and updates, and a transform of holotx's own: its output is fresh or its
+            # donated input, so it stays owned. A user's transform may return its state.)
             owned = owns_memory(updates, (holders, s, new_s, () if owned else incoming))
     return updates, new_states
 
@@ -103,10 +111,10 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         if set(state) != set(names):
             raise ValueError(f"named_chain state has keys {sorted(state)}, expected {sorted(names)}")
         updates, new_states = _run_in_sequence([t for _, t in transforms], [state[n] for n in names],
-                                               updates, params, extra)
+                                               updates, params, extra, final_scale_request(update, extra))
         return updates, dict(zip(names, new_states))
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, tuple(t for _, t in transforms))
 
 
 # ---------------------------------------------------------------- routing subtrees
@@ -187,7 +195,7 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
         out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
         return tree.unflatten(spec, out), MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, (inner,))
 
 
 def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
@@ -241,7 +249,7 @@ def partition(
             out = [n if k else o for n, o, k in zip(new_leaves, out, keep)]
         return tree.unflatten(spec, out), PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, tuple(transforms.values()))
 
 
 # ---------------------------------------------------------------- conditional steps
@@ -304,7 +312,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
             notfinite_count, finite, state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
             _select_tree(reject, state.inner_state, new_inner))
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, (inner,))
 
 
 class MultiStepsState(NamedTuple):
@@ -361,4 +369,4 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             tree.unflatten(spec, new_acc),
         )
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, (inner,))

@@ -25,7 +25,15 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import ops, tree
-from holotx.base import FINAL_SCALE, GradientTransformation, Params, State, apply_updates, owns_memory
+from holotx.base import (
+    FINAL_SCALE,
+    FinalScale,
+    GradientTransformation,
+    Params,
+    State,
+    apply_updates,
+    owns_memory,
+)
 
 __all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
 
@@ -205,7 +213,7 @@ def make_step(
                 # fuses the scaling itself, and better without the request (LARS: 2.7x slower).
                 factor: list[Any] = []
                 if not torch.compiler.is_compiling():
-                    extra = {**extra, FINAL_SCALE: factor}
+                    extra = {**extra, FINAL_SCALE: FinalScale(tx.update, factor)}
                 updates, state = tx.update(grads, state, params, donate=True, **extra)
                 apply_updates(params, updates, inplace=True, scale=factor[0] if factor else None)
             return params, state

@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx.base import GradientTransformation, init_count, next_count
+from holotx.base import (
+    GradientTransformation,
+    final_scale_request,
+    init_count,
+    next_count,
+    own_transform,
+    readdressed,
+)
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
@@ -102,10 +109,15 @@ def inject_hyperparams(
         def update(updates, state, params=None, **extra):
             hyperparams = current(state.count, state.hyperparams)
             inner = factory(**fixed, **hyperparams)
-            updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            inner_extra = readdressed(extra, final_scale_request(update, extra), inner)
+            updates, inner_state = inner.update(updates, state.inner_state, params, **inner_extra)
             count = next_count(state.count, donate=extra.get("donate", False))
             return updates, InjectHyperparamsState(count, hyperparams, inner_state)
 
+        # holotx's own factories build transforms that keep the donation contract; what
+        # another factory builds is not known, so a chain checks its updates' memory.
+        if getattr(factory, "__module__", "").startswith("holotx."):
+            return own_transform(init, update)
         return GradientTransformation(init, update)
 
     return build

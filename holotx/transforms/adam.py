@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
@@ -173,4 +173,4 @@ def scale_by_adam(
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

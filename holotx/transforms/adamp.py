@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -166,4 +166,4 @@ def scale_by_adamp(
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, scalar_dtype, step_counts
@@ -103,4 +103,4 @@ def scale_by_adan(
         )
         return u, ScaleByAdanState(*new)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

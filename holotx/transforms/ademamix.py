@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -132,4 +132,4 @@ def scale_by_ademamix(
         )
         return u, ScaleByAdEMAMixState(count, mu, nu, mu_slow)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

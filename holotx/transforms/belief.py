@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
@@ -86,4 +86,4 @@ def scale_by_belief(
         )
         return u, ScaleByBeliefState(count, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

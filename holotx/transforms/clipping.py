@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import EmptyState, GradientTransformation, updates_donated
+from holotx.base import EmptyState, GradientTransformation, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -50,4 +50,4 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
         return multi_tensor_update(kernel, updates)[0], state
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype, step_counts
@@ -73,4 +73,4 @@ def trace(
                                               state_names=("state.count", "state.trace"), count_states=1)
         return u, TraceState(count, buf)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -147,4 +147,4 @@ def scale_by_radam(
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

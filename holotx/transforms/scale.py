@@ -9,11 +9,12 @@ import torch
 
 from holotx import _validate, ops
 from holotx.base import (
-    FINAL_SCALE,
     EmptyState,
     GradientTransformation,
+    final_scale_request,
     init_count,
     next_count,
+    own_transform,
     stateless,
     updates_donated,
 )
@@ -37,8 +38,7 @@ class ScaleByScheduleState(NamedTuple):
     """Updates made so far; the schedule is evaluated at this value before incrementing."""
 
 
-def _scaled(updates, factor: Scalar, donate: bool, extra: dict):
-    deferred = extra.get(FINAL_SCALE)
+def _scaled(updates, factor: Scalar, donate: bool, deferred: list | None):
     if deferred is not None:  # the caller multiplies as it applies the updates
         deferred.append(factor)
         return updates
@@ -58,9 +58,10 @@ def scale(step_size: Scalar) -> GradientTransformation:
 
     def update(updates, state, params=None, *, donate=False, **extra):
         del params
-        return _scaled(updates, step_size, updates_donated(donate, extra), extra), state
+        deferred = final_scale_request(update, extra)
+        return _scaled(updates, step_size, updates_donated(donate, extra), deferred), state
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)
 
 
 def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTransformation:
@@ -75,11 +76,12 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
     def update(updates, state, params=None, *, donate=False, **extra):
         del params
         factor = schedule(state.count)
-        return _scaled(updates, factor, updates_donated(donate, extra), extra), ScaleByScheduleState(
+        deferred = final_scale_request(update, extra)
+        return _scaled(updates, factor, updates_donated(donate, extra), deferred), ScaleByScheduleState(
             next_count(state.count, donate=donate)
         )
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)
 
 
 def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:
@@ -96,4 +98,5 @@ def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:
 
 def set_to_zero() -> GradientTransformation:
     """Replace every update by zeros (used by :func:`holotx.freeze`)."""
-    return stateless(lambda updates, params: tree_map(torch.zeros_like, updates))
+    zeros = stateless(lambda updates, params: tree_map(torch.zeros_like, updates))
+    return own_transform(zeros.init, zeros.update)  # fresh zeros: nothing shared

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, init_counts, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -125,4 +125,4 @@ def scale_by_tadam(
         )
         return u, ScaleByTAdamState(count, mu, nu, nu_max, weight_sum)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update)

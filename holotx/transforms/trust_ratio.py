@@ -8,7 +8,13 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import EmptyState, GradientTransformation, updates_donated, without_final_scale
+from holotx.base import (
+    EmptyState,
+    GradientTransformation,
+    own_transform,
+    updates_donated,
+    without_final_scale,
+)
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
@@ -151,15 +157,15 @@ def scale_by_trust_ratio(
 
             # The ratio is one more step after inner: the chain logic decides whether it
             # may multiply inner's output in place.
-            scale_step = GradientTransformation(lambda p: EmptyState(), _scale_leaves(ratios))
+            scale_step = own_transform(lambda p: EmptyState(), _scale_leaves(ratios))
             updates, (inner_state, _) = _run_in_sequence(
                 [inner, scale_step], [state.inner, EmptyState()], updates, params,
-                {**without_final_scale(extra), "donate": donate, "donate_updates": owned})
+                {**without_final_scale(extra), "donate": donate, "donate_updates": owned}, None)
             return updates, TrustRatioState(inner_state)
         return _scale_leaves(ratios)(updates, EmptyState(), params, donate=donate,
                                      donate_updates=owned)[0], state
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, () if inner is None else (inner,))
 
 
 def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.Tensor:

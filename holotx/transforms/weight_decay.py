@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from holotx import _validate, ops
-from holotx.base import EmptyState, GradientTransformation, updates_donated
+from holotx.base import EmptyState, GradientTransformation, own_transform, updates_donated
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -40,7 +40,7 @@ def add_decayed_weights(
         new_updates, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True)
         return new_updates, state
 
-    tx = GradientTransformation(init, update)
+    tx = own_transform(init, update)
     if mask is not None:
         from holotx.combine import masked
 

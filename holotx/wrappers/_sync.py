@@ -11,12 +11,11 @@ import torch
 
 from holotx import _validate, ops, tree
 from holotx.base import (
-    FINAL_SCALE,
     GradientTransformation,
     Params,
     owns_memory,
+    readdressed,
     updates_donated,
-    without_final_scale,
 )
 from holotx.multi import multi_tensor_update
 from holotx.transforms.adam import per_leaf, step_counts
@@ -148,9 +147,7 @@ def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_stat
     Holocron's wrappers see it."""
     if params is None:
         raise ValueError(f"{name} needs params: call update(updates, state, params)")
-    extra = without_final_scale(extra)
-    if final_scale is not None:
-        extra[FINAL_SCALE] = final_scale
+    extra = readdressed(extra, final_scale, inner)
     fast, inner_state = inner.update(updates, inner_state, params, donate=donate, **extra)
     if holocron:
         u_leaves, spec = tree.flatten(fast)

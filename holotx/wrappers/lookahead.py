@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from holotx.base import FINAL_SCALE, GradientTransformation, Params
+from holotx.base import GradientTransformation, Params, final_scale_request, own_transform
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import (
@@ -90,7 +90,7 @@ def lookahead(
         # learning rate) to be handed over: a step where nothing synchronises passes the
         # request on to the inner transform and returns its updates unscaled, which spares
         # a pass; a sync needs the real steps, so there the wrapper scales them itself.
-        handed_over = extra.get(FINAL_SCALE)
+        handed_over = final_scale_request(update, extra)
         factor: list[Any] = []
         fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
                                       holocron=holocron, final_scale=None if handed_over is None else factor)
@@ -106,4 +106,4 @@ def lookahead(
                                   updates_owned=owned)
         return new_u, LookaheadState(count, slow, inner_state)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, (inner,))

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from holotx import ops, tree
-from holotx.base import GradientTransformation, Params
+from holotx.base import GradientTransformation, Params, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
@@ -156,7 +156,7 @@ def scout(
                                   updates_owned=updates_owned(fast, updates, params, donate, extra))
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
 
-    return GradientTransformation(init, update)
+    return own_transform(init, update, (inner,))
 
 
 def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
