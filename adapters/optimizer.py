@@ -127,6 +127,7 @@ class TransformOptimizer(Optimizer):
             raise ValueError(f"donate_grads must be a bool, got {donate_grads!r}")
         self._donate_grads = donate_grads
         self._runtimes: dict[int, _GroupRuntime] = {}
+        self._built: dict[int, tuple[Any, GradientTransformation]] = {}
         super().__init__(params, defaults)
 
     # -- groups ---------------------------------------------------------------------------
@@ -213,7 +214,19 @@ class TransformOptimizer(Optimizer):
         if self._factory is None:
             _validate_lr(group.get("lr"))
         values, lr = self._hyperparameters(group, compiling)
-        return self._transform_from(values, group.get("maximize", False)), lr
+        maximize = group.get("maximize", False)
+        if compiling:  # the numbers are new 0-d tensors on every call: nothing to reuse
+            return self._transform_from(values, maximize), lr
+        # The group's transform is rebuilt only when a value in its dict changed (a
+        # scheduler's new lr, an edit): building it is most of the adapter's fixed cost.
+        key = _values_key(values, maximize)
+        built = self._built.get(id(group))
+        if key is not None and built is not None and built[0] == key:
+            return built[1], lr
+        tx = self._transform_from(values, maximize)
+        if key is not None:
+            self._built[id(group)] = (key, tx)
+        return tx, lr
 
     def _step_group(self, group: dict[str, Any], tx: GradientTransformation, lr: Any) -> None:
         params: list[torch.Tensor] = group["params"]
@@ -349,6 +362,7 @@ class TransformOptimizer(Optimizer):
         self.state.update(new_state)
         self.param_groups = new_groups
         self._runtimes = {}
+        self._built = {}
         for group in self.param_groups:
             if any(p in self.state for p in group["params"]):
                 self._new_runtime(group, self._signature(group), fresh=False)
@@ -374,6 +388,7 @@ class TransformOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._runtimes = {}
+        self._built = {}
         for group in self.param_groups:
             if any(p in self.state for p in group["params"]):
                 self._new_runtime(group, self._signature(group), fresh=False)
@@ -501,6 +516,26 @@ def _dotted(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _values_key(values: dict[str, Any], maximize: Any) -> Any:
+    """What the transform built from ``values`` depends on, comparable with ``==``: each
+    value with its type (1, 1.0 and True build different transforms); ``None`` where that
+    cannot tell, which rebuilds every step: an unhashable value, or a tensor (a factory
+    may read its value when it builds, as ``-lr``, and the tensor can change in place)."""
+    def frozen(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            raise TypeError("a tensor's value is not part of the key")
+        if isinstance(v, (list, tuple)):
+            return (type(v), tuple(frozen(x) for x in v))
+        return (type(v), v)
+
+    try:
+        key = (frozen(maximize), *((name, frozen(v)) for name, v in values.items()))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _has_grads(group: dict[str, Any]) -> bool:

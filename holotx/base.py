@@ -206,6 +206,8 @@ def readdressed(extra: dict[str, Any], factors: list[Any] | None,
                 inner: GradientTransformation) -> dict[str, Any]:
     """``extra`` for calling ``inner``: any request removed and, with ``factors``, a
     request addressed to ``inner`` in its place."""
+    if factors is None and FINAL_SCALE not in extra:
+        return extra
     extra = without_final_scale(extra)
     if factors is not None:
         extra[FINAL_SCALE] = FinalScale(inner.update, factors)
@@ -232,7 +234,8 @@ def owns_memory(updates: Any, others: tuple[Any, ...]) -> bool:
     held = [x for x in tree.flatten(others)[0] if isinstance(x, torch.Tensor)]
     # A DTensor has no storage of its own (its data pointer reads 0, as a fresh tensor's
     # would): nothing can be told about what it shares, so it is never taken as owned.
-    if any(type(x) is not torch.Tensor and ops.is_wrapper(x) for x in (*leaves, *held)):
+    # (Asked once per class: this runs between the transforms of every eager chain.)
+    if any(map(ops.is_wrapper_type, {type(x) for x in leaves} | {type(x) for x in held})):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
         return False

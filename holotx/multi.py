@@ -103,7 +103,10 @@ def multi_tensor_update(
             None if p_leaves is None else [p_leaves[i] for i in idx],
             *[[values[i] for i in idx] for values in leaf_values],
         ]
-        with _replicating(wrapped):
+        if wrapped:
+            with _replicating():
+                outs = kernel(*inputs)
+        else:
             outs = kernel(*inputs)
         for j, i in enumerate(idx):
             new_u[i] = outs[0][j]
@@ -116,12 +119,10 @@ def multi_tensor_update(
     ]
 
 
-def _replicating(wrapped: bool) -> contextlib.AbstractContextManager[Any]:
-    """For a group of ``DTensor`` leaves, a context in which plain tensors (step counts,
+def _replicating() -> contextlib.AbstractContextManager[Any]:
+    """For a group of ``DTensor`` leaves: a context in which plain tensors (step counts,
     bias corrections, per-tensor scalars kept as plain state) take part in their math as
-    replicated values; nothing otherwise."""
-    if not wrapped:
-        return contextlib.nullcontext()
+    replicated values."""
     from torch.distributed.tensor.experimental import implicit_replication
 
     return implicit_replication()

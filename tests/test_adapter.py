@@ -1264,3 +1264,45 @@ def test_donate_grads_is_the_functional_donated_step(name, dtype):
         assert overwritten > 0  # the donated grads were really used as scratch
     with pytest.raises(ValueError, match="donate_grads"):
         TransformOptimizer(leafs(base), factory, donate_grads="yes")
+
+
+def test_a_groups_transform_is_rebuilt_only_when_its_values_change():
+    """Building the transform is most of the step's fixed cost: it is built again only
+    when a value in the group changed (a scheduler's lr, a type change such as 1 -> 1.0)
+    or the group holds a tensor (whose value may change in place); the numbers stay those
+    of a rebuild every step."""
+    calls = []
+
+    def counted_adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        calls.append(lr)
+        return holotx.adamw(lr, betas, eps, weight_decay)
+
+    params = leafs(make_params())
+    opt = TransformOptimizer(params, counted_adamw, lr=0.01)
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    rebuilt = TransformOptimizer(twin, counted_adamw, lr=0.01)
+    stream = grad_stream(7, skip=False)
+
+    def step(grads):
+        set_grads(params, grads)
+        set_grads(twin, grads)
+        before = len(calls)
+        opt.step()
+        built = calls[before:]
+        rebuilt._built.clear()  # the twin builds its transform afresh every step
+        rebuilt.step()
+        assert_params_equal(params, twin)
+        return built
+
+    step(stream[0])  # the first step builds (and creates the state)
+    assert step(stream[1]) == []
+    assert step(stream[2]) == []
+    opt.param_groups[0]["lr"] = rebuilt.param_groups[0]["lr"] = 0.005
+    assert step(stream[3]) == [0.005]
+    assert step(stream[4]) == []
+    opt.param_groups[0]["lr"] = rebuilt.param_groups[0]["lr"] = 1  # an int: a new build
+    assert step(stream[5]) == [1]
+    lr = torch.tensor(0.005)
+    opt.param_groups[0]["lr"] = rebuilt.param_groups[0]["lr"] = lr
+    assert len(step(stream[6])) == 1
+    assert len(step(stream[6])) == 1
