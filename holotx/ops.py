@@ -44,6 +44,7 @@ __all__ = [
     "foreach_supported",
     "host_scalars_ok",
     "is_wrapper",
+    "is_wrapper_type",
     "lerp",
     "maximum",
     "may_overwrite",
@@ -96,6 +97,11 @@ def is_wrapper(x: object) -> bool:
     """Whether ``x`` is a tensor subclass that wraps others (a ``DTensor``): it has no
     storage of its own to read, and no ``.tolist()``."""
     return is_traceable_wrapper_subclass(x)
+
+
+def is_wrapper_type(cls: type) -> bool:
+    """:func:`is_wrapper` for a class: a tensor subclass that flattens into inner tensors."""
+    return cls is not torch.Tensor and hasattr(cls, "__tensor_flatten__")
 
 
 def realize(x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +214,8 @@ def addcmul(xs: TensorList, a: TensorList, b: TensorList, value: Scalar | list[S
     tensors)."""
     inplace = may_overwrite(xs, inplace)
     per_tensor = isinstance(value, list)
-    # _foreach_addcmul's ScalarList overload has no DTensor sharding rule in torch 2.13.
+    # _foreach_addcmul's ScalarList overload has no DTensor sharding rule in torch 2.13
+    # (pinned in tests/test_torch_workarounds.py).
     foreach = foreach_supported(xs) and not (per_tensor and is_wrapper(xs[0]))
     if foreach and (_scalar_ok(value) or (per_tensor and all(map(_scalar_ok, value)))):
         fn = torch._foreach_addcmul_ if inplace else torch._foreach_addcmul
@@ -340,7 +347,8 @@ def sums(xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:
 
 def copy(dst: TensorList, src: TensorList) -> TensorList:
     """Write ``src`` into ``dst`` and return ``dst``. (``_foreach_copy_`` has no DTensor
-    sharding rule in torch 2.13: DTensors are copied one by one.)"""
+    sharding rule in torch 2.13: DTensors are copied one by one; pinned in
+    tests/test_torch_workarounds.py.)"""
     if foreach_supported(dst) and not is_wrapper(dst[0]):
         torch._foreach_copy_(dst, src)
         return dst

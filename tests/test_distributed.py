@@ -200,6 +200,20 @@ def reference_run(name: str, steps: int = STEPS) -> list[list[torch.Tensor]]:
     return out
 
 
+def train_through_the_adapter(model: nn.Module, name: str, rank: int, expected: list[list[torch.Tensor]],
+                              what: str) -> None:
+    """STEPS steps of the case's adapter on this rank's half batch, each landing on the
+    single-process run's params, with the ``.grad`` tensors left as they were."""
+    opt = optimizer(name, model.parameters())
+    for t in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, *local_batch(t, rank)).backward()
+        before = local_grads(model)
+        opt.step()
+        assert_grads_untouched(model, before, f"{name} {what} step {t + 1}")
+        assert_params_close(list(model.parameters()), expected[t], f"{name} {what} step {t + 1}")
+
+
 # ------------------------------------------------------------------------------ FSDP2
 
 
@@ -210,16 +224,8 @@ def fsdp2_scenario(rank: int, folder: str) -> None:
     device_mesh = mesh()
     for name in CASES:
         expected = reference_run(name)
-        # Through the adapter.
-        model = fully_shard(make_model(), mesh=device_mesh)
-        opt = optimizer(name, model.parameters())
-        for t in range(STEPS):
-            opt.zero_grad()
-            loss_of(model, *local_batch(t, rank)).backward()
-            before = local_grads(model)
-            opt.step()
-            assert_grads_untouched(model, before, f"{name} FSDP2 adapter step {t + 1}")
-            assert_params_close(list(model.parameters()), expected[t], f"{name} FSDP2 adapter step {t + 1}")
+        train_through_the_adapter(fully_shard(make_model(), mesh=device_mesh), name, rank, expected,
+                                  "FSDP2 adapter")
         # Functional: the DTensor params and grads as pytrees, the pure update.
         model = fully_shard(make_model(), mesh=device_mesh)
         params = dict(model.named_parameters())
@@ -321,15 +327,7 @@ def ddp_scenario(rank: int, folder: str) -> None:
 
     for name in CASES:
         expected = reference_run(name)
-        model = DistributedDataParallel(make_model())
-        opt = optimizer(name, model.parameters())
-        for t in range(STEPS):
-            opt.zero_grad()
-            loss_of(model, *local_batch(t, rank)).backward()
-            before = local_grads(model)
-            opt.step()
-            assert_grads_untouched(model, before, f"{name} DDP step {t + 1}")
-            assert_params_close(list(model.parameters()), expected[t], f"{name} DDP step {t + 1}")
+        train_through_the_adapter(DistributedDataParallel(make_model()), name, rank, expected, "DDP")
     for cls, kwargs, name in ((adapters.LAMB, {"lr": 0.05, "weight_decay": 0.01}, "lamb"),
                               (adapters.TAdam, {"lr": 0.05}, "tadam")):
         model = DistributedDataParallel(make_model())
@@ -385,11 +383,9 @@ def _train(model, opt, rank: int, steps: range) -> None:
         opt.step()
 
 
-def dcp_save_scenario(rank: int, folder: str, root: str, flatten: bool) -> None:
-    """Train SAVE_AT steps, save model and optimizer with DCP, train on to STEPS; rank 0
-    keeps the final params for the resuming processes to match."""
-    del folder
-    import torch.distributed.checkpoint as dcp
+def _dcp_state(model: nn.Module, opt: torch.optim.Optimizer, flatten: bool) -> dict[str, Any]:
+    """What DCP saves, and the template it loads into: the model's and the optimizer's
+    state dicts, as ``torch.distributed.checkpoint.state_dict`` lays them out."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -397,12 +393,20 @@ def dcp_save_scenario(rank: int, folder: str, root: str, flatten: bool) -> None:
     )
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    return {"model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+def dcp_save_scenario(rank: int, folder: str, root: str, flatten: bool) -> None:
+    """Train SAVE_AT steps, save model and optimizer with DCP, train on to STEPS; rank 0
+    keeps the final params for the resuming processes to match."""
+    del folder
+    import torch.distributed.checkpoint as dcp
+
     for name in CASES:
         model, opt = _fsdp2_training(name, rank)
         _train(model, opt, rank, range(SAVE_AT))
-        state = {"model": get_model_state_dict(model),
-                 "optim": get_optimizer_state_dict(model, opt, options=options)}
-        dcp.save(state, checkpoint_id=os.path.join(root, name))
+        dcp.save(_dcp_state(model, opt, flatten), checkpoint_id=os.path.join(root, name))
         _train(model, opt, rank, range(SAVE_AT, STEPS))
         final = [full(p).detach().clone() for p in model.parameters()]
         if rank == 0:
@@ -416,20 +420,17 @@ def dcp_load_scenario(rank: int, folder: str, root: str, flatten: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     for name in CASES:
         model, opt = _fsdp2_training(name, rank)
-        state = {"model": get_model_state_dict(model),
-                 "optim": get_optimizer_state_dict(model, opt, options=options)}
+        state = _dcp_state(model, opt, flatten)
         dcp.load(state, checkpoint_id=os.path.join(root, name))
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        set_optimizer_state_dict(model, opt, state["optim"],
+                                 options=StateDictOptions(flatten_optimizer_state_dict=flatten))
         _train(model, opt, rank, range(SAVE_AT, STEPS))
         expected = torch.load(os.path.join(root, f"{name}.final.pt"), weights_only=True)
         for i, (p, e) in enumerate(zip(model.parameters(), expected)):
