@@ -4,9 +4,11 @@
     python examples/benchmark.py --optimizers holocron --sets resnet50   # Holocron's eight
     python examples/benchmark.py --optimizers wrappers --sets resnet50   # Lookahead, Scout
     python examples/benchmark.py --threads 1 --sets resnet50 --optimizers adamw lamb
+    python examples/benchmark.py --threads 1 --sets tiny --no-compile   # fixed cost per step
 
 For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M values;
-and 1000 small tensors, 5 M values) and each optimizer, it prints the median ms per step
+1000 small tensors, 5 M values; and "tiny", 10 tensors of 1,000 values, a small model whose
+step is fixed cost: run it with ``--threads 1``) and each optimizer, it prints the median ms per step
 of torch.optim's implementations (for-loop, foreach, fused, where torch has them), of
 Holocron's own class (pylocron 0.3.0, where it has one and it is installed), and of
 holotx's paths:
@@ -86,9 +88,16 @@ def small_shapes(n: int = 1000, total: int = 5_000_000) -> list[tuple[int, ...]]
     return shapes
 
 
+def tiny_shapes() -> list[tuple[int, ...]]:
+    """10 tensors of 1,000 values: a small model (a functional or meta-learning user's),
+    where the fixed cost of a step, not memory traffic, sets its time."""
+    return [(1000,)] * 10
+
+
 PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "resnet50": resnet50_shapes,
     "small": small_shapes,
+    "tiny": tiny_shapes,
 }
 
 
@@ -391,9 +400,15 @@ def run(args: argparse.Namespace) -> None:
             for label, ms, first in rows:
                 vs_fused = f"{ms / reference:7.2f}x" if reference else f"{'-':>8}"
                 first_s = f"[{first:.2f} s]" if "compiled" in label else ""
-                print(f"{algo.name:<16} {label:<31} {ms:8.2f} {vs_fused} {ms / floor_ms:7.2f}x  {first_s}")
-            print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.2f}          "
+                print(f"{algo.name:<16} {label:<31} {ms:8.{_decimals(ms)}f} {vs_fused} "
+                      f"{ms / floor_ms:7.2f}x  {first_s}")
+            print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.{_decimals(floor_ms)}f}          "
                   f"({algo.bytes_per_param:.3g} B/param)")
+
+
+def _decimals(ms: float) -> int:
+    """Three decimals below a millisecond (the tiny set's steps), two above."""
+    return 3 if ms < 1 else 2
 
 
 if __name__ == "__main__":
