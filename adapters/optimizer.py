@@ -203,7 +203,7 @@ class TransformOptimizer(Optimizer):
         planned = [(group, *self._plan(group, compiling)) for group in self.param_groups if _has_grads(group)]
         with torch.no_grad():
             for group, tx, lr in planned:
-                self._step_group(group, tx, lr)
+                self._step_group(group, tx, lr, compiling)
         return loss
 
     def _plan(self, group: dict[str, Any], compiling: bool) -> tuple[GradientTransformation, Any]:
@@ -228,10 +228,10 @@ class TransformOptimizer(Optimizer):
             self._built[id(group)] = (key, tx)
         return tx, lr
 
-    def _step_group(self, group: dict[str, Any], tx: GradientTransformation, lr: Any) -> None:
+    def _step_group(self, group: dict[str, Any], tx: GradientTransformation, lr: Any,
+                    compiling: bool) -> None:
         params: list[torch.Tensor] = group["params"]
         grads = [p.grad for p in params]
-        compiling = torch.compiler.is_compiling()
         runtime = self._runtime(group)
         tx_params, tx_grads, upcast = self._working_copies(params, grads)
         state = runtime.assemble(self.state, params)

@@ -13,8 +13,6 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from holotx import ops, tree
 
 Kernel = Callable[..., tuple[list[Any], ...]]
@@ -91,7 +89,7 @@ def multi_tensor_update(
                     raise ValueError(f"{names[k]} has no entry at {tree.path_strings(spec)[i]}, "
                                      "where updates has a tensor: was init given this leaf?")
             # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
-            wrapped = type(g) is not torch.Tensor and ops.is_wrapper(g)
+            wrapped = ops.is_wrapper(g)
             groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
 
     new_u: list[Any] = [None] * len(g_leaves)

@@ -27,7 +27,6 @@ from typing import Union
 
 import torch
 import torch._C._functorch as _functorch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 Scalar = Union[float, int, torch.Tensor]
 TensorList = list[torch.Tensor]
@@ -96,11 +95,13 @@ def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
 def is_wrapper(x: object) -> bool:
     """Whether ``x`` is a tensor subclass that wraps others (a ``DTensor``): it has no
     storage of its own to read, and no ``.tolist()``."""
-    return is_traceable_wrapper_subclass(x)
+    return is_wrapper_type(type(x))
 
 
 def is_wrapper_type(cls: type) -> bool:
-    """:func:`is_wrapper` for a class: a tensor subclass that flattens into inner tensors."""
+    """:func:`is_wrapper` for a class: a tensor subclass that flattens into inner tensors
+    (what ``torch.utils._python_dispatch.is_traceable_wrapper_subclass`` asks of an
+    instance, asked once of its class)."""
     return cls is not torch.Tensor and hasattr(cls, "__tensor_flatten__")
 
 
