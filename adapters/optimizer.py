@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, required
 
-from holotx import tree
-from holotx.base import FINAL_SCALE, FinalScale, GradientTransformation, apply_updates
+from holotx import executor, tree
+from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import scale
 
@@ -237,12 +237,10 @@ class TransformOptimizer(Optimizer):
         state = runtime.assemble(self.state, params)
         # Eager, the chain's last scaling (the lr) is applied with the update, in one pass;
         # compiled, the compiler fuses it, and better without the hand-over (as make_step).
-        factors: list[Any] = []
-        extra = {} if compiling else {FINAL_SCALE: FinalScale(tx.update, factors)}
-        updates, state = tx.update(tx_grads, state, tx_params, donate=True,
-                                   donate_updates=self._donate_grads, **extra)
+        updates, state, factor, _ = executor.run(tx, tx_grads, state, tx_params, donate=True,
+                                                 donate_updates=self._donate_grads,
+                                                 hand_over_scale=not compiling)
         runtime.scatter(self.state, params, state)
-        factor = factors[0] if factors else None
         if self._factory is None:  # the group's lr multiplies the transform's updates
             factor = lr if factor is None else factor * lr
         if not upcast:

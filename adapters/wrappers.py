@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from holotx import ops
+from holotx import executor, ops
 from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import validate_sync
 from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums, coherence_rate
@@ -303,12 +303,17 @@ class Scout(_SyncWrapper):
             dtype = mean[0].dtype
             change = [(p.to(dtype) - previous[p].to(dtype)) for p in ps]
             weight = [1.0 / ((int(s[self._key("count")]) - 1) % k + 1) for s in st]
-            _accumulate(change, mean, m2, low, high, weight, inplace=True)
             flags = [p in ending for p in ps]
-            for j, flag in enumerate(flags):
-                if flag:
-                    sums.append(_spread_ratio_sums(mean[j], m2[j], low[j], high[j], k, holocron, None))
-            _fresh_window(flags, mean, m2, low, high, inplace=True)
+            # The statistics are the wrapper's own: the math may write them in place.
+            with executor.owned_step(ps, change):
+                mean, m2, low, high = _accumulate(change, mean, m2, low, high, weight)
+                for j, flag in enumerate(flags):
+                    if flag:
+                        sums.append(_spread_ratio_sums(mean[j], m2[j], low[j], high[j], k, holocron, None))
+                stats = _fresh_window(flags, mean, m2, low, high)
+            for s, values in zip(st, zip(*stats)):  # in place already, unless torch declined
+                for name, value in zip(self._stat_keys, values):
+                    s[self._key(name)] = value
         if not ends:
             return
         rate = coherence_rate(sums, [True] * len(sums), self.sync_rate, holocron=holocron,

@@ -13,19 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx import _validate, tree
-from holotx.base import (
-    GradientTransformation,
-    Params,
-    final_scale_request,
-    init_count,
-    keeps_donation_contract,
-    own_transform,
-    owns_memory,
-    readdressed,
-    updates_donated,
-    without_final_scale,
-)
+from holotx import _validate, executor, tree
+from holotx.base import GradientTransformation, Params, init_count, own_transform
 from holotx.transforms.scale import set_to_zero
 
 __all__ = [
@@ -46,8 +35,7 @@ __all__ = [
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
-    Extra keyword arguments given to ``update`` (``donate`` included) reach every
-    transform.
+    Extra keyword arguments given to ``update`` reach every transform.
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -59,41 +47,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(updates, state, params=None, **extra):
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
-        updates, new_state = _run_in_sequence(transforms, state, updates, params, extra,
-                                              final_scale_request(update, extra))
+        updates, new_state = _run_in_sequence(transforms, state, updates, params, extra)
         return updates, tuple(new_state)
 
-    return own_transform(init, update, transforms)
+    return own_transform(init, update)
 
 
-def _run_in_sequence(transforms, states, updates, params, extra, final_scale) -> tuple[Any, list[Any]]:
-    """Each transform's update on the previous one's output.
-
-    The next transform may write into the updates when nothing else holds their memory
-    (see :func:`~holotx.base.owns_memory`): not the params, not any state (a momentum buffer can be the
-    updates), and not the caller's grads unless the caller donated them. With
-    ``donate=True`` every transform may, by the donation contract: a transform never
-    returns updates that share memory with its donated state. A request to hand the final
-    scaling over, addressed to the chain (``final_scale``, its factor list), is
-    readdressed to the last transform; no other transform sees one.
-    """
-    donate = extra.get("donate", False)
-    owned = updates_donated(donate, extra)
-    holders = params if owned else (updates, params)
+def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
+    """Each transform's update on the previous one's output. A request for the final
+    scaling, addressed to the chain, is passed to the last transform."""
     new_states: list[Any] = []
-    # Only the last transform may hand its final scaling over to the caller (FINAL_SCALE).
-    not_last = without_final_scale(extra)
     for i, (t, s) in enumerate(zip(transforms, states)):
-        incoming = updates
-        here = readdressed(extra, final_scale, t) if i + 1 == len(transforms) else not_last
-        updates, new_s = t.update(updates, s, params, **{**here, "donate_updates": owned})
+        if i + 1 == len(transforms):
+            executor.redirect_scale(t)
+        updates, new_s = executor.call(t, updates, s, params, **extra)
         new_states.append(new_s)
-        if i + 1 < len(transforms) and not (donate and owned and keeps_donation_contract(t)):
-            # A transform sees only its own state and its input: its output can alias
-            # those, the params and the caller's grads, and nothing else. (Donated state
-            # and updates, and a transform of holotx's own: its output is fresh or its
-            # donated input, so it stays owned. A user's transform may return its state.)
-            owned = owns_memory(updates, (holders, s, new_s, () if owned else incoming))
     return updates, new_states
 
 
@@ -111,10 +79,10 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         if set(state) != set(names):
             raise ValueError(f"named_chain state has keys {sorted(state)}, expected {sorted(names)}")
         updates, new_states = _run_in_sequence([t for _, t in transforms], [state[n] for n in names],
-                                               updates, params, extra, final_scale_request(update, extra))
+                                               updates, params, extra)
         return updates, dict(zip(names, new_states))
 
-    return own_transform(init, update, tuple(t for _, t in transforms))
+    return own_transform(init, update)
 
 
 # ---------------------------------------------------------------- routing subtrees
@@ -157,7 +125,7 @@ def _routed_update(inner: GradientTransformation, keep: list[bool], spec, u_leav
                    inner_state, extra):
     sub_u = tree.unflatten(spec, _select_leaves(u_leaves, keep))
     sub_p = None if p_leaves is None else tree.unflatten(spec, _select_leaves(p_leaves, keep))
-    new_u, new_state = inner.update(sub_u, inner_state, sub_p, **without_final_scale(extra))
+    new_u, new_state = executor.call(inner, sub_u, inner_state, sub_p, **extra)
     return tree.leaves_matching(new_u, spec, "the inner updates", "updates"), new_state
 
 
@@ -195,7 +163,7 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
         out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
         return tree.unflatten(spec, out), MaskedState(inner_state)
 
-    return own_transform(init, update, (inner,))
+    return own_transform(init, update)
 
 
 def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
@@ -249,7 +217,7 @@ def partition(
             out = [n if k else o for n, o, k in zip(new_leaves, out, keep)]
         return tree.unflatten(spec, out), PartitionState(new_states)
 
-    return own_transform(init, update, tuple(transforms.values()))
+    return own_transform(init, update)
 
 
 # ---------------------------------------------------------------- conditional steps
@@ -288,8 +256,8 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     A skipped step returns zero updates and leaves the inner state as it was; the
     counters record it. After more than ``max_consecutive_errors`` skips in a row the
     step is applied anyway (as optax's ``apply_if_finite``). The decision is a 0-d tensor
-    used by ``torch.where``: no host sync. The inner transform never gets ``donate``: the
-    old state must survive a skipped step.
+    used by ``torch.where``: no host sync. The old inner state is read after the inner
+    update, so the inner update is pure.
     """
     if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
             or max_consecutive_errors < 0:
@@ -301,18 +269,17 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
                                   inner.init(params))
 
     def update(updates, state, params=None, **extra):
-        extra.pop("donate", None)  # the old state must survive a skipped step
         finite = _all_finite(updates)
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count),
                                       state.notfinite_count + 1)
         reject = ~finite & (notfinite_count <= max_consecutive_errors)
-        new_u, new_inner = inner.update(updates, state.inner_state, params, **without_final_scale(extra))
+        new_u, new_inner = executor.call_pure(inner, updates, state.inner_state, params, **extra)
         new_u = tree.map(lambda u: torch.where(reject, torch.zeros_like(u), u), new_u)
         return new_u, ApplyIfFiniteState(
             notfinite_count, finite, state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
             _select_tree(reject, state.inner_state, new_inner))
 
-    return own_transform(init, update, (inner,))
+    return own_transform(init, update)
 
 
 class MultiStepsState(NamedTuple):
@@ -348,9 +315,6 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         return MultiStepsState(zero, zero.clone(), inner.init(params), tree.zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        # The old state must survive a micro-step, and acc is the next state: donate nothing.
-        extra.pop("donate", None)
-        extra.pop("donate_updates", None)
         n = state.mini_step
         u_leaves, spec = tree.flatten(updates)
         acc_leaves = tree.leaves_matching(state.acc_grads, spec, "state.acc_grads", "updates")
@@ -358,7 +322,8 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         emit = n == every_k - 1
         # A None gradient stays None for the inner transform: no update, no state change.
         inner_in = tree.unflatten(spec, [None if g is None else a for a, g in zip(acc, u_leaves)])
-        new_u, new_inner = inner.update(inner_in, state.inner_state, params, **without_final_scale(extra))
+        # The old inner state is read again (a micro-step keeps it): the inner update is pure.
+        new_u, new_inner = executor.call_pure(inner, inner_in, state.inner_state, params, **extra)
         new_u = tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_u)
         new_acc = [a if g is None else torch.where(emit, torch.zeros_like(a), a)
                    for a, g in zip(acc, u_leaves)]
@@ -369,4 +334,4 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             tree.unflatten(spec, new_acc),
         )
 
-    return own_transform(init, update, (inner,))
+    return own_transform(init, update)

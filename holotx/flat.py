@@ -24,16 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx import ops, tree
-from holotx.base import (
-    FINAL_SCALE,
-    FinalScale,
-    GradientTransformation,
-    Params,
-    State,
-    apply_updates,
-    owns_memory,
-)
+from holotx import executor, ops, tree
+from holotx.base import GradientTransformation, Params, State, apply_updates
 
 __all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
 
@@ -211,14 +203,13 @@ def make_step(
                 # In eager mode a chain ending in a scaling (the learning rate) hands its factor
                 # over, and p += factor * u is one pass instead of two. Compiled, the compiler
                 # fuses the scaling itself, and better without the request (LARS: 2.7x slower).
-                factor: list[Any] = []
-                if not torch.compiler.is_compiling():
-                    extra = {**extra, FINAL_SCALE: FinalScale(tx.update, factor)}
-                updates, state = tx.update(grads, state, params, donate=True, **extra)
-                apply_updates(params, updates, inplace=True, scale=factor[0] if factor else None)
+                updates, state, factor, _ = executor.run(
+                    tx, grads, state, params, donate=True, donate_updates=True,
+                    hand_over_scale=not torch.compiler.is_compiling(), **extra)
+                apply_updates(params, updates, inplace=True, scale=factor)
             return params, state
-        updates, new_state = tx.update(grads, state, params, **extra)
-        if _can_take_memory(params, updates) and owns_memory(updates, (grads, params, state, new_state)):
+        updates, new_state, _, owned = executor.run(tx, grads, state, params, **extra)
+        if owned and _can_take_memory(params, updates):
             # The updates are this step's own scratch: the new params can take their memory.
             return apply_updates(updates, params, inplace=True), new_state
         return apply_updates(params, updates), new_state

@@ -17,14 +17,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx.base import (
-    GradientTransformation,
-    final_scale_request,
-    init_count,
-    next_count,
-    own_transform,
-    readdressed,
-)
+from holotx import executor
+from holotx.base import GradientTransformation, init_count, next_count, own_transform
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
@@ -66,8 +60,8 @@ def inject_hyperparams(
 
     The factory is called again on each update with the current tensors, so it must
     accept 0-d tensors for those arguments (every holotx factory does) and must not make
-    structural decisions on their values. Extra keywords of ``update`` (``donate``)
-    reach the inner transform.
+    structural decisions on their values. Extra keywords of ``update`` reach the inner
+    transform.
     """
     static = set(static_args)
     signature = inspect.signature(factory)
@@ -109,15 +103,12 @@ def inject_hyperparams(
         def update(updates, state, params=None, **extra):
             hyperparams = current(state.count, state.hyperparams)
             inner = factory(**fixed, **hyperparams)
-            inner_extra = readdressed(extra, final_scale_request(update, extra), inner)
-            updates, inner_state = inner.update(updates, state.inner_state, params, **inner_extra)
-            count = next_count(state.count, donate=extra.get("donate", False))
+            executor.redirect_scale(inner)
+            updates, inner_state = executor.call(inner, updates, state.inner_state, params, **extra)
+            count = next_count(state.count)
             return updates, InjectHyperparamsState(count, hyperparams, inner_state)
 
-        # holotx's own factories build transforms that keep the donation contract; what
-        # another factory builds is not known, so a chain checks its updates' memory.
-        if getattr(factory, "__module__", "").startswith("holotx."):
-            return own_transform(init, update)
-        return GradientTransformation(init, update)
+        # What a factory builds is run as it is: a user's transform pure (executor.call).
+        return own_transform(init, update)
 
     return build

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from holotx import ops, tree
+from holotx import executor, ops, tree
 
 Kernel = Callable[..., tuple[list[Any], ...]]
 
@@ -92,6 +92,7 @@ def multi_tensor_update(
             wrapped = ops.is_wrapper(g)
             groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
 
+    plan = executor.current()
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
     for (_, _, wrapped), idx in groups.items():
@@ -101,6 +102,7 @@ def multi_tensor_update(
             None if p_leaves is None else [p_leaves[i] for i in idx],
             *[[values[i] for i in idx] for values in leaf_values],
         ]
+        plan.mark_state(inputs[1:1 + len(state_leaves)])
         if wrapped:
             with _replicating():
                 outs = kernel(*inputs)
@@ -112,6 +114,9 @@ def multi_tensor_update(
             if new_states[k] is not None:
                 for j, i in enumerate(idx):
                     new_states[k][i] = out[j]
+                # A state is never written through the updates of a later transform (a
+                # momentum buffer may be the updates of a pure step).
+                plan.exclude_leaves(out)
     return tree.unflatten(spec, new_u), [
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]

@@ -172,8 +172,7 @@ TREES: dict[str, tuple[tuple[int, ...], bool]] = {
 * ``big`` trees have 76,800 elements in ``bulk``: multi-threaded CPU kernels split work
   above a grain size, so a big leaf exercises that path where tiny ones do not.
 * ``dense`` trees have no 0-size leaf, the others one: a 0-size tensor has a null data
-  pointer, which holotx's test for "these updates own their memory"
-  (``holotx.base.owns_memory``) must ignore rather than take for shared memory.
+  pointer and no memory, an edge for anything that reasons about buffers.
 """
 
 
@@ -748,14 +747,14 @@ def check_compile(case: Case, backend: str = "aot_eager") -> None:
 def check_chain_composition(case: Case, tree: str = "dense") -> None:
     """A transform gives the same numbers on its own and inside a :func:`holotx.chain`.
 
-    A chain may hand the next transform updates that the previous one freshly made, and
-    let it write into them (``donate_updates``). That must never change a result:
+    The executor lets the next transform write into updates that the previous one freshly
+    made. That must never change a result:
 
     * ``chain(scale(1.0), tx)`` equals ``tx``: ``scale(1.0)`` makes fresh updates equal
       to the grads (multiplying by one is exact), so ``tx`` runs with its incoming
       updates donated; its state must also equal ``tx``'s own.
     * ``chain(tx, scale(2.0))`` equals ``2 * tx`` (exact: a power of two) with ``tx``'s
-      state: if ``tx`` returns updates that share memory with its state and the chain
+      state: if ``tx`` returns updates that share memory with its state and the executor
       takes them for fresh, ``scale`` doubles the state in place and this fails.
 
     Bit-identical: the same ops run on the same values. Run on the ``dense`` and

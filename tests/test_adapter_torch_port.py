@@ -34,6 +34,7 @@ from torch.optim import lr_scheduler as lrs
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import holotx
+from holotx import executor
 from holotx.adapters import (
     LAMB,
     LARS,
@@ -45,7 +46,7 @@ from holotx.adapters import (
     TAdam,
     TransformOptimizer,
 )
-from holotx.base import FINAL_SCALE, apply_updates
+from holotx.base import apply_updates
 
 # -- the optimizers under test ------------------------------------------------------------
 
@@ -959,9 +960,8 @@ def _functional_run(factory, base, used, steps: range) -> list[torch.Tensor]:
         grads = _grad_values(params, k)
         for i, g in enumerate(groups):
             tx = factory(**{**base, **{n: v for n, v in hyper[i].items() if n in args}})
-            factors: list[Any] = []
-            updates, states[i] = tx.update([grads[i]], states[i], g, **{FINAL_SCALE: factors})
-            g[:] = apply_updates(g, updates, scale=factors[0] if factors else None)
+            updates, states[i], factor, _ = executor.run(tx, [grads[i]], states[i], g, hand_over_scale=True)
+            g[:] = apply_updates(g, updates, scale=factor)
     return [groups[0][0], groups[1][0]]
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import holotx
+from holotx import executor
 from holotx.flat import FlatLayout, make_step
 
 
@@ -250,18 +251,16 @@ def test_donated_step_with_deferred_learning_rate_equals_pure_step(name):
 def test_final_scale_reaches_only_a_chains_last_scaling():
     params = {"w": torch.ones(3, dtype=torch.float64)}
     grads = {"w": torch.full((3,), 2.0, dtype=torch.float64)}
-    tx = holotx.sgd(0.5)
-    factor: list = []
-    updates, _ = tx.update(grads, tx.init(params), params, final_scale=factor)
-    assert factor == [-0.5]
+    def handed_over(tx):
+        updates, _, factor, _ = executor.run(tx, grads, tx.init(params), params, hand_over_scale=True)
+        return updates, factor
+
+    updates, factor = handed_over(holotx.sgd(0.5))
+    assert factor == -0.5
     assert torch.equal(updates["w"], grads["w"])  # left for the caller to scale
-    masked = holotx.masked(holotx.sgd(0.5), {"w": True})
-    factor = []
-    updates, _ = masked.update(grads, masked.init(params), params, final_scale=factor)
-    assert factor == []  # a mask must not let its inner scaling reach other leaves
+    updates, factor = handed_over(holotx.masked(holotx.sgd(0.5), {"w": True}))
+    assert factor is None  # a mask must not let its inner scaling reach other leaves
     assert torch.equal(updates["w"], -0.5 * grads["w"])
-    early = holotx.chain(holotx.scale(3.0), holotx.identity())
-    factor = []
-    updates, _ = early.update(grads, early.init(params), params, final_scale=factor)
-    assert factor == []
+    updates, factor = handed_over(holotx.chain(holotx.scale(3.0), holotx.identity()))
+    assert factor is None
     assert torch.equal(updates["w"], 3.0 * grads["w"])

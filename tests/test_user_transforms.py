@@ -153,18 +153,16 @@ def test_user_transform_is_right_on_every_path(name, path):
 def test_the_learning_rate_is_still_folded_for_holotx_chains():
     """The hand-over still happens where it is safe: a chain ending in the learning rate,
     run by the donated step, gives its factor to the step (one pass fewer)."""
-    from holotx.base import FINAL_SCALE, FinalScale
+    from holotx import executor
 
     tx = holotx.adamw(0.5)
     params = make_params()
-    factors: list[Any] = []
     with torch.no_grad():
-        tx.update(grads_seq()[0], tx.init(params), params, donate=True,
-                  **{FINAL_SCALE: FinalScale(tx.update, factors)})
-    assert factors == [-0.5]
+        _, _, factor, _ = executor.run(tx, grads_seq()[0], tx.init(params), params, donate=True,
+                                       donate_updates=True, hand_over_scale=True)
+    assert factor == -0.5
     wrapped = clip_inner(holotx.adamw(0.5), 0.1, forward_extra=True)
-    factors.clear()
     with torch.no_grad():
-        wrapped.update(grads_seq()[0], wrapped.init(params), params, donate=True,
-                       **{FINAL_SCALE: FinalScale(wrapped.update, factors)})
-    assert factors == [], "a request addressed to the user's wrapper reached the chain inside it"
+        _, _, factor, _ = executor.run(wrapped, grads_seq()[0], wrapped.init(params), params, donate=True,
+                                       donate_updates=True, hand_over_scale=True)
+    assert factor is None, "a request addressed to the user's wrapper reached the chain inside it"

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import holotx
+from holotx import executor
 from holotx.flat import make_step
 
 F64 = torch.float64
@@ -290,20 +291,18 @@ def test_donated_step_equals_pure_step(name):
 
 
 def test_lookahead_hands_the_learning_rate_back_only_when_nothing_syncs():
-    """Asked for the final scaling (``final_scale``, as the donated ``make_step`` asks), a
-    step without a sync returns the inner updates unscaled and hands ``-lr`` over; a sync
-    step keeps it and returns the real move onto the slow weights."""
+    """Asked for the final scaling (as the donated ``make_step`` asks), a step without a
+    sync returns the inner updates unscaled and hands ``-lr`` over; a sync step keeps it
+    and returns the real move onto the slow weights."""
     tx = holotx.lookahead(holotx.sgd(0.1), 0.5, 2)
     params = make_params()
     state = tx.init(params)
     grads = grads_for(params, 0)
-    factor: list = []
-    updates, state = tx.update(grads, state, params, final_scale=factor)
-    assert factor == [-0.1]
+    updates, state, factor, _ = executor.run(tx, grads, state, params, hand_over_scale=True)
+    assert factor == -0.1
     assert_equal(updates, grads)  # sgd without momentum: the unscaled update is the gradient
-    factor = []
-    updates, state = tx.update(grads, state, params, final_scale=factor)
-    assert factor == []
+    updates, state, factor, _ = executor.run(tx, grads, state, params, hand_over_scale=True)
+    assert factor is None
     assert_close(holotx.apply_updates(params, updates), state.slow)
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import zeros_like
@@ -54,10 +54,10 @@ def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
 _bias_correction = bias_correction  # for scale_by_adam, whose argument of that name shadows it
 
 
-def step_counts(counts: ops.TensorList, *, inplace: bool) -> tuple[ops.TensorList, torch.Tensor]:
-    """Each leaf's count plus one, and the new counts stacked into one 1-D tensor, so
-    per-leaf scalars (bias corrections) are computed in one vectorized op."""
-    counts = ops.add_scalar(counts, 1, inplace=inplace)
+def step_counts(counts: ops.TensorList) -> tuple[ops.TensorList, torch.Tensor]:
+    """Each leaf's count plus one (the counts replaced), and the new counts stacked into
+    one 1-D tensor, so per-leaf scalars (bias corrections) are computed in one vectorized op."""
+    counts = ops.add_scalar_(counts, 1)
     return counts, torch.stack(counts)
 
 
@@ -87,24 +87,24 @@ def per_step_scalars(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(scalars).unbind(0))
 
 
-def moments(g: ops.TensorList, mu: ops.TensorList, nu: ops.TensorList, b1: Scalar, b2: Scalar, *,
-            inplace: bool) -> tuple[ops.TensorList, ops.TensorList]:
-    r"""Adam's moment EMAs: :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
+def moments(g: ops.TensorList, mu: ops.TensorList, nu: ops.TensorList, b1: Scalar,
+            b2: Scalar) -> tuple[ops.TensorList, ops.TensorList]:
+    r"""Adam's moment EMAs, the moments replaced: :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
     :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`, as ``torch.optim.Adam`` computes them."""
-    mu = ops.lerp(mu, g, 1 - b1, inplace=inplace)
-    nu = ops.mul(nu, b2, inplace=inplace)
-    return mu, ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+    mu = ops.lerp_(mu, g, 1 - b1)
+    nu = ops.mul_(nu, b2)
+    return mu, ops.addcmul_(nu, g, g, 1 - b2)
 
 
 def adaptive_ratio(mu: ops.TensorList, nu: ops.TensorList, scale: Scalar, shift: Scalar, *,
-                   out: ops.TensorList | None = None) -> ops.TensorList:
-    r""":math:`m / (\sqrt{v}\, a + b)`, the denominator a scratch buffer the quotient is
-    written into: ``out`` if given (buffers the caller no longer needs, e.g. the donated
-    incoming updates) and safe to overwrite, else a fresh one."""
-    denom = ops.sqrt(nu) if out is None else ops.sqrt_into(nu, out)
-    denom = ops.mul(denom, scale, inplace=True)
-    denom = ops.add_scalar(denom, shift, inplace=True)
-    return ops.div_into(mu, denom, inplace=True)
+                   dead: ops.TensorList | None = None) -> ops.TensorList:
+    r""":math:`m / (\sqrt{v}\, a + b)`. The denominator is a scratch buffer the quotient
+    is written into: ``dead`` if given (values no longer needed, e.g. incoming updates
+    already read), else a fresh one."""
+    denom = ops.sqrt(nu) if dead is None else ops.sqrt_into(nu, dead)
+    denom = ops.mul_(denom, scale)
+    denom = ops.add_scalar_(denom, shift)
+    return ops.div_into(mu, denom)
 
 
 def scale_by_adam(
@@ -147,12 +147,11 @@ def scale_by_adam(
             nu_max=zeros_like(params) if amsgrad else None,
         )
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
+    def update(updates, state, params=None, **extra):
+        del params, extra
 
         def kernel(g, count, mu, nu, nu_max, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             if corrected:
                 bc1 = _bias_correction(b1, t)
                 # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1):
@@ -160,11 +159,10 @@ def scale_by_adam(
                 scale, shift = per_leaf(bc1 / torch.sqrt(_bias_correction(b2, t)), eps * bc1)
             else:
                 scale, shift = 1, eps
-            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
+            mu, nu = moments(g, mu, nu, b1, b2)
             if nu_max is not None:
-                nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
-                               out=g if scratch_ok else None)
+                nu_max = ops.maximum_(nu_max, nu)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=g)  # g is read
             return u, count, mu, nu, nu_max
 
         u, (count, mu, nu, nu_max) = multi_tensor_update(

@@ -135,29 +135,29 @@ def scale_by_adamp(
         return ScaleByAdamState(init_counts(params), zeros_like(params), zeros_like(params),
                                 zeros_like(params) if amsgrad else None)
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
         del extra
         if params is None:
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
         tree.check_whole_tensors(params, "scale_by_adamp")
 
         def kernel(g, count, mu, nu, nu_max, p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             # p_t / bc1 = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1): bc1 folded into the denominator.
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
-            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
+            mu, nu = moments(g, mu, nu, b1, b2)
             if nu_max is not None:
-                nu_max = ops.maximum(nu_max, nu, inplace=donate)
+                nu_max = ops.maximum_(nu_max, nu)
             numerator = ops.lerp(mu, g, 1 - b1) if nesterov else mu
             u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
             coefs, projected = zip(*(projection_coefficients(pi, gi, ui, delta, eps, projection=projection)
                                      for pi, gi, ui in zip(p, g, u)))
-            u = ops.addcmul(u, p, list(coefs), -1, inplace=True)
+            u = ops.addcmul_(u, p, list(coefs), -1)
             if decays:
                 one = torch.ones((), dtype=u[0].dtype, device=u[0].device)
                 decay = [weight_decay * torch.where(pr, wd_ratio * one, one) for pr in projected]
-                u = ops.addcmul(u, p, decay, inplace=True)
+                u = ops.addcmul_(u, p, decay)
             return u, count, mu, nu, nu_max
 
         u, (count, mu, nu, nu_max) = multi_tensor_update(

@@ -68,11 +68,11 @@ def scale_by_adan(
                                 zeros_like(params), zeros_like(params) if amsgrad else None,
                                 zeros_like(params) if track_previous_grad else None)
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
         del params, extra
 
         def kernel(g, count, mu, diff_avg, nu, nu_max, prev_grad, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1, bc2, bc3 = (bias_correction(b, t) for b in (b1, b2, b3))
             # u = (m + v b2 bc1 / bc2) / (sqrt(n) bc1 / sqrt(bc3) + eps bc1): bc1 folded in.
             diff_weight, scale, shift = per_leaf(b2 * bc1 / bc2, bc1 / torch.sqrt(bc3), eps * bc1)
@@ -81,18 +81,18 @@ def scale_by_adan(
             else:
                 # g_{t-1} is 0 before the first step: weighting g by 0 there makes Delta_1 = 0.
                 (seen,) = per_leaf((t > 1).to(scalar_dtype(t.device)))
-                diff = ops.add(ops.mul(g, seen), prev_grad, alpha=-1, inplace=True)
-            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
-            diff_avg = ops.lerp(diff_avg, diff, 1 - b2, inplace=donate)
+                diff = ops.add_(ops.mul(g, seen), prev_grad, alpha=-1)
+            mu = ops.lerp_(mu, g, 1 - b1)
+            diff_avg = ops.lerp_(diff_avg, diff, 1 - b2)
             lookahead = ops.add(g, diff, alpha=b2)
-            nu = ops.mul(nu, b3, inplace=donate)
-            nu = ops.addcmul(nu, lookahead, lookahead, 1 - b3, inplace=True)
+            nu = ops.mul_(nu, b3)
+            nu = ops.addcmul_(nu, lookahead, lookahead, 1 - b3)
             if nu_max is not None:
-                nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            numerator = ops.add(ops.mul(diff_avg, diff_weight), mu, inplace=True)
+                nu_max = ops.maximum_(nu_max, nu)
+            numerator = ops.add_(ops.mul(diff_avg, diff_weight), mu)
             u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
             if prev_grad is not None:
-                prev_grad = ops.copy(prev_grad, g) if donate else [x.clone() for x in g]
+                prev_grad = ops.copy_into(g, prev_grad)  # state never shares the caller's grads
             return u, count, mu, diff_avg, nu, nu_max, prev_grad
 
         u, new = multi_tensor_update(

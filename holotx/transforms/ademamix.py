@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -104,12 +104,11 @@ def scale_by_ademamix(
         return ScaleByAdEMAMixState(init_counts(params), zeros_like(params), zeros_like(params),
                                     zeros_like(params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
+    def update(updates, state, params=None, **extra):
+        del params, extra
 
         def kernel(g, count, mu, nu, mu_slow, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             if t_alpha_beta3 is None:
                 alpha_t, slow_rate = alpha, 1 - b3
@@ -119,10 +118,9 @@ def scale_by_ademamix(
             # u = (m1 + alpha bc1 m2) / (sqrt(nu) bc1 / sqrt(bc2) + eps bc1): bc1 folded in.
             slow_weight, scale, shift = per_leaf(alpha_t * bc1, bc1 / torch.sqrt(bias_correction(b2, t)),
                                                  eps * bc1)
-            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
-            mu_slow = ops.lerp(mu_slow, g, slow_rate, inplace=donate)
-            numerator = ops.add(ops.mul_into(mu_slow, slow_weight, g if scratch_ok else None), mu,
-                                inplace=True)  # into g, which is not read again
+            mu, nu = moments(g, mu, nu, b1, b2)
+            mu_slow = ops.lerp_(mu_slow, g, slow_rate)
+            numerator = ops.add_(ops.mul_into(mu_slow, slow_weight, g), mu)  # g is not read again
             u = adaptive_ratio(numerator, nu, scale, shift)
             return u, count, mu, nu, mu_slow
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
@@ -58,26 +58,24 @@ def scale_by_belief(
         return ScaleByBeliefState(init_counts(params), zeros_like(params), zeros_like(params),
                                   zeros_like(params) if amsgrad else None)
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
+    def update(updates, state, params=None, **extra):
+        del params, extra
 
         def kernel(g, count, mu, nu, nu_max, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
-            mu = ops.lerp(mu, g, 1 - b1, inplace=donate)
-            residual = ops.sub_into(g, mu, g if scratch_ok else None)  # g is not read again
-            nu = ops.mul(nu, b2, inplace=donate)
-            nu = ops.addcmul(nu, residual, residual, 1 - b2, inplace=True)
+            mu = ops.lerp_(mu, g, 1 - b1)
+            residual = ops.sub_into(g, mu, g)  # g is not read again
+            nu = ops.mul_(nu, b2)
+            nu = ops.addcmul_(nu, residual, residual, 1 - b2)
             if eps_in_variance:
                 # Its own pass: folded into a lerp toward eps / (1 - b2), an s that has
                 # overflowed would give inf - inf = NaN where b2 s + eps is inf.
-                nu = ops.add_scalar(nu, eps, inplace=True)
+                nu = ops.add_scalar_(nu, eps)
             if nu_max is not None:
-                nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
-                               out=residual if scratch_ok else None)
+                nu_max = ops.maximum_(nu_max, nu)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=residual)
             return u, count, mu, nu, nu_max
 
         u, (count, mu, nu, nu_max) = multi_tensor_update(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import EmptyState, GradientTransformation, own_transform, updates_donated
+from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -39,14 +39,14 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
+        del extra
         tree.check_whole_tensors(params, "clip_by_global_norm")
-        inplace = updates_donated(donate, extra)
         norm = global_norm(updates)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
 
         def kernel(g, _p):
-            return (ops.mul(g, factor, inplace=inplace),)
+            return (ops.mul_(g, factor),)
 
         return multi_tensor_update(kernel, updates)[0], state
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype, step_counts
@@ -48,25 +48,21 @@ def trace(
     def init(params):
         return TraceState(None if undampened else init_counts(params), zeros_like(params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        inplace = updates_donated(donate, extra)
+    def update(updates, state, params=None, **extra):
+        del params, extra
 
         def kernel(g, count, buf, _p):
-            buf = ops.mul(buf, momentum, inplace=donate)
+            buf = ops.mul_(buf, momentum)
             if undampened:
-                buf = ops.add(buf, g, inplace=True)
+                buf = ops.add_(buf, g)
             else:  # each leaf's first buffer is its undampened gradient
-                count, t = step_counts(count, inplace=donate)
+                count, t = step_counts(count)
                 one = torch.ones_like(t, dtype=scalar_dtype(t.device))
                 (grad_weight,) = per_leaf(torch.where(t == 1, one, (1 - dampening) * one))
-                buf = ops.add(buf, ops.mul(g, grad_weight), inplace=True)
-            if nesterov:
-                u = ops.add(g, buf, alpha=momentum, inplace=inplace)
-            elif donate:  # the caller may write into the updates: they must not alias state
-                u = ops.copy(g, buf) if inplace else [b.clone() for b in buf]
-            else:
-                u = buf
+                buf = ops.add_(buf, ops.mul(g, grad_weight))
+            # Nesterov: g + momentum * buf; else the buffer's value (g is read: its memory
+            # may hold a copy).
+            u = ops.add_(g, buf, alpha=momentum) if nesterov else ops.state_as_updates(buf, g)
             return u, count, buf
 
         u, (count, buf) = multi_tensor_update(kernel, updates, (state.count, state.trace),

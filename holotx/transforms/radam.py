@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from holotx import _validate, ops
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -46,7 +46,7 @@ def rectification(
     return active, r
 
 
-def _rectified_or_plain(mu, nu, scale, shift, rectifying, out):
+def _rectified_or_plain(mu, nu, scale, shift, rectifying, dead):
     r"""Per leaf, :math:`m / (\sqrt{v}\,a + b)` where it rectifies and :math:`m / b` (with
     :math:`b = 1 - \beta_1^t`) where it does not. The plain branch never reads
     :math:`v`: as :math:`\sqrt{v} \cdot 0 + b` it would be :math:`\infty \cdot 0` = NaN
@@ -59,14 +59,14 @@ def _rectified_or_plain(mu, nu, scale, shift, rectifying, out):
         plain = [i for i, r in enumerate(rectifying) if not r]
         if rect:
             ratios = adaptive_ratio(_take(mu, rect), _take(nu, rect), _take(scale, rect), _take(shift, rect),
-                                    out=None if out is None else _take(out, rect))
+                                    dead=_take(dead, rect))
             for i, x in zip(rect, ratios):
                 u[i] = x
         if plain:
             for i, x in zip(plain, ops.div(_take(mu, plain), _take(shift, plain))):
                 u[i] = x
         return u
-    ratios = adaptive_ratio(mu, nu, scale, shift, out=out)
+    ratios = adaptive_ratio(mu, nu, scale, shift, dead=dead)
     return [torch.where(r > 0, x, m / b) for x, m, b, r in zip(ratios, mu, shift, rectifying)]
 
 
@@ -113,12 +113,11 @@ def scale_by_radam(
     def init(params):
         return ScaleByAdamState(init_counts(params), zeros_like(params), zeros_like(params), None)
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
+    def update(updates, state, params=None, **extra):
+        del params, extra
 
         def kernel(g, count, mu, nu, _nu_max, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1, bc2 = bias_correction(b1, t), bias_correction(b2, t)
             active, r = rectification(b2, t, bc2, threshold)
             # u = m / (sqrt(v) * a + b). Rectifying: a = bc1 / (r sqrt(bc2)) and b = eps * a, so
@@ -135,11 +134,11 @@ def scale_by_radam(
             scale, shift, rectifying = per_leaf(torch.where(active, rectified, plain),
                                                 torch.where(active, rectified_shift, plain_shift),
                                                 active.to(bc2.dtype))
-            mu, nu = moments(g, mu, nu, b1, b2, inplace=donate)
-            out = g if scratch_ok else None
+            mu, nu = moments(g, mu, nu, b1, b2)
+            # g is read: its memory may hold the result.
             if force_adaptive:
-                return adaptive_ratio(mu, nu, scale, shift, out=out), count, mu, nu, None
-            return _rectified_or_plain(mu, nu, scale, shift, rectifying, out), count, mu, nu, None
+                return adaptive_ratio(mu, nu, scale, shift, dead=g), count, mu, nu, None
+            return _rectified_or_plain(mu, nu, scale, shift, rectifying, g), count, mu, nu, None
 
         u, (count, mu, nu, _) = multi_tensor_update(
             kernel, updates, (state.count, state.mu, state.nu, None),

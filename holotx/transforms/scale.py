@@ -7,16 +7,14 @@ from typing import NamedTuple, Union
 
 import torch
 
-from holotx import _validate, ops
+from holotx import _validate, executor, ops
 from holotx.base import (
     EmptyState,
     GradientTransformation,
-    final_scale_request,
     init_count,
     next_count,
     own_transform,
     stateless,
-    updates_donated,
 )
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
@@ -38,13 +36,12 @@ class ScaleByScheduleState(NamedTuple):
     """Updates made so far; the schedule is evaluated at this value before incrementing."""
 
 
-def _scaled(updates, factor: Scalar, donate: bool, deferred: list | None):
-    if deferred is not None:  # the caller multiplies as it applies the updates
-        deferred.append(factor)
+def _scaled(updates, factor: Scalar):
+    if executor.take_scale(factor):  # the caller multiplies as it applies the updates
         return updates
 
     def kernel(g, _p):
-        return (ops.mul(g, factor, inplace=donate),)
+        return (ops.mul_(g, factor),)
 
     return multi_tensor_update(kernel, updates)[0]
 
@@ -56,10 +53,9 @@ def scale(step_size: Scalar) -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
-        deferred = final_scale_request(update, extra)
-        return _scaled(updates, step_size, updates_donated(donate, extra), deferred), state
+    def update(updates, state, params=None, **extra):
+        del params, extra
+        return _scaled(updates, step_size), state
 
     return own_transform(init, update)
 
@@ -73,13 +69,10 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
     def init(params):
         return ScaleByScheduleState(init_count(params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        del params
+    def update(updates, state, params=None, **extra):
+        del params, extra
         factor = schedule(state.count)
-        deferred = final_scale_request(update, extra)
-        return _scaled(updates, factor, updates_donated(donate, extra), deferred), ScaleByScheduleState(
-            next_count(state.count, donate=donate)
-        )
+        return _scaled(updates, factor), ScaleByScheduleState(next_count(state.count))
 
     return own_transform(init, update)
 

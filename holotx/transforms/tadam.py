@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from holotx import _validate, ops, tree
-from holotx.base import GradientTransformation, init_counts, own_transform, updates_donated
+from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
@@ -80,12 +80,12 @@ def scale_by_tadam(
         return ScaleByTAdamState(init_counts(params), zeros_like(params), zeros_like(params),
                                  zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
+        del extra
         tree.check_whole_tensors(params, "scale_by_tadam")
-        scratch_ok = updates_donated(donate, extra)  # g may hold the result once read
 
         def kernel(g, count, weight_sum, mu, nu, nu_max, _p):
-            count, t = step_counts(count, inplace=donate)
+            count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
             # The Student-t weight, from the previous moments: sum (g - m)^2 / (v + eps), as the
@@ -94,8 +94,8 @@ def scale_by_tadam(
             # is inf: inf / inf would be NaN. It accumulates in the tensors' dtype, as
             # Holocron's, or float32 for half types (a float64 upcast would copy each tensor).
             deviation = ops.add(g, mu, alpha=-1)
-            spread = ops.sqrt(ops.add_scalar(nu, eps), inplace=True)
-            deviation = ops.div_into(deviation, spread, inplace=True)
+            spread = ops.sqrt_(ops.add_scalar(nu, eps))
+            deviation = ops.div_into(deviation, spread)
             dtype = scalar_dtype(t.device)
             # realize: W stays a plain tensor, as the count, on DTensor leaves too.
             norms = ops.realize(torch.stack(ops.norms(deviation, ops.accumulation_dtype(g[0].dtype))))
@@ -109,13 +109,12 @@ def scale_by_tadam(
             weights = torch.stack(weight_sum)
             (mix,) = per_leaf(w / (weights + w))
             new_weights = weights * ((2 * b1 - 1) / b1) + w
-            mu = ops.lerp(mu, g, mix, inplace=donate)
-            nu = ops.mul(nu, b2, inplace=donate)
-            nu = ops.addcmul(nu, g, g, 1 - b2, inplace=True)
+            mu = ops.lerp_(mu, g, mix)
+            nu = ops.mul_(nu, b2)
+            nu = ops.addcmul_(nu, g, g, 1 - b2)
             if nu_max is not None:
-                nu_max = ops.maximum(nu_max, nu, inplace=donate)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift,
-                               out=g if scratch_ok else None)
+                nu_max = ops.maximum_(nu_max, nu)
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=g)  # g is read
             return u, count, list(new_weights.unbind(0)), mu, nu, nu_max
 
         u, (count, weight_sum, mu, nu, nu_max) = multi_tensor_update(

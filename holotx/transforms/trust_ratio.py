@@ -7,14 +7,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx import _validate, ops, tree
-from holotx.base import (
-    EmptyState,
-    GradientTransformation,
-    own_transform,
-    updates_donated,
-    without_final_scale,
-)
+from holotx import _validate, executor, ops, tree
+from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
@@ -122,8 +116,7 @@ def scale_by_trust_ratio(
             out.append(r.to(ui.dtype)[seg.row_ids].unsqueeze(1))
         return (out,)
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        owned = updates_donated(donate, extra)
+    def update(updates, state, params=None, **extra):
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         tree.check_whole_tensors(params, "scale_by_trust_ratio")
@@ -150,22 +143,14 @@ def scale_by_trust_ratio(
 
         if decays:
             updates = multi_tensor_update(
-                lambda u, p: (ops.add(u, p, alpha=weight_decay, inplace=owned),), updates, params=params)[0]
-            owned = True  # fresh, or the caller's donated buffers
+                lambda u, p: (ops.add_(u, p, alpha=weight_decay),), updates, params=params)[0]
         if inner is not None:
-            from holotx.combine import _run_in_sequence
+            # The ratio is one more step after inner, which sees the extras (segments).
+            updates, inner_state = executor.call(inner, updates, state.inner, params, **extra)
+            return _scale_leaves(updates, ratios), TrustRatioState(inner_state)
+        return _scale_leaves(updates, ratios), state
 
-            # The ratio is one more step after inner: the chain logic decides whether it
-            # may multiply inner's output in place.
-            scale_step = own_transform(lambda p: EmptyState(), _scale_leaves(ratios))
-            updates, (inner_state, _) = _run_in_sequence(
-                [inner, scale_step], [state.inner, EmptyState()], updates, params,
-                {**without_final_scale(extra), "donate": donate, "donate_updates": owned}, None)
-            return updates, TrustRatioState(inner_state)
-        return _scale_leaves(ratios)(updates, EmptyState(), params, donate=donate,
-                                     donate_updates=owned)[0], state
-
-    return own_transform(init, update, () if inner is None else (inner,))
+    return own_transform(init, update)
 
 
 def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -177,22 +162,13 @@ def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.
     return sums.index_add(0, segments.row_ids, row_sums).sqrt()
 
 
-def _scale_leaves(factors: list[Any]):
-    """An update function multiplying each leaf by its own factor: a float or a 0-d
-    tensor, or for an aligned flat buffer a ``(rows, 1)`` tensor, one factor per row."""
+def _scale_leaves(updates: Any, factors: list[Any]) -> Any:
+    """Each leaf of ``updates`` (replaced) times its own factor: a float or a 0-d tensor,
+    or for an aligned flat buffer a ``(rows, 1)`` tensor, one factor per row."""
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        inplace = updates_donated(donate, extra)
+    def kernel(u, _p, f):
+        if not isinstance(f[0], torch.Tensor) or f[0].dim() < 2:
+            return (ops.mul_(u, f),)
+        return (ops.mul_rows_(u, f),)
 
-        def kernel(u, _p, f):
-            if not isinstance(f[0], torch.Tensor) or f[0].dim() < 2:
-                return (ops.mul(u, f, inplace=inplace),)
-            if ops.may_overwrite(u, inplace):
-                for ui, fi in zip(u, f):
-                    ui.view(fi.shape[0], -1).mul_(fi)
-                return (u,)
-            return ([(ui.reshape(fi.shape[0], -1) * fi).reshape(ui.shape) for ui, fi in zip(u, f)],)
-
-        return multi_tensor_update(kernel, updates, leaf_values=[factors])[0], state
-
-    return update
+    return multi_tensor_update(kernel, updates, leaf_values=[factors])[0]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from holotx import _validate, ops
-from holotx.base import EmptyState, GradientTransformation, own_transform, updates_donated
+from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.multi import multi_tensor_update
 from holotx.ops import Scalar
 
@@ -29,13 +29,13 @@ def add_decayed_weights(
         del params
         return EmptyState()
 
-    def update(updates, state, params=None, *, donate=False, **extra):
-        inplace = updates_donated(donate, extra)
+    def update(updates, state, params=None, **extra):
+        del extra
         if isinstance(weight_decay, (int, float)) and weight_decay == 0:
             return updates, state
 
         def kernel(g, p):
-            return (ops.add(g, p, alpha=weight_decay, inplace=inplace),)
+            return (ops.add_(g, p, alpha=weight_decay),)
 
         new_updates, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True)
         return new_updates, state

@@ -9,14 +9,8 @@ from typing import Any
 
 import torch
 
-from holotx import _validate, ops, tree
-from holotx.base import (
-    GradientTransformation,
-    Params,
-    owns_memory,
-    readdressed,
-    updates_donated,
-)
+from holotx import _validate, executor, ops, tree
+from holotx.base import GradientTransformation, Params
 from holotx.multi import multi_tensor_update
 from holotx.transforms.adam import per_leaf, step_counts
 
@@ -32,12 +26,12 @@ def validate_sync(sync_rate: Any, sync_period: Any) -> None:
     _validate.positive_int("sync_period", sync_period)
 
 
-def sync_flags(counts: list[torch.Tensor], sync_period: int, *,
-               donate: bool) -> tuple[list[torch.Tensor], torch.Tensor, list[Any]]:
-    """Each leaf's count plus one, the new counts stacked, and per leaf whether its
-    window ends now: Python bools where they can be read without a trace (plain eager;
-    the counts live on the CPU, so on any device), else 0-d bool tensors."""
-    counts, t = step_counts(counts, inplace=donate)
+def sync_flags(counts: list[torch.Tensor],
+               sync_period: int) -> tuple[list[torch.Tensor], torch.Tensor, list[Any]]:
+    """Each leaf's count plus one (the counts replaced), the new counts stacked, and per
+    leaf whether its window ends now: Python bools where they can be read without a trace
+    (plain eager; the counts live on the CPU, so on any device), else 0-d bool tensors."""
+    counts, t = step_counts(counts)
     (flags,) = per_leaf(t % sync_period == 0)
     return counts, t, flags
 
@@ -58,58 +52,52 @@ def select(flags: Sequence[torch.Tensor], new: list[torch.Tensor],
     return [torch.where(f, n, o) for f, n, o in zip(flags, new, old)]
 
 
-def write_back(buffers: list[torch.Tensor], values: list[torch.Tensor], *,
-               inplace: bool) -> list[torch.Tensor]:
-    """``values``, written into ``buffers`` when they may be overwritten (donated state)."""
-    if inplace and ops.may_overwrite(buffers, True):
-        return ops.copy(buffers, values)
-    return values
+def _synced_leaves(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tensor],
+                   rate: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    r"""For leaves that end their window, ``u`` and ``slow`` replaced:
+    :math:`\phi_{new} = \phi + \alpha(\theta_k - \phi)` (as ``lerp``) with the fast
+    weights :math:`\theta_k = \theta + u`, no outer step unless :math:`\alpha > 0` (a NaN
+    rate leaves :math:`\phi`), and the update :math:`\phi_{new} - \theta`. Where the
+    executor allows, all of it is written into ``u`` and ``slow``: three passes, no
+    allocation."""
+    fast = ops.add_(u, p)
+    new_slow = _outer_step(slow, fast, rate, ops.lerp_)
+    return ops.sub_into(new_slow, p, fast), new_slow
 
 
-def _synced(u: list[torch.Tensor], slow: list[torch.Tensor], p: list[torch.Tensor], rate: Any, *,
-            inplace: bool, updates_owned: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    r"""For leaves that end their window: :math:`\phi_{new} = \phi + \alpha(\theta_k -
-    \phi)` (as ``lerp``) with the fast weights :math:`\theta_k = \theta + u`, no outer
-    step unless :math:`\alpha > 0` (a NaN rate leaves :math:`\phi`), and the update
-    :math:`\phi_{new} - \theta`. With ``inplace`` (donated state) and ``updates_owned``
-    (``u`` may be overwritten) all of it is written into ``u`` and ``slow``: three passes,
-    no allocation."""
-    fast = ops.add(u, p, inplace=updates_owned)
+def _outer_step(slow, fast, rate, lerp):
     if isinstance(rate, torch.Tensor):
         # A rate that is not > 0 (NaN included) becomes 0 before it weighs anything: the
         # same slow weights, and no NaN in a gradient.
         rate = torch.where(rate > 0, rate, 0.0).to(device=fast[0].device, dtype=fast[0].dtype)
-        new_slow = ops.lerp(slow, fast, rate, inplace=inplace)
-    elif rate > 0:
-        new_slow = ops.lerp(slow, fast, float(rate), inplace=inplace)
-    else:
-        new_slow = slow
-    return ops.sub_into(new_slow, p, out=fast), new_slow
+        return lerp(slow, fast, rate)
+    if rate > 0:
+        return lerp(slow, fast, float(rate))
+    return slow
 
 
-def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: Any, *,
-                donate: bool, updates_owned: bool) -> tuple[Any, Any]:
-    """The updates and slow weights after the leaves whose ``flags`` (one per leaf of
-    ``updates``, in flattening order) are set have been synchronised at ``rate``; the
-    slow weights are written in place with ``donate``, the updates with ``updates_owned``
-    (see :func:`updates_owned`). Callers skip it when :func:`nothing_syncs`."""
+def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: Any) -> tuple[Any, Any]:
+    """The updates and slow weights (both replaced) after the leaves whose ``flags`` (one
+    per leaf of ``updates``, in flattening order) are set have been synchronised at
+    ``rate``. Callers skip it when :func:`nothing_syncs`."""
 
     def kernel(u, s, p, f):
         if host_decided(f):
             ends = [i for i, fi in enumerate(f) if fi]
             if not ends:
                 return u, s
-            out, new = _synced([u[i] for i in ends], [s[i] for i in ends], [p[i] for i in ends], rate,
-                               inplace=donate, updates_owned=updates_owned)
+            out, new = _synced_leaves([u[i] for i in ends], [s[i] for i in ends], [p[i] for i in ends], rate)
             u, s = list(u), list(s)
             for j, i in enumerate(ends):
                 u[i], s[i] = out[j], new[j]
             return u, s
-        # Traced (compile, functorch): every leaf computes both, and
-        # torch.where keeps one, with no host sync. Donated, the result goes back into the
-        # slow weights' buffers: compiled, into the same loop, with no fresh buffer.
-        out, new = _synced(u, s, p, rate, inplace=False, updates_owned=False)
-        return select(f, out, u), write_back(s, select(f, new, s), inplace=donate)
+        # Traced (compile, functorch): every leaf computes both, and torch.where keeps
+        # one, with no host sync. The slow weights go back into their own buffers where
+        # the executor allows: compiled, into the same loop, with no fresh buffer.
+        fast = ops.add(u, p)
+        new_slow = _outer_step(s, fast, rate, ops.lerp)
+        out = ops.sub_into(new_slow, p, fast)
+        return select(f, out, u), ops.store(select(f, new_slow, s), s)
 
     new_u, (new_slow,) = multi_tensor_update(kernel, updates, (slow,), params, state_names=("state.slow",),
                                              needs_params=True, leaf_values=[flags])
@@ -137,18 +125,12 @@ def slow_copy(params: Params) -> Params:
 
 
 def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_state: Any, params: Any,
-              donate: bool, extra: dict[str, Any], *, holocron: bool,
-              final_scale: list[Any] | None = None) -> tuple[Any, Any]:
-    """The fast step. A request to hand the final scaling over
-    (:data:`~holotx.base.FINAL_SCALE`) reaches the inner transform only as the list
-    ``final_scale`` the wrapper gives (the wrapper decides what to do with the factor);
-    without it, the inner updates come back scaled. In Holocron mode a param the inner
-    transform did not step (``None`` update) counts as a step that did not move it, as
-    Holocron's wrappers see it."""
+              extra: dict[str, Any], *, holocron: bool) -> tuple[Any, Any]:
+    """The fast step. In Holocron mode a param the inner transform did not step
+    (``None`` update) counts as a step that did not move it, as Holocron's wrappers see it."""
     if params is None:
         raise ValueError(f"{name} needs params: call update(updates, state, params)")
-    extra = readdressed(extra, final_scale, inner)
-    fast, inner_state = inner.update(updates, inner_state, params, donate=donate, **extra)
+    fast, inner_state = executor.call(inner, updates, inner_state, params, **extra)
     if holocron:
         u_leaves, spec = tree.flatten(fast)
         p_leaves = tree.leaves_matching(params, spec, "params", "updates")
@@ -157,14 +139,14 @@ def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_stat
     return fast, inner_state
 
 
-def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) -> tuple[Any, list[Any]]:
+def count_steps(updates: Any, counts: Any, sync_period: int) -> tuple[Any, list[Any]]:
     """The new per-leaf counts, and one flag per leaf of ``updates`` (flattening order;
     ``False`` at ``None`` leaves): whether its window ends at this step."""
     n = len(tree.flatten(updates)[0])
     flags: list[Any] = [False] * n
 
     def kernel(u, count, _p, index):
-        count, _, f = sync_flags(count, sync_period, donate=donate)
+        count, _, f = sync_flags(count, sync_period)
         for i, fi in zip(index, f):
             flags[i] = fi
         return u, count
@@ -174,16 +156,7 @@ def count_steps(updates: Any, counts: Any, sync_period: int, *, donate: bool) ->
     return new_counts, flags
 
 
-def scaled(updates: Any, factor: Any, *, owned: bool) -> Any:
-    """``factor * updates`` (in place when ``owned``): a final scaling the inner transform
-    handed over, applied after all because the wrapper synchronises."""
-    return multi_tensor_update(lambda u, _p: (ops.mul(u, factor, inplace=owned),), updates)[0]
-
-
-def updates_owned(fast: Any, updates: Any, params: Any, donate: bool, extra: dict[str, Any]) -> bool:
-    """Whether the wrapper may write into the inner transform's updates ``fast``: the
-    caller donated its updates, or ``fast`` holds none of the caller's grads (nor the
-    params). A donated inner transform never returns its own state as updates."""
-    if updates_donated(donate, extra):
-        return True
-    return donate and owns_memory(fast, (updates, params))
+def scaled(updates: Any, factor: Any) -> Any:
+    """``factor * updates`` (replaced): a final scaling the inner transform handed over,
+    applied after all because the wrapper synchronises."""
+    return multi_tensor_update(lambda u, _p: (ops.mul_(u, factor),), updates)[0]

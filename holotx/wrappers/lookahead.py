@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from holotx.base import GradientTransformation, Params, final_scale_request, own_transform
+from holotx import executor
+from holotx.base import GradientTransformation, Params, own_transform
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import (
@@ -16,7 +17,6 @@ from holotx.wrappers._sync import (
     scaled,
     slow_copy,
     synchronize,
-    updates_owned,
     validate_sync,
 )
 
@@ -85,25 +85,22 @@ def lookahead(
     def init(params):
         return LookaheadState(host_counts(params), slow_copy(params), inner.init(params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
         # A caller that applies the updates itself may ask for the final scaling (the
-        # learning rate) to be handed over: a step where nothing synchronises passes the
-        # request on to the inner transform and returns its updates unscaled, which spares
-        # a pass; a sync needs the real steps, so there the wrapper scales them itself.
-        handed_over = final_scale_request(update, extra)
-        factor: list[Any] = []
-        fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, donate, extra,
-                                      holocron=holocron, final_scale=None if handed_over is None else factor)
-        count, flags = count_steps(fast, state.count, sync_period, donate=donate)
+        # learning rate) to be handed over: a step where nothing synchronises hands over
+        # the inner transform's and returns its updates unscaled, which spares a pass; a
+        # sync needs the real steps, so there the wrapper scales them itself.
+        with executor.scale_request_to(inner) as factor:
+            fast, inner_state = run_inner("lookahead", inner, updates, state.inner_state, params, extra,
+                                          holocron=holocron)
+        count, flags = count_steps(fast, state.count, sync_period)
         if nothing_syncs(flags):
             if factor:
-                handed_over.append(factor[0])
+                executor.take_scale(factor[0])
             return fast, LookaheadState(count, state.slow, inner_state)
-        owned = updates_owned(fast, updates, params, donate, extra)
         if factor:
-            fast, owned = scaled(fast, factor[0], owned=owned), True
-        new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate, donate=donate,
-                                  updates_owned=owned)
+            fast = scaled(fast, factor[0])
+        new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate)
         return new_u, LookaheadState(count, slow, inner_state)
 
-    return own_transform(init, update, (inner,))
+    return own_transform(init, update)

@@ -22,9 +22,7 @@ from holotx.wrappers._sync import (
     slow_copy,
     sync_flags,
     synchronize,
-    updates_owned,
     validate_sync,
-    write_back,
 )
 
 __all__ = ["ScoutState", "coherence_rate", "scout"]
@@ -118,9 +116,9 @@ def scout(
         return ScoutState(host_counts(params), slow_copy(params), stats(0.0), stats(0.0),
                           stats(math.inf), stats(-math.inf), inner.init(params))
 
-    def update(updates, state, params=None, *, donate=False, **extra):
+    def update(updates, state, params=None, **extra):
         tree.check_whole_tensors(params, "scout")
-        fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, donate, extra,
+        fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, extra,
                                       holocron=holocron)
         leaves = tree.flatten(fast)[0]
         segments = _check_segments(extra.get("segments"), len(leaves), holocron)
@@ -128,19 +126,19 @@ def scout(
         sums: list[Any] = [None] * len(leaves)
 
         def kernel(u, count, mean, m2, low, high, p, index, segs):
-            count, t, ends = sync_flags(count, sync_period, donate=donate)
+            count, t, ends = sync_flags(count, sync_period)
             (weight,) = per_leaf(1.0 / ((t - 1) % sync_period + 1).to(mean[0].dtype))
             if holocron:  # the realised change theta_j - theta_{j-1}
-                x = ops.add(ops.add(p, u), p, alpha=-1, inplace=True)
+                x = ops.add_(ops.add(p, u), p, alpha=-1)
             else:
                 x = [ui.to(mi.dtype) for ui, mi in zip(u, mean)]
-            mean, m2, low, high = _accumulate(x, mean, m2, low, high, weight, inplace=donate)
+            mean, m2, low, high = _accumulate(x, mean, m2, low, high, weight)
             for j, i in enumerate(index):
                 flags[i] = ends[j]
                 if ends[j] is not False:  # traced: every leaf, the flag decides later
                     sums[i] = _spread_ratio_sums(mean[j], m2[j], low[j], high[j], sync_period, holocron,
                                                  segs[j])
-            return (u, count, *_fresh_window(ends, mean, m2, low, high, inplace=donate))
+            return (u, count, *_fresh_window(ends, mean, m2, low, high))
 
         names = ("count", "update_mean", "update_m2", "update_min", "update_max")
         _, (count, mean, m2, low, high) = multi_tensor_update(
@@ -152,11 +150,10 @@ def scout(
         rate = coherence_rate(sums, flags, sync_rate, holocron=holocron, device=tree.first_device(params))
         if nothing_syncs(flags):  # the rate is None then: no leaf took part
             return fast, ScoutState(count, state.slow, mean, m2, low, high, inner_state)
-        new_u, slow = synchronize(fast, state.slow, params, flags, rate, donate=donate,
-                                  updates_owned=updates_owned(fast, updates, params, donate, extra))
+        new_u, slow = synchronize(fast, state.slow, params, flags, rate)
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
 
-    return own_transform(init, update, (inner,))
+    return own_transform(init, update)
 
 
 def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
@@ -171,28 +168,28 @@ def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
     return list(segments)
 
 
-def _accumulate(x, mean, m2, low, high, weight, *, inplace):
+def _accumulate(x, mean, m2, low, high, weight):
     r"""One more value into each element's window statistics, by Welford's update: with
     :math:`w = 1/n` for the n-th value of the window and :math:`\delta = x - \bar u`,
     :math:`\bar u \leftarrow \bar u + w\delta` and :math:`M_2 \leftarrow M_2 + (1 - w)\delta^2`
     (the same as :math:`\delta\,(x - \bar u_{new})`, one temporary fewer)."""
     delta = ops.add(x, mean, alpha=-1)
-    mean = ops.lerp(mean, x, weight, inplace=inplace)
-    m2 = ops.addcmul(m2, delta, delta, [1 - w for w in weight], inplace=inplace)
-    return mean, m2, ops.minimum(low, x, inplace=inplace), ops.maximum(high, x, inplace=inplace)
+    mean = ops.lerp_(mean, x, weight)
+    m2 = ops.addcmul_(m2, delta, delta, [1 - w for w in weight])
+    return mean, m2, ops.minimum_(low, x), ops.maximum_(high, x)
 
 
-def _fresh_window(ends, mean, m2, low, high, *, inplace):
-    """The statistics of the leaves whose window ends, reset for the next window."""
+def _fresh_window(ends, mean, m2, low, high):
+    """The statistics (replaced) of the leaves whose window ends, reset for the next window."""
     out = []
     for stats, fill in ((mean, 0.0), (m2, 0.0), (low, math.inf), (high, -math.inf)):
         if host_decided(ends):
-            if inplace and ops.may_overwrite(stats, True):
-                stats = [s.fill_(fill) if e else s for e, s in zip(ends, stats)]
-            else:
-                stats = [torch.full_like(s, fill) if e else s for e, s in zip(ends, stats)]
+            ending = [i for i, e in enumerate(ends) if e]
+            stats = list(stats)
+            for i, reset in zip(ending, ops.fill_([stats[i] for i in ending], fill)):
+                stats[i] = reset
         else:
-            stats = write_back(stats, [torch.where(e, fill, s) for e, s in zip(ends, stats)], inplace=inplace)
+            stats = ops.store([torch.where(e, fill, s) for e, s in zip(ends, stats)], stats)
         out.append(stats)
     return out
 
@@ -202,29 +199,26 @@ def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
     window statistics: the sum of :math:`\rho` over the elements where it is defined and
     their number (float64, so the mean is taken once all are known). In Holocron mode
     the mean of :math:`\rho` over all elements, NaN for any 0/0, and ``None``."""
-    # In plain eager mode the temporaries are reused (out=): two scratch tensors instead of
-    # ten, which on a CPU spares the page faults of eight fresh ones. Same ops, same values.
-    reuse = not torch.compiler.is_compiling() and ops.may_overwrite([m2], True)
-
-    def into(fn, *args, out):
-        return fn(*args, out=out) if reuse else fn(*args)
-
+    # Each temporary is dead once the next is computed from it: its memory may take the
+    # result, as the executor allows (two scratch tensors instead of ten, which on a CPU
+    # spares the page faults of eight fresh ones).
+    into = ops.into
     spread = high - mean
     other = mean - low
-    spread = into(torch.maximum, spread, other, out=spread)
+    spread = into(torch.maximum, spread, other, dead=spread)
     if holocron:
         # torch.std of one value is NaN (k = 1): so is m2 / 0 here
-        ratio = into(torch.div, m2, k - 1 if k > 1 else 0.0, out=other).sqrt()
-        ratio = into(torch.div, ratio, spread, out=ratio)
+        ratio = into(torch.div, m2, k - 1 if k > 1 else 0.0, dead=other).sqrt()
+        ratio = into(torch.div, ratio, spread, dead=ratio)
         return ops.realize(ratio.mean()).to(scalar_dtype(ratio.device)), None
     varied = high > low
     # Guarded so that the elements left out put no NaN into a gradient either.
     one = torch.ones((), dtype=m2.dtype, device=m2.device)
-    ratio = into(torch.where, varied, m2, one, out=other)
-    ratio = into(torch.div, ratio, max(k - 1, 1), out=ratio)
-    ratio = into(torch.sqrt, ratio, out=ratio)
-    ratio = into(torch.div, ratio, into(torch.where, varied, spread, one, out=spread), out=ratio)
-    ratio = into(torch.where, varied, ratio, one.new_zeros(()), out=ratio)
+    ratio = into(torch.where, varied, m2, one, dead=other)
+    ratio = into(torch.div, ratio, max(k - 1, 1), dead=ratio)
+    ratio = into(torch.sqrt, ratio, dead=ratio)
+    ratio = into(torch.div, ratio, into(torch.where, varied, spread, one, dead=spread), dead=ratio)
+    ratio = into(torch.where, varied, ratio, one.new_zeros(()), dead=ratio)
     # Summed in the statistics' dtype (float32 at least; a dtype= argument would first copy
     # the whole tensor), counted without turning the mask into integers.
     dtype = scalar_dtype(ratio.device)
