@@ -65,12 +65,15 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
-def own_transform(init: TransformInitFn, update: TransformUpdateFn) -> GradientTransformation:
+def own_transform(init: TransformInitFn, update: TransformUpdateFn,
+                  prepare: Callable[[State, Params], None] | None = None) -> GradientTransformation:
     """A transform of holotx's own: ``update`` is its math, run by :mod:`holotx.executor`
     (pure by default, or with ``donate=True`` / ``donate_updates``; within the caller's
-    step when a combinator runs it). A transform built elsewhere (a user's, written as
+    step when a combinator runs it). ``prepare(state, params)`` evaluates its schedules
+    (and prepares what it wraps) before any transform of the step writes a buffer (see
+    :func:`holotx.executor.register`). A transform built elsewhere (a user's, written as
     optax's) is a plain :class:`GradientTransformation` and is always run pure."""
-    return GradientTransformation(init, executor.register(update))
+    return GradientTransformation(init, executor.register(update, prepare))
 
 
 def identity() -> GradientTransformation:

@@ -44,13 +44,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
+    def prepare(state, params):
+        for t, s in zip(transforms, state):
+            executor.prepare(t, s, params)
+
     def update(updates, state, params=None, **extra):
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
         updates, new_state = _run_in_sequence(transforms, state, updates, params, extra)
         return updates, tuple(new_state)
 
-    return own_transform(init, update)
+    return own_transform(init, update, prepare)
 
 
 def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
@@ -82,7 +86,12 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
                                                updates, params, extra)
         return updates, dict(zip(names, new_states))
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        for n, t in transforms:
+            if n in state:
+                executor.prepare(t, state[n], params)
+
+    return own_transform(init, update, prepare)
 
 
 # ---------------------------------------------------------------- routing subtrees
@@ -163,7 +172,10 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
         out = [n if k else u for n, u, k in zip(new_leaves, u_leaves, keep)]
         return tree.unflatten(spec, out), MaskedState(inner_state)
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        executor.prepare(inner, state.inner_state, params)
+
+    return own_transform(init, update, prepare)
 
 
 def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
@@ -217,7 +229,12 @@ def partition(
             out = [n if k else o for n, o, k in zip(new_leaves, out, keep)]
         return tree.unflatten(spec, out), PartitionState(new_states)
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        for name, t in transforms.items():
+            if name in state.inner_states:
+                executor.prepare(t, state.inner_states[name], params)
+
+    return own_transform(init, update, prepare)
 
 
 # ---------------------------------------------------------------- conditional steps
@@ -279,7 +296,10 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
             notfinite_count, finite, state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
             _select_tree(reject, state.inner_state, new_inner))
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        executor.prepare(inner, state.inner_state, params)
+
+    return own_transform(init, update, prepare)
 
 
 class MultiStepsState(NamedTuple):
@@ -334,4 +354,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             tree.unflatten(spec, new_acc),
         )
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        executor.prepare(inner, state.inner_state, params)
+
+    return own_transform(init, update, prepare)

@@ -91,7 +91,7 @@ def inject_hyperparams(
             values = dict(stored)
             device = count.device
             for name, schedule in schedules.items():
-                values[name] = as_tensor(schedule(count), device)
+                values[name] = as_tensor(executor.evaluate(schedule, count), device)
             return values
 
         def init(params):
@@ -108,7 +108,12 @@ def inject_hyperparams(
             count = next_count(state.count)
             return updates, InjectHyperparamsState(count, hyperparams, inner_state)
 
+        def prepare(state, params):
+            # The schedules, before any buffer is written. (The transform the factory
+            # builds from their values takes no schedule of its own.)
+            current(state.count, state.hyperparams)
+
         # What a factory builds is run as it is: a user's transform pure (executor.call).
-        return own_transform(init, update)
+        return own_transform(init, update, prepare)
 
     return build

@@ -3,7 +3,8 @@
 * The math layer (``holotx/transforms``, ``optimizers``, ``wrappers``, the combinators,
   the hyperparameters) names no execution policy: no donation or in-place flags, no
   storage reads, no context detection, no ``out=``, and of the executor only the
-  composition calls (run a wrapped transform, pass on or honour the final scaling).
+  composition calls (run or prepare a wrapped transform, evaluate a schedule, pass on or
+  honour the final scaling).
 * What may be written is decided by identity, once per step: never a tensor the caller
   did not donate, never a state a transform returned (a pure momentum's buffer is its
   updates too), never anything a user's transform saw or returned.
@@ -29,7 +30,8 @@ MATH_LAYER = sorted([*ROOT.glob("transforms/*.py"), *ROOT.glob("optimizers/*.py"
 POLICY_NAMES = {"donate", "donate_updates", "inplace", "owns_memory", "final_scale", "FINAL_SCALE",
                 "is_compiling", "_functorch", "get_interpreter_stack", "data_ptr", "untyped_storage",
                 "storage_offset", "may_write", "may_write_into", "mark_state"}
-COMPOSITION_CALLS = {"call", "call_pure", "redirect_scale", "take_scale", "scale_request_to"}
+COMPOSITION_CALLS = {"call", "call_pure", "redirect_scale", "take_scale", "scale_request_to", "prepare",
+                     "evaluate"}
 F64 = torch.float64
 
 
@@ -128,3 +130,152 @@ def test_an_owned_step_writes_what_it_is_given():
         assert ops.mul_(keep, 2.0)[0] is not keep[0]
     assert torch.equal(xs[0], torch.full((3,), 2.0))
     assert torch.equal(keep[0], torch.ones(3))
+
+
+# ------------------------------------------- a step completes or changes nothing (schedules)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupting_schedule(raise_at: list[int], calls: list[int], exception: type[BaseException]):
+    """0.1 for every step, and ``exception`` at the evaluation numbered ``raise_at[0]``."""
+
+    def schedule(count):
+        calls.append(int(count))
+        if raise_at and len(calls) == raise_at[0]:
+            raise exception
+        return 0.1 + 0.0 * count.to(F64)
+
+    return schedule
+
+
+SCHEDULED = {
+    "adamw": lambda s: holotx.adamw(s, weight_decay=0.1),
+    "chain_schedule_last": lambda s: holotx.chain(holotx.scale_by_adam(), holotx.scale_by_lr(s)),
+    "inject_after_adam": lambda s: holotx.chain(holotx.scale_by_adam(),
+                                                holotx.inject_hyperparams(holotx.sgd)(lr=s, momentum=0.9)),
+    "lookahead": lambda s: holotx.lookahead(holotx.adamw(s), sync_period=2),
+    "scout": lambda s: holotx.scout(holotx.lamb(s), sync_period=2),
+    "masked": lambda s: holotx.chain(holotx.scale_by_adam(), holotx.masked(
+        holotx.scale_by_lr(s), lambda params: holotx.tree.map(lambda p: p.ndim > 1, params))),
+    "apply_if_finite": lambda s: holotx.apply_if_finite(holotx.adamw(s), 2),
+}
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in holotx.tree.flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+@pytest.mark.parametrize("exception", [Interrupted, KeyboardInterrupt])
+@pytest.mark.parametrize("path", ["update_donated", "make_step_donated", "adapter"])
+@pytest.mark.parametrize("name", list(SCHEDULED))
+def test_a_failing_schedule_leaves_everything_as_it_was(name, path, exception):
+    """A schedule that raises (an exception, or an interrupt) at the third step: that
+    step leaves params and state bit for bit as they were, though the schedule runs
+    after transforms that write their state in place. Each schedule runs once a step."""
+    calls: list[int] = []
+    raise_at: list[int] = []
+    tx = SCHEDULED[name](interrupting_schedule(raise_at, calls, exception))
+    params = _params()
+    gen = torch.Generator().manual_seed(1)
+
+    def grads():
+        return {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in params.items()}
+
+    if path == "adapter":
+        from holotx.adapters import TransformOptimizer
+
+        tensors = {k: v.clone().requires_grad_() for k, v in params.items()}
+        opt = TransformOptimizer(list(tensors.values()), tx)
+
+        def step():
+            for k, g in grads().items():
+                tensors[k].grad = g
+            opt.step()
+
+        def snapshot():
+            return [t.detach().clone() for t in tensors.values()] + [
+                x.clone() for x in _leaves(opt.state_dict()["state"])]
+    else:
+        state = [tx.init(params)]
+        run = make_step(tx, donate=True)
+
+        def step():
+            if path == "update_donated":
+                with torch.no_grad():
+                    updates, state[0] = tx.update(grads(), state[0], params, donate=True)
+                    holotx.apply_updates(params, updates, inplace=True)
+            else:
+                run(params, grads(), state[0])
+
+        def snapshot():
+            return [x.clone() for x in _leaves(params)] + [x.clone() for x in _leaves(state[0])]
+
+    step()  # (inject_hyperparams evaluates its schedules at init too: the adapter's is here)
+    after_one = len(calls)
+    step()
+    assert len(calls) - after_one == 1, f"the schedule ran {len(calls) - after_one} times in one step"
+    before = snapshot()
+    raise_at.append(len(calls) + 1)
+    with pytest.raises(exception):
+        step()
+    after = snapshot()
+    assert len(before) == len(after)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the failed step changed something"
+
+
+# ------------------------------------------------- leaf order: batches that stay in cache
+
+
+BATCHED = {
+    "adamw": lambda: holotx.adamw(0.1, weight_decay=0.1),
+    "sgd_nesterov": lambda: holotx.sgd(0.1, momentum=0.9, nesterov=True),
+    "lamb": lambda: holotx.lamb(0.1, weight_decay=0.1),
+    "ralars": lambda: holotx.ralars(0.1),
+    "tadam": lambda: holotx.tadam(0.1),
+    "adamp": lambda: holotx.adamp(0.1, weight_decay=0.1),
+    "adan": lambda: holotx.adan(0.1),
+    "ademamix": lambda: holotx.ademamix(0.1),
+    "adabelief": lambda: holotx.adabelief(0.1),
+    "scout": lambda: holotx.scout(holotx.adamw(0.1), sync_period=2),
+    "lookahead": lambda: holotx.lookahead(holotx.adamw(0.1), sync_period=2),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
+    """In eager mode on a CPU a large group of leaves runs in batches that fit in cache;
+    with a batch of a few hundred bytes every leaf is its own batch, and the results
+    equal one batch of all leaves bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (40,), (3, 2, 2), (1,), (0,), (64,)]
+    params = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=F64) for s in shapes] for _ in range(4)]
+
+    def trajectory(batch_bytes):
+        monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", batch_bytes)
+        tx = BATCHED[name]()
+        p, state = _clones(params), tx.init(params)
+        out = []
+        for g in grads:
+            with torch.no_grad():
+                updates, state = tx.update(_clones(g), state, p, donate=donate)
+            p = holotx.apply_updates(p, updates)
+            out.append((p, state))
+        return out
+
+    calls = []
+    original = executor.Plan.batches
+    monkeypatch.setattr(executor.Plan, "batches", lambda self, idx, leaves: calls.append(
+        len(batches := original(self, idx, leaves))) or batches)
+    one = trajectory(1 << 30)
+    assert max(calls) == 1
+    calls.clear()
+    each = trajectory(256)
+    assert max(calls) > 1, "no group was cut into batches"
+    for (p1, s1), (p2, s2) in zip(one, each):
+        assert _equal(p1, p2)
+        assert all(torch.equal(a, b) for a, b in zip(_leaves(s1), _leaves(s2)))

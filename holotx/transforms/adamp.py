@@ -10,7 +10,7 @@ import torch
 
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,

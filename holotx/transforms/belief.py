@@ -8,7 +8,7 @@ import torch
 
 from holotx import _validate, ops
 from holotx.base import GradientTransformation, init_counts, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
 from holotx.tree import zeros_like

@@ -6,7 +6,7 @@ import torch
 
 from holotx import _validate, ops, tree
 from holotx.base import EmptyState, GradientTransformation, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 
 __all__ = ["clip_by_global_norm", "global_norm"]

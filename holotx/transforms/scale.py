@@ -16,7 +16,7 @@ from holotx.base import (
     own_transform,
     stateless,
 )
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.tree import map as tree_map
 
@@ -69,12 +69,15 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
     def init(params):
         return ScaleByScheduleState(init_count(params))
 
+    def prepare(state, params):
+        executor.evaluate(schedule, state.count)
+
     def update(updates, state, params=None, **extra):
         del params, extra
-        factor = schedule(state.count)
+        factor = executor.evaluate(schedule, state.count)
         return _scaled(updates, factor), ScaleByScheduleState(next_count(state.count))
 
-    return own_transform(init, update)
+    return own_transform(init, update, prepare)
 
 
 def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:

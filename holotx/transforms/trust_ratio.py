@@ -9,7 +9,7 @@ import torch
 
 from holotx import _validate, executor, ops, tree
 from holotx.base import EmptyState, GradientTransformation, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
 
@@ -150,7 +150,11 @@ def scale_by_trust_ratio(
             return _scale_leaves(updates, ratios), TrustRatioState(inner_state)
         return _scale_leaves(updates, ratios), state
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        if inner is not None:
+            executor.prepare(inner, state.inner, params)
+
+    return own_transform(init, update, prepare)
 
 
 def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 from holotx import _validate, ops
 from holotx.base import EmptyState, GradientTransformation, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 
 __all__ = ["add_decayed_weights"]

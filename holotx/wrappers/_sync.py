@@ -11,7 +11,7 @@ import torch
 
 from holotx import _validate, executor, ops, tree
 from holotx.base import GradientTransformation, Params
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.transforms.adam import per_leaf, step_counts
 
 

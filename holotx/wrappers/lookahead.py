@@ -103,4 +103,7 @@ def lookahead(
         new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate)
         return new_u, LookaheadState(count, slow, inner_state)
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        executor.prepare(inner, state.inner_state, params)
+
+    return own_transform(init, update, prepare)

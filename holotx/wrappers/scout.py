@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from holotx import ops, tree
+from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, own_transform
-from holotx.multi import multi_tensor_update
+from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.transforms.adam import per_leaf, scalar_dtype
@@ -153,7 +153,10 @@ def scout(
         new_u, slow = synchronize(fast, state.slow, params, flags, rate)
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
 
-    return own_transform(init, update)
+    def prepare(state, params):
+        executor.prepare(inner, state.inner_state, params)
+
+    return own_transform(init, update, prepare)
 
 
 def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
