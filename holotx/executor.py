@@ -191,6 +191,8 @@ class Plan:
         if self.compiling or self.transformed or first.device.type != "cpu":
             return [idx]
         budget = max(1, CACHE_BATCH_BYTES // first.element_size())
+        if sum(leaves[i].numel() for i in idx) <= budget:
+            return [idx]
         out: list[list[int]] = []
         batch: list[int] = []
         size = 0
@@ -216,12 +218,8 @@ class Plan:
         if self.compiling:
             if _functorch.is_batchedtensor(xs[0]) or not any(xs is m for m in self.marked):
                 return False
-        elif self.transformed:
+        elif self.transformed or not self.outside.isdisjoint(map(id, xs)):
             return False
-        else:
-            outside = self.outside
-            if any(id(x) in outside for x in xs):
-                return False
         return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
 
     def mark_state(self, lists: Iterable[list[torch.Tensor] | None]) -> None:
@@ -244,12 +242,12 @@ class Plan:
         if self.everything_outside or self.compiling:
             return
         for t in trees:
-            self.outside.update(id(x) for x in tree.flatten(t)[0] if isinstance(x, torch.Tensor))
+            self.outside.update(map(id, tree.flatten(t)[0]))
 
     def exclude_leaves(self, xs: Iterable[Any]) -> None:
         """:meth:`exclude` for a list of leaves."""
         if not (self.everything_outside or self.compiling):
-            self.outside.update(id(x) for x in xs if x is not None)
+            self.outside.update(map(id, xs))
 
 
 def _is_wrapper(x: object) -> bool:
@@ -332,7 +330,7 @@ def _new_plan(updates: Any, state: Any, params: Any, *, donate: bool, donate_upd
         return Plan(outside, state_donated=donate)
     for t, donated in ((updates, donate_updates), (state, donate), (params, False)):
         if not donated and t is not None:
-            outside.update(id(x) for x in tree.flatten(t)[0] if isinstance(x, torch.Tensor))
+            outside.update(map(id, tree.flatten(t)[0]))  # (the id of None or a number: harmless)
     return Plan(outside, state_donated=donate)
 
 
