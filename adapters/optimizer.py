@@ -202,8 +202,10 @@ class TransformOptimizer(Optimizer):
         compiling = torch.compiler.is_compiling()
         planned = [(group, *self._plan(group, compiling)) for group in self.param_groups if _has_grads(group)]
         with torch.no_grad():
-            for group, tx, lr in planned:
-                self._step_group(group, tx, lr, compiling)
+            # Every group's step is begun (its schedules evaluated) before any is finished.
+            begun = [self._begin_group(group, tx, compiling) for group, tx, _ in planned]
+            for (group, _, lr), step in zip(planned, begun):
+                self._finish_group(group, lr, step)
         return loss
 
     def _plan(self, group: dict[str, Any], compiling: bool) -> tuple[GradientTransformation, Any]:
@@ -228,8 +230,7 @@ class TransformOptimizer(Optimizer):
             self._built[id(group)] = (key, tx)
         return tx, lr
 
-    def _step_group(self, group: dict[str, Any], tx: GradientTransformation, lr: Any,
-                    compiling: bool) -> None:
+    def _begin_group(self, group: dict[str, Any], tx: GradientTransformation, compiling: bool) -> Any:
         params: list[torch.Tensor] = group["params"]
         grads = [p.grad for p in params]
         runtime = self._runtime(group)
@@ -237,9 +238,14 @@ class TransformOptimizer(Optimizer):
         state = runtime.assemble(self.state, params)
         # Eager, the chain's last scaling (the lr) is applied with the update, in one pass;
         # compiled, the compiler fuses it, and better without the hand-over (as make_step).
-        updates, state, factor, _ = executor.run(tx, tx_grads, state, tx_params, donate=True,
-                                                 donate_updates=self._donate_grads,
-                                                 hand_over_scale=not compiling)
+        step = executor.begin(tx, tx_grads, state, tx_params, donate=True, donate_updates=self._donate_grads,
+                              hand_over_scale=not compiling)
+        return runtime, tx_params, upcast, step
+
+    def _finish_group(self, group: dict[str, Any], lr: Any, begun: Any) -> None:
+        params: list[torch.Tensor] = group["params"]
+        runtime, tx_params, upcast, step = begun
+        updates, state, factor, _ = executor.finish(step)
         runtime.scatter(self.state, params, state)
         if self._factory is None:  # the group's lr multiplies the transform's updates
             factor = lr if factor is None else factor * lr

@@ -50,7 +50,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch._C._functorch as _functorch
@@ -60,10 +60,13 @@ from holotx import tree
 __all__ = [
     "TORCH_GAPS",
     "Plan",
+    "Step",
+    "begin",
     "call",
     "call_pure",
     "current",
     "evaluate",
+    "finish",
     "is_own",
     "multi_tensor_update",
     "owned_step",
@@ -399,6 +402,44 @@ def call_pure(tx: Any, updates: Any, state: Any, params: Any = None, **extra: An
     return new_updates, new_state
 
 
+class Step(NamedTuple):
+    """A step begun by :func:`begin`: its plan made and its schedules evaluated, no buffer
+    written yet."""
+
+    tx: Any
+    updates: Any
+    state: Any
+    params: Any
+    plan: Plan
+    factors: list[Any]
+
+
+def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
+          donate_updates: bool = False, hand_over_scale: bool = False) -> Step:
+    """The first half of :func:`run`: decide the plan and evaluate every schedule of
+    ``tx``. A caller with several steps to take together (the adapter's param groups)
+    begins them all before it finishes any, so that a schedule that raises in the last
+    leaves the first unchanged too."""
+    plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
+    factors: list[Any] = []
+    if is_own(tx):
+        if hand_over_scale:
+            plan.scale_target, plan.scale_factors = tx.update, factors
+        with _planned(plan):
+            _prepare_step(plan, tx.update, state, params)
+    return Step(tx, updates, state, params, plan, factors)
+
+
+def finish(step: Step, **extra: Any) -> tuple[Any, Any, Any, bool]:
+    """The second half of :func:`run`: the math, with the plan :func:`begin` made."""
+    plan = step.plan
+    with _planned(plan):
+        new_updates, new_state = call(step.tx, step.updates, step.state, step.params, **extra)
+        owned = not plan.compiling and plan.may_write(
+            [x for x in tree.flatten(new_updates)[0] if x is not None])
+    return new_updates, new_state, (step.factors[0] if step.factors else None), owned
+
+
 def run(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
         donate_updates: bool = False, hand_over_scale: bool = False,
         **extra: Any) -> tuple[Any, Any, Any, bool]:
@@ -408,17 +449,8 @@ def run(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
     over (``None`` when none was: the updates are fully scaled), and ``owned`` whether
     the updates are the step's own memory (made by it, or donated to it), which the
     caller may then reuse (e.g. for the new params). ``extra`` reaches ``tx.update``."""
-    plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
-    factors: list[Any] = []
-    if hand_over_scale and is_own(tx):
-        plan.scale_target, plan.scale_factors = tx.update, factors
-    with _planned(plan):
-        if is_own(tx):
-            _prepare_step(plan, tx.update, state, params)
-        new_updates, new_state = call(tx, updates, state, params, **extra)
-        owned = not plan.compiling and plan.may_write(
-            [x for x in tree.flatten(new_updates)[0] if x is not None])
-    return new_updates, new_state, (factors[0] if factors else None), owned
+    return finish(begin(tx, updates, state, params, donate=donate, donate_updates=donate_updates,
+                        hand_over_scale=hand_over_scale), **extra)
 
 
 # ------------------------------------------------------- lifting a list rule to trees

@@ -279,3 +279,34 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
     for (p1, s1), (p2, s2) in zip(one, each):
         assert _equal(p1, p2)
         assert all(torch.equal(a, b) for a, b in zip(_leaves(s1), _leaves(s2)))
+
+
+def test_the_adapter_begins_every_group_before_it_finishes_any():
+    """Two param groups: the schedule raises for the second group's step; the first
+    group's params and state are unchanged too."""
+    from holotx.adapters import TransformOptimizer
+
+    calls: list[int] = []
+    raise_at: list[int] = []
+    tx = holotx.adamw(interrupting_schedule(raise_at, calls, Interrupted))
+    gen = torch.Generator().manual_seed(2)
+    first = torch.randn(4, 3, generator=gen, dtype=F64, requires_grad=True)
+    second = torch.randn(3, generator=gen, dtype=F64, requires_grad=True)
+    opt = TransformOptimizer([{"params": [first]}, {"params": [second]}], tx)
+
+    def step():
+        for p in (first, second):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=F64)
+        opt.step()
+
+    def snapshot():
+        state = [x.clone() for x in _leaves(opt.state_dict())]
+        return [first.detach().clone(), second.detach().clone(), *state]
+
+    step()
+    before = snapshot()
+    raise_at.append(len(calls) + 2)  # the second group's evaluation
+    with pytest.raises(Interrupted):
+        step()
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a group stepped before the failing one"
