@@ -5,6 +5,8 @@
     python examples/benchmark.py --optimizers wrappers --sets resnet50   # Lookahead, Scout
     python examples/benchmark.py --threads 1 --sets resnet50 --optimizers adamw lamb
     python examples/benchmark.py --threads 1 --sets tiny --no-compile   # fixed cost per step
+    python examples/benchmark.py --sets resnet50 --no-compile --optimizers adamw lars \
+        --batch-bytes 0 2097152 8388608   # the adapter with eager CPU batches of several sizes
 
 For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M values;
 1000 small tensors, 5 M values; and "tiny", 10 tensors of 1,000 values, a small model whose
@@ -54,6 +56,7 @@ import torch
 import torch._inductor.config
 
 import holotx
+from holotx import executor
 from holotx.flat import FlatLayout, make_step
 
 
@@ -300,6 +303,22 @@ def adapter_step(algo: Algorithm, compiled: bool, shapes, **options: Any) -> Cal
     return torch.compile(step) if compiled else step
 
 
+def with_batch_bytes(step: Callable[[], object], batch_bytes: int) -> Callable[[], object]:
+    """``step`` run with the executor's eager CPU batches of ``batch_bytes`` per buffer
+    (0: one batch of every leaf), set before each call so that rows with other sizes can
+    be interleaved with it."""
+    size = batch_bytes or 1 << 62
+
+    def stepped() -> object:
+        previous, executor.CACHE_BATCH_BYTES = executor.CACHE_BATCH_BYTES, size
+        try:
+            return step()
+        finally:
+            executor.CACHE_BATCH_BYTES = previous
+
+    return stepped
+
+
 def median_ms(step: Callable[[], object], steps: int, warmup: int, period: int = 1) -> float:
     """The median over ``steps`` timings of the mean time per step over ``period`` steps."""
     for _ in range(warmup * period):
@@ -343,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best median counts")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
+    parser.add_argument("--batch-bytes", type=int, nargs="+", default=[],
+                        help="also time the adapter with eager CPU batches of leaves of these many bytes "
+                             "per buffer (0: no batches), interleaved with the other rows")
     parser.add_argument("--adapter-compiled", action="store_true",
                         help="also time torch.compile(opt.step) of the adapter (slow to compile)")
     parser.add_argument("--warm-compile-cache", action="store_true",
@@ -392,6 +414,12 @@ def run(args: argparse.Namespace) -> None:
                                                                           donate_grads=True)
             if args.adapter_compiled:
                 steps_by_label["holotx adapter compiled"] = adapter_step(algo, True, shapes)
+            for batch_bytes in args.batch_bytes:
+                mib = batch_bytes % (1 << 20) == 0
+                size = f"{batch_bytes >> 20} MiB" if mib else f"{batch_bytes / 1024:g} KiB"
+                label = f"adapter, batches {size}" if batch_bytes else "adapter, no batches"
+                steps_by_label[f"holotx {label}"] = with_batch_bytes(adapter_step(algo, False, shapes),
+                                                                     batch_bytes)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)
             del steps_by_label
             rows = [(label, ms, first) for label, (first, ms) in results.items()]

@@ -130,11 +130,13 @@ class Plan:
         "scale_target",
         "state_donated",
         "transformed",
+        "updates_read_only",
         "vmap",
     )
 
     def __init__(self, outside: set[int] | None, state_donated: bool = False) -> None:
         self.state_donated = state_donated
+        self.updates_read_only = False
         self.marked: list[list[torch.Tensor]] = []
         self.evaluated: dict[tuple[int, int], Any] = {}
         self.compiling = torch.compiler.is_compiling()
@@ -421,6 +423,8 @@ def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = Fals
     begins them all before it finishes any, so that a schedule that raises in the last
     leaves the first unchanged too."""
     plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
+    # The caller applies the updates and then drops them: it only reads them.
+    plan.updates_read_only = True
     factors: list[Any] = []
     if is_own(tx):
         if hand_over_scale:

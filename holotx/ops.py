@@ -363,13 +363,15 @@ def into(fn, *args: object, dead: torch.Tensor) -> torch.Tensor:
 
 
 def state_as_updates(values: TensorList, dead: TensorList) -> TensorList:
-    """A transform's updates that are the value of its new state (a momentum buffer). In a
-    pure step, the state tensors themselves (the step made them, and its caller may
-    share them, as optax's immutable arrays are shared). In a step whose state was donated
-    (its caller keeps writing into both, e.g. a flat grad buffer it refills), a copy:
-    into ``dead`` (values no longer needed) where the executor allows, else fresh."""
+    """A transform's updates that are the value of its new state (a momentum buffer). The
+    state tensors themselves in a pure step (the step made them, and its caller may
+    share them, as optax's immutable arrays are shared), and in a step whose caller only
+    reads the updates (``make_step``, the adapter: ``p += lr * u``). Where the caller
+    donated the state and keeps the updates as its own (it may write into them, e.g. a
+    flat grad buffer it refills), a copy: into ``dead`` (values no longer needed) where
+    the executor allows, else fresh."""
     plan = current()
-    if not plan.state_donated:
+    if not plan.state_donated or plan.updates_read_only:
         return values
     return copy_into(values, dead)
 

@@ -58,6 +58,20 @@ def test_benchmark_runs_tiny(keep_threads, capsys):
         assert label in out
 
 
+def test_benchmark_times_the_adapter_at_several_batch_sizes(keep_threads, capsys):
+    """``--batch-bytes``: one adapter row per size, the executor's own size restored after."""
+    from holotx import executor
+
+    before = executor.CACHE_BATCH_BYTES
+    benchmark = load_example("benchmark")
+    benchmark.main(["--sets", "tiny", "--optimizers", "adamw", "--steps", "1", "--warmup", "0",
+                    "--rounds", "1", "--no-compile", "--threads", "1", "--batch-bytes", "0", "4096"])
+    out = capsys.readouterr().out
+    assert "holotx adapter, no batches" in out
+    assert "holotx adapter, batches 4 KiB" in out
+    assert before == executor.CACHE_BATCH_BYTES
+
+
 def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
     """Holocron's own class (pylocron, a test dependency) is timed beside holotx's paths."""
     benchmark = load_example("benchmark")
