@@ -68,6 +68,8 @@ __all__ = [
     "evaluate",
     "finish",
     "is_own",
+    "is_wrapper",
+    "is_wrapper_type",
     "multi_tensor_update",
     "owned_step",
     "prepare",
@@ -177,7 +179,7 @@ class Plan:
         and no gradient needed."""
         if self.compiling or self.transformed:
             return False
-        if any(t.device.type != "cpu" or _is_wrapper(t) for t in tensors):
+        if any(t.device.type != "cpu" or is_wrapper(t) for t in tensors):
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -238,7 +240,7 @@ class Plan:
         needs) with ``out=``: writable, eager (compiled, the compiler plans its buffers and
         a write into an input would be an extra pass), a plain tensor (``out=`` is not a
         DTensor op), and not recorded by autograd (an ``out=`` op has no derivative)."""
-        if dead is None or self.compiling or not self.may_write(dead) or _is_wrapper(dead[0]):
+        if dead is None or self.compiling or not self.may_write(dead) or is_wrapper(dead[0]):
             return False
         return not self.differentiated(x for xs in inputs for x in xs)
 
@@ -255,8 +257,16 @@ class Plan:
             self.outside.update(map(id, xs))
 
 
-def _is_wrapper(x: object) -> bool:
-    cls = type(x)
+def is_wrapper(x: object) -> bool:
+    """Whether ``x`` is a tensor subclass that wraps others (a ``DTensor``): it has no
+    storage of its own to read, and no ``.tolist()``."""
+    return is_wrapper_type(type(x))
+
+
+def is_wrapper_type(cls: type) -> bool:
+    """:func:`is_wrapper` for a class: a tensor subclass that flattens into inner tensors
+    (what ``torch.utils._python_dispatch.is_traceable_wrapper_subclass`` asks of an
+    instance, asked once of its class)."""
     return cls is not torch.Tensor and hasattr(cls, "__tensor_flatten__")
 
 
@@ -538,7 +548,7 @@ def multi_tensor_update(
                     raise ValueError(f"{names[k]} has no entry at {tree.path_strings(spec)[i]}, "
                                      "where updates has a tensor: was init given this leaf?")
             # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
-            wrapped = _is_wrapper(g)
+            wrapped = is_wrapper(g)
             groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
 
     plan = current()

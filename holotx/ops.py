@@ -32,7 +32,7 @@ from typing import Union
 
 import torch
 
-from holotx.executor import Plan, current
+from holotx.executor import Plan, current, is_wrapper, is_wrapper_type
 
 Scalar = Union[float, int, torch.Tensor]
 TensorList = list[torch.Tensor]
@@ -85,19 +85,6 @@ __all__ = [
 def foreach_supported(xs: Sequence[torch.Tensor]) -> bool:
     """Whether ``torch._foreach_*`` kernels can run on ``xs`` here (not under vmap)."""
     return current().foreach(xs)
-
-
-def is_wrapper(x: object) -> bool:
-    """Whether ``x`` is a tensor subclass that wraps others (a ``DTensor``): it has no
-    storage of its own to read, and no ``.tolist()``."""
-    return is_wrapper_type(type(x))
-
-
-def is_wrapper_type(cls: type) -> bool:
-    """:func:`is_wrapper` for a class: a tensor subclass that flattens into inner tensors
-    (what ``torch.utils._python_dispatch.is_traceable_wrapper_subclass`` asks of an
-    instance, asked once of its class)."""
-    return cls is not torch.Tensor and hasattr(cls, "__tensor_flatten__")
 
 
 def realize(x: torch.Tensor) -> torch.Tensor:
