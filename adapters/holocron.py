@@ -78,8 +78,9 @@ class AdaBelief(TransformOptimizer):
     """AdaBelief (Zhuang et al., 2020) as ``holocron.optim.AdaBelief``, whose signature is
     ``torch.optim.Adam``'s; the math is :func:`holotx.adabelief`'s.
 
-    ``foreach`` is accepted and ignored (holotx picks its kernels); ``capturable``,
-    ``differentiable`` and ``fused`` are accepted at their defaults only (Holocron
+    ``foreach`` is accepted and ignored (holotx picks its kernels); ``fused=True`` is
+    :class:`~holotx.adapters.TransformOptimizer`'s (flat buffers, one compiled step);
+    ``capturable`` and ``differentiable`` are accepted at their defaults only (Holocron
     ignores them silently; holotx says so): to differentiate through steps, use the
     functional API. Unlike Holocron, ``maximize=True`` ascends."""
 
@@ -90,13 +91,13 @@ class AdaBelief(TransformOptimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = False, compat: str | None = None,
                  state_dtype: torch.dtype | None = None) -> None:
         del foreach
-        for name, value in (("capturable", capturable), ("differentiable", differentiable), ("fused", fused)):
+        for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value:
                 raise ValueError(f"AdaBelief does not support {name}=True (holotx's functional API "
                                  "differentiates through steps and compiles them)")
         super().__init__(params, holotx.adabelief, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay, compat=compat,
-                         maximize=maximize, state_dtype=state_dtype)
+                         maximize=maximize, state_dtype=state_dtype, fused=False if fused is None else fused)
 
 
 class AdamP(TransformOptimizer):

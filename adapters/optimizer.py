@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from numbers import Number
@@ -16,6 +17,7 @@ from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import scale
 
+from ._fused import FusedGroup, FusionRefused
 from ._layout import StateLayout
 
 __all__ = ["TransformOptimizer"]
@@ -86,6 +88,25 @@ class TransformOptimizer(Optimizer):
     whose page faults cost more than a pass over memory (about 20% of an AdamW step on
     the ResNet-50 set).
 
+    ``fused=True`` (torch's keyword for its fused kernels) keeps each group's params,
+    grads and state in flat buffers, one per device and dtype (each param, its ``.grad``
+    and its state entries are views of them, so ``state_dict()`` is key for key the
+    unfused one and checkpoints move freely between the two), and runs the donated step
+    compiled by ``torch.compile`` over them: on ResNet-50's parameters (CPU, 2 threads)
+    AdamW steps in 14.3 ms against 51 ms unfused and 15.3 ms for torch's fused AdamW, LARS
+    in 16.8 ms against 36 ms (Holocron's: 21.5 ms). The first step compiles (3 to 6 s on
+    that machine, without inductor's on-disk cache); a new ``lr``, betas or weight decay
+    recompiles nothing (they enter the graph as 0-d tensors). torch.optim's semantics
+    stay: ``zero_grad()`` keeps the grad views and zeroes them, a param that backward did
+    not reach since has no gradient, and a step where only some params of a group have
+    one runs unfused (torch skips the others); their step counts then differ, and the
+    group stays unfused, saying so once in a ``RuntimeWarning``. A group that cannot be
+    fused runs unfused with such a warning: DTensor (FSDP2) params, params bound by
+    another fused optimizer, ``state_dtype`` upcasts, a rule with per-tensor reductions
+    and no flat path (TAdam, AdamP; Lookahead and Scout are their own classes), or no
+    working compiler. The step then equals the unfused one up to the compiler's
+    rounding (float64: within 1e-15 of the values' scale).
+
     ``torch.compile(opt.step)`` gives the eager numbers; the group's numbers are read
     outside the graph (one graph break), so a scheduler changing ``lr`` never recompiles.
     """
@@ -97,6 +118,7 @@ class TransformOptimizer(Optimizer):
         *,
         state_dtype: torch.dtype | None = None,
         donate_grads: bool = False,
+        fused: bool = False,
         **hyperparams: Any,
     ) -> None:
         if isinstance(tx_or_factory, GradientTransformation):
@@ -126,6 +148,12 @@ class TransformOptimizer(Optimizer):
         if not isinstance(donate_grads, bool):
             raise ValueError(f"donate_grads must be a bool, got {donate_grads!r}")
         self._donate_grads = donate_grads
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be a bool, got {fused!r}")
+        self._fused = fused
+        # Per group (by its params list, which load_state_dict keeps): its fused binding, or
+        # why it runs unfused.
+        self._fused_groups: dict[int, tuple[list[torch.Tensor], FusedGroup | str]] = {}
         self._runtimes: dict[int, _GroupRuntime] = {}
         self._built: dict[int, tuple[Any, GradientTransformation]] = {}
         super().__init__(params, defaults)
@@ -200,13 +228,119 @@ class TransformOptimizer(Optimizer):
         # Every group's transform is built (its hyperparameters checked) before any group
         # steps: a bad value edited into group 1 raises with group 0 unchanged too.
         compiling = torch.compiler.is_compiling()
-        planned = [(group, *self._plan(group, compiling)) for group in self.param_groups if _has_grads(group)]
+        fused, handled = self._plan_fused() if self._fused and not compiling else ([], frozenset())
+        planned = [(group, *self._plan(group, compiling)) for group in self.param_groups
+                   if id(group) not in handled and _has_grads(group)]
         with torch.no_grad():
             # Every group's step is begun (its schedules evaluated) before any is finished.
             begun = [self._begin_group(group, tx, compiling) for group, tx, _ in planned]
+            for binding, group, values, lr in fused:
+                self._fused_step(binding, group, values, lr)
             for (group, _, lr), step in zip(planned, begun):
                 self._finish_group(group, lr, step)
         return loss
+
+    # -- fused groups ---------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def _plan_fused(self) -> tuple[list[tuple[FusedGroup, dict[str, Any], dict[str, Any], Any]],
+                                   frozenset[int]]:
+        """The fused groups' steps, checked (nothing changed), and the ids of the groups
+        they take care of (stepped fused, or skipped: no param has a gradient)."""
+        fused, handled = [], set()
+        for group in self.param_groups:
+            binding = self._fused_group(group)
+            if binding is None:
+                continue
+            present = binding.has_grad()
+            if all(present):
+                self._plan(group, False)  # checked as an unfused group is
+                values, lr = self._hyperparameters(group, True)
+                fused.append((binding, group, values, lr))
+            elif any(present):
+                self._unfuse(group, binding, f"param {present.index(False)} had no gradient at a step, and "
+                             "torch.optim skips such a param: its state no longer moves with its group's")
+                continue
+            handled.add(id(group))
+        return fused, frozenset(handled)
+
+    @torch._disable_dynamo
+    def _fused_step(self, binding: FusedGroup, group: dict[str, Any], values: dict[str, Any],
+                    lr: Any) -> None:
+        # (Its own function: a try block in step() would make dynamo skip step() whole
+        # under torch.compile(opt.step), whose numbers would then be baked into graphs.)
+        try:
+            binding.step(self._transform_from, values, group.get("maximize", False),
+                         lr if self._factory is None else None, self._donate_grads)
+        except FusionRefused as err:  # no compiler: this step and the next run unfused
+            self._unfuse(group, binding, str(err))
+            tx, lr = self._plan(group, False)
+            self._finish_group(group, lr, self._begin_group(group, tx, False))
+
+    @torch._disable_dynamo
+    def _fused_group(self, group: dict[str, Any]) -> FusedGroup | None:
+        """The group's fused binding, made on its first step with a gradient (its state is
+        created then), and re-synced when ``self.state`` no longer holds its views; ``None``
+        where the group runs unfused (the reason warned once)."""
+        params = group["params"]
+        entry = self._fused_groups.get(id(params))
+        if entry is not None and entry[0] is params and isinstance(entry[1], str):
+            return None
+        binding = entry[1] if entry is not None and entry[0] is params else None
+        if binding is None and not _has_grads(group):
+            return None
+        runtime = self._runtime(group)
+        def build() -> GradientTransformation:
+            return self._build(group)
+
+        try:
+            if binding is None:
+                if self._state_dtype is not None and self._working_copies(params, [None] * len(params))[2]:
+                    raise FusionRefused("state_dtype keeps its statistics in another dtype than its params")
+                binding = FusedGroup(params, runtime.layout, self.state, build)
+            elif binding.per_param_layout is not runtime.layout or not binding.state_is_bound(self.state):
+                binding.per_param_layout = runtime.layout
+                binding.sync_state(self.state, build)
+        except FusionRefused as err:
+            self._unfuse(group, binding, str(err))
+            return None
+        self._fused_groups[id(params)] = (params, binding)
+        return binding
+
+    def _unfuse(self, group: dict[str, Any], binding: FusedGroup | None, reason: str) -> None:
+        """Run the group unfused from now on, and say why once."""
+        if binding is not None:
+            binding.release(self.state)
+        params = group["params"]
+        self._fused_groups[id(params)] = (params, reason)
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+        warnings.warn(f"{type(self).__name__}(fused=True): param group {index} runs unfused: {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; a fused group keeps its grad views (zeroed),
+        and with ``set_to_none`` a param of it has no gradient until backward reaches it."""
+        bound = {}
+        for params, binding in self._fused_groups.values():
+            if isinstance(binding, FusedGroup):
+                binding.zero_grad(set_to_none)
+                bound.update((id(p), p) for p in params)
+        if not bound:
+            super().zero_grad(set_to_none)
+            return
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None or bound.get(id(p)) is p:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                        continue
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     def _plan(self, group: dict[str, Any], compiling: bool) -> tuple[GradientTransformation, Any]:
         """The group's transform and the adapter's lr, checked; nothing is changed."""
@@ -386,11 +520,14 @@ class TransformOptimizer(Optimizer):
         state = super().__getstate__()
         state.update(_factory=self._factory, _transform=self._transform, _tensor_args=self._tensor_args,
                      _factory_args=self._factory_args, _state_dtype=self._state_dtype,
-                     _donate_grads=self._donate_grads)
+                     _donate_grads=self._donate_grads, _fused=self._fused)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fused = state.get("_fused", False)
+        # A copy binds its own params to its own buffers at its next step.
+        self._fused_groups = {}
         self._runtimes = {}
         self._built = {}
         for group in self.param_groups:

@@ -20,7 +20,9 @@ holotx's paths:
 - adapter: :class:`holotx.adapters.TransformOptimizer` over the same factory, grads in
   ``.grad`` (it donates its state, not the grads: one fresh buffer per param per step);
   "donate_grads": the same letting the step use the ``.grad`` tensors as scratch, as the
-  donated functional step does; with ``--adapter-compiled``, also ``torch.compile(opt.step)``;
+  donated functional step does; "adapter, fused": ``fused=True`` (flat buffers and one
+  compiled step; its first step, which compiles, in brackets; a rule without a flat path
+  runs unfused there); with ``--adapter-compiled``, also ``torch.compile(opt.step)``;
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
   dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; flat segmented compiled:
   the same over a buffer aligned to rows of 256 values, passing ``segments=`` so that
@@ -412,6 +414,8 @@ def run(args: argparse.Namespace) -> None:
             steps_by_label["holotx adapter"] = adapter_step(algo, False, shapes)
             steps_by_label["holotx adapter, donate_grads"] = adapter_step(algo, False, shapes,
                                                                           donate_grads=True)
+            if not args.no_compile:
+                steps_by_label["holotx adapter, fused"] = adapter_step(algo, False, shapes, fused=True)
             if args.adapter_compiled:
                 steps_by_label["holotx adapter compiled"] = adapter_step(algo, True, shapes)
             for batch_bytes in args.batch_bytes:
@@ -427,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
             reference = fused or next((ms for label, ms, _ in rows if label.startswith("Holocron")), None)
             for label, ms, first in rows:
                 vs_fused = f"{ms / reference:7.2f}x" if reference else f"{'-':>8}"
-                first_s = f"[{first:.2f} s]" if "compiled" in label else ""
+                first_s = f"[{first:.2f} s]" if "compiled" in label or "fused" in label else ""
                 print(f"{algo.name:<16} {label:<31} {ms:8.{_decimals(ms)}f} {vs_fused} "
                       f"{ms / floor_ms:7.2f}x  {first_s}")
             print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.{_decimals(floor_ms)}f}          "

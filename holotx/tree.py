@@ -175,18 +175,32 @@ def check_leaves(
             raise ValueError(f"{other_name} at {path_strings(treespec)[i]} has {what}")
 
 
-def check_whole_tensors(params: Any, rule: str) -> None:
-    """Refuse FSDP1's flattened parameters for ``rule``, which reduces over whole tensors.
+FLAT_BUFFER_MARK = "_holotx_flat_buffer"
+"""The attribute :class:`holotx.flat.FlatLayout` sets on the buffers it binds params to:
+many tensors packed into one, which a per-tensor rule must not take for one tensor."""
+
+
+def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> None:
+    """Refuse params that pack several tensors into one for ``rule``, which reduces over
+    whole tensors.
 
     ``FullyShardedDataParallel`` (FSDP1) concatenates a module's tensors into one flat
     parameter and gives each rank a slice of it, so a norm, sum or cosine per tensor
     would silently be taken over a slice that mixes tensors. FSDP2's ``fully_shard``
     keeps each parameter a ``DTensor``, over which holotx reduces the whole tensor.
+    The flat buffers that :meth:`holotx.flat.FlatLayout.bind` makes are refused too,
+    unless ``flat_ok`` (the rule was told where the tensors lie, or its reduction is
+    over everything anyway).
     """
     if params is None:
         return
     leaves, spec = flatten(params)
     for i, p in enumerate(leaves):
+        if not flat_ok and getattr(p, FLAT_BUFFER_MARK, False):
+            raise ValueError(
+                f"{rule} computes per-tensor norms, sums or cosines, but params at {path_strings(spec)[i]} "
+                "is a flat buffer packing several tensors (FlatLayout.bind): this rule has no flat path "
+                "(pass segments= where it takes them), run it on the tensors themselves")
         # FSDP1 marks its flat parameters (_is_flat_param) and, with use_orig_params=True,
         # the per-tensor views into their shards (_fsdp_flattened).
         if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):

@@ -541,7 +541,7 @@ INVALID = [
     ("LAMB", {"lr": -1}, "lr"), ("LARS", {"lr": float("nan")}, "lr"),
     ("Adan", {"betas": (0.9, 1.2, 0.9)}, "betas"), ("AdEMAMix", {"betas": (0.9, 0.999, 1.5)}, "betas"),
     ("RaLars", {"betas": (1.0, 0.999)}, "betas"), ("LAMB", {"betas": (0.9,)}, "betas"),
-    ("AdaBelief", {"fused": True}, "fused"), ("AdaBelief", {"capturable": True}, "capturable"),
+    ("AdaBelief", {"fused": "yes"}, "fused"), ("AdaBelief", {"capturable": True}, "capturable"),
     ("AdaBelief", {"differentiable": True}, "differentiable"),
     ("LARS", {"momentum": -0.5}, "momentum"), ("LARS", {"nesterov": True}, "nesterov"),
     ("Adan", {"weight_decay": -0.1}, "weight_decay"), ("RaLars", {"eps": -1.0}, "eps"),

@@ -41,7 +41,8 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
     def update(updates, state, params=None, **extra):
         del extra
-        tree.check_whole_tensors(params, "clip_by_global_norm")
+        # One norm over every value: a flat buffer is as good as its tensors.
+        tree.check_whole_tensors(params, "clip_by_global_norm", flat_ok=True)
         norm = global_norm(updates)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
 

@@ -106,9 +106,13 @@ def scale_by_trust_ratio(
                  for ri, k in zip(r, keep)],)
 
     def segment_ratios_kernel(u, p, segments):
-        """Over aligned flat buffers: one ratio per tensor, returned per row as ``(rows, 1)``."""
+        """Over aligned flat buffers: one ratio per tensor, returned per row as ``(rows, 1)``
+        (ones for a buffer the mask keeps out)."""
         out = []
-        for ui, pi, seg in zip(u, p, segments):
+        for ui, pi, (seg, keep) in zip(u, p, segments):
+            if not keep:
+                out.append(ui.new_ones((ui.numel() // seg.width, 1)))
+                continue
             dtype = ops.accumulation_dtype(ui.dtype) or ui.dtype
             r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
                              trust_coefficient=trust_coefficient, scale_clip=scale_clip,
@@ -119,17 +123,20 @@ def scale_by_trust_ratio(
     def update(updates, state, params=None, **extra):
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
-        tree.check_whole_tensors(params, "scale_by_trust_ratio")
-        g_leaves, spec = tree.flatten(updates)
         segments = extra.get("segments")
+        tree.check_whole_tensors(params, "scale_by_trust_ratio", flat_ok=segments is not None)
+        g_leaves, spec = tree.flatten(updates)
         if segments is not None:
-            if mask is not None:
-                raise ValueError("scale_by_trust_ratio: a mask cannot be combined with flat-buffer segments; "
-                                 "mask the tensors out before flattening (their own layout)")
+            # One bool masks every tensor of the buffers alike; a mask per tensor cannot be
+            # followed into a buffer that packs them.
+            if mask is not None and not isinstance(mask, bool):
+                raise ValueError("scale_by_trust_ratio: a per-tensor mask cannot be combined with "
+                                 "flat-buffer segments (one bool for every tensor can); mask the tensors "
+                                 "out before flattening (their own layout)")
             if len(segments) != len(g_leaves):
                 raise ValueError(f"segments has {len(segments)} entries for {len(g_leaves)} flat buffers: "
                                  "pass layout.segments() with the layout's buffers")
-            kernel, values = segment_ratios_kernel, list(segments)
+            kernel, values = segment_ratios_kernel, [(seg, mask is not False) for seg in segments]
         else:
             from holotx.combine import _resolve
 

@@ -1,0 +1,300 @@
+"""``fused=True``: a param group's params, grads and state in flat buffers, stepped by one
+compiled function.
+
+The unfused adapter runs a transform over the group's list of tensors, one foreach
+kernel per pass over memory. Fused, the group's params become views of one flat buffer
+per (device, dtype) (:meth:`holotx.flat.FlatLayout.bind`), their ``.grad`` views of a
+second one (backward accumulates into them in place), and the transform's state lives in
+flat buffers too: ``optimizer.state[p]`` holds views of them, so ``state_dict()`` is the
+unfused optimizer's, key for key. The step is the donated step of
+:func:`holotx.flat.make_step` compiled with ``torch.compile``: inductor fuses the rule
+and the update of the params into loops that read and write each buffer once.
+
+torch.optim's semantics are kept by falling back to the unfused step on the same
+(viewed) tensors, never by changing the math:
+
+- ``zero_grad()`` keeps the grad views (it zeroes the buffer); a param whose view was
+  cleared and that backward did not reach since has, for the step, no gradient. A step
+  in which some params of a group have a gradient and others do not is run unfused, as
+  torch.optim would run it (the others skipped); the group's step counts then differ
+  between params, and it stays unfused (it says so once).
+- A gradient that is not the view (the user's own tensor, DDP's bucket view) is copied
+  into the buffer first.
+- Hyperparameters reach the compiled step as 0-d tensors: a scheduler's new ``lr``,
+  betas or weight decay recompile nothing.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch._dynamo.exc
+import torch._inductor.exc
+
+from holotx import executor, tree
+from holotx.base import apply_updates
+from holotx.flat import FlatLayout
+
+from ._layout import StateLayout
+
+__all__ = ["FusedGroup", "FusionRefused"]
+
+ALIGN = 256
+"""Each param starts on a row of this many values in its buffer, so per-tensor norms
+(trust ratios) are sums over whole rows: :meth:`holotx.flat.FlatLayout.segments`."""
+
+BACKEND: Any = "inductor"
+"""The ``torch.compile`` backend of the fused step (a test swaps in a failing one)."""
+
+
+class FusionRefused(Exception):
+    """Why a group cannot be fused; the adapter warns with it and runs the group unfused."""
+
+
+class FusedGroup:
+    """One param group bound to flat buffers, with its compiled step."""
+
+    def __init__(self, params: list[torch.Tensor], per_param_layout: StateLayout,
+                 state: dict[torch.Tensor, dict[str, Any]], build_probe: Any) -> None:
+        _check_params(params)
+        self.params = params
+        self.layout = FlatLayout(params, align=ALIGN)
+        self.segments = self.layout.segments()
+        _probe(build_probe, self.layout)
+        with torch.no_grad():
+            self.param_buffers = _marked(self.layout.bind(params))
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            self.grad_buffers = _marked(self.layout.flatten(grads))
+        self.grad_views: list[torch.Tensor] = tree.flatten(self.layout.unflatten(self.grad_buffers))[0]
+        # A view whose param has, for torch.optim's rules, no gradient: zero_grad() cleared it
+        # and backward has not accumulated into it since.
+        self.cleared = [p.grad is None for p in params]
+        for p, view in zip(params, self.grad_views):
+            p.grad = view
+        self.hooks = [p.register_post_accumulate_grad_hook(self._touched(i)) for i, p in enumerate(params)]
+        for p in params:
+            _BOUND[id(p)] = weakref.ref(p)
+        self.per_param_layout = per_param_layout
+        self.flat_state: Any = None
+        self.bindings: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        self.step_fn: Callable[..., Any] | None = None
+        self.sync_state(state, build_probe)
+
+    def _touched(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(_param: torch.Tensor) -> None:
+            self.cleared[i] = False
+        return hook
+
+    # -- state ----------------------------------------------------------------------------
+
+    def sync_state(self, state: dict[torch.Tensor, dict[str, Any]], build: Any) -> None:
+        """Put the per-param state into flat buffers and hand ``state`` views of them.
+
+        A per-param tensor shaped like its param becomes its slot in the flat buffer; a
+        0-d one (a step count) becomes the buffer's own, which needs every param of the
+        buffer to hold the same value."""
+        params, layout = self.params, self.per_param_layout
+        with torch.no_grad():
+            flat_state = build().init(self.param_buffers)
+        flat_layout = StateLayout.of(flat_state, self.param_buffers)
+        flat_leaves, _ = tree.flatten(flat_state)
+        flat_by_key: dict[tuple[str, int | None], torch.Tensor] = {}
+        for key, owner, leaf in zip(flat_layout.keys, flat_layout.owners, flat_leaves):
+            if key is not None:
+                flat_by_key[(key, owner)] = leaf
+        wanted = {(k, None if o is None else self.layout.slots[o].group)
+                  for k, o in zip(layout.keys, layout.owners) if k is not None}
+        if wanted != set(flat_by_key):
+            raise FusionRefused("its transform keeps another state over flat buffers than over tensors "
+                                f"({sorted(k for k, _ in flat_by_key)} vs {sorted(k for k, _ in wanted)})")
+        bindings = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for key, owner in zip(layout.keys, layout.owners):
+            if key is None:
+                continue
+            owners = range(len(params)) if owner is None else (owner,)
+            for i in owners:
+                p = params[i]
+                value = state[p][key]
+                buffer = flat_by_key[(key, None if owner is None else self.layout.slots[i].group)]
+                target = self._slot_of(buffer, i, value, key, owner)
+                if target is None:
+                    raise FusionRefused(f"its state {key!r} has no place in the flat buffers "
+                                        f"(shape {tuple(value.shape)} for a param of {tuple(p.shape)})")
+                copies.append((target, value))
+                bindings.append((p, key, target))
+        # Shared 0-d leaves must agree before anything is written.
+        seen: dict[int, torch.Tensor] = {}
+        for target, value in copies:
+            if target.dim() == 0:
+                first = seen.setdefault(id(target), value)
+                if first is not value and not torch.equal(first, value):
+                    raise FusionRefused(f"its params' state differs in a per-param scalar (step counts "
+                                        f"{first.item()} and {value.item()}: a param skipped a step)")
+        with torch.no_grad():
+            for target, value in copies:
+                if target is not value:
+                    target.copy_(value)
+        for p, key, target in bindings:
+            state[p][key] = target
+        self.flat_state, self.bindings = flat_state, bindings
+
+    def _slot_of(self, buffer: torch.Tensor, i: int, value: torch.Tensor, key: str,
+                 owner: int | None) -> torch.Tensor | None:
+        if value.dtype != buffer.dtype or value.device != buffer.device:
+            return None
+        slot = self.layout.slots[i]
+        if owner is not None and buffer.dim() == 1 and value.shape == slot.shape \
+                and buffer.numel() == self.layout.sizes[slot.group]:
+            return buffer[slot.offset:slot.offset + slot.shape.numel()].view(slot.shape)
+        if value.shape == buffer.shape and value.dim() == 0:
+            return buffer
+        return None
+
+    def state_is_bound(self, state: dict[torch.Tensor, dict[str, Any]]) -> bool:
+        """Whether ``optimizer.state`` still holds this group's views (not a loaded
+        checkpoint, an edit, or the state of a rebuilt transform)."""
+        return all(state.get(p, {}).get(key) is target for p, key, target in self.bindings)
+
+    # -- grads ----------------------------------------------------------------------------
+
+    def has_grad(self) -> list[bool]:
+        """Per param: whether it has a gradient this step, as torch.optim sees it."""
+        return [p.grad is not None and not (self.cleared[i] and p.grad is self.grad_views[i])
+                for i, p in enumerate(self.params)]
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """torch.optim's ``zero_grad`` on the group, keeping the grad views: with
+        ``set_to_none`` (the default) each param has no gradient until backward reaches it."""
+        with torch.no_grad():
+            for buffer in self.grad_buffers:
+                buffer.zero_()
+            for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+                if p.grad is view:
+                    self.cleared[i] = self.cleared[i] or set_to_none
+                elif p.grad is None or set_to_none:
+                    p.grad, self.cleared[i] = view, True
+                else:  # someone else's tensor, zeroed where it is, as torch.optim does
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def release(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """Stop being fused (the buffers stay: params, grads and state are views of them).
+        Cleared views become ``None`` again, so the unfused step skips those params, and a
+        buffer's 0-d state (its step count), shared by its params, becomes one per param
+        again (the unfused step advances each param's own)."""
+        if self.state_is_bound(state):
+            for p, key, target in self.bindings:
+                if target.dim() == 0:
+                    state[p][key] = target.clone()
+        for handle in self.hooks:
+            handle.remove()
+        for p in self.params:
+            _BOUND.pop(id(p), None)
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            if self.cleared[i] and p.grad is view:
+                p.grad = None
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, build: Callable[..., Any], values: dict[str, Any], maximize: bool, lr: Any,
+             donate_grads: bool) -> None:
+        """One fused step; every param has a gradient (see :meth:`has_grad`)."""
+        with torch.no_grad():
+            outside = [(view, p.grad) for p, view in zip(self.params, self.grad_views) if p.grad is not view]
+            if outside:
+                torch._foreach_copy_([v for v, _ in outside], [g for _, g in outside])
+            first = self.step_fn is None
+            if first:
+                self.step_fn = torch.compile(_fresh(_flat_step), backend=BACKEND, dynamic=False,
+                                             fullgraph=True)
+            try:
+                new_state = self.step_fn(build, values, maximize, lr, self.param_buffers, self.grad_buffers,
+                                         self.flat_state, self.segments, donate_grads)
+            except _COMPILE_ERRORS as err:
+                if not first:
+                    raise
+                # Compiling fails before the graph runs: nothing has been written.
+                self.step_fn = None
+                raise FusionRefused(f"torch.compile failed ({type(err).__name__}: "
+                                    f"{str(err).strip().splitlines()[0][:300]})") from err
+            # The compiled step writes the state in place; a leaf it returned anew goes back
+            # into its buffer, which the per-param views look at.
+            for old, new in zip(tree.flatten(self.flat_state)[0], tree.flatten(new_state)[0]):
+                if isinstance(old, torch.Tensor) and new is not old:
+                    old.copy_(new)
+
+
+_COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
+                   torch._inductor.exc.InductorError)
+"""What torch.compile raises when it cannot compile the step (no C++ compiler for
+inductor, a graph break under ``fullgraph``)."""
+
+
+def _flat_step(build, values, maximize, lr, params, grads, state, segments, donate_grads):
+    """The compiled step: the group's transform built from its numbers (0-d tensors, so a
+    new value is a new input, not a new graph), one donated update over the flat buffers,
+    and ``p += lr * u`` in the same fused loops."""
+    tx = build(values, maximize)
+    updates, new_state, factor, _ = executor.run(tx, grads, state, params, donate=True,
+                                                 donate_updates=donate_grads, segments=segments)
+    if lr is not None:
+        factor = lr if factor is None else factor * lr
+    apply_updates(params, updates, inplace=True, scale=factor)
+    return new_state
+
+
+def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs (and its
+    recompile limit, 8) per code object: every fused group gets its own, so that many
+    groups or optimizers in one process never push each other out into eager mode."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _marked(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    for b in buffers:
+        setattr(b, tree.FLAT_BUFFER_MARK, True)
+    return buffers
+
+
+def _check_params(params: list[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        if executor.is_wrapper(p):
+            raise FusionRefused(f"param {i} is a {type(p).__name__} (FSDP2, tensor parallel): sharded "
+                                "params have no storage of their own to pack into a flat buffer")
+        if not p.is_floating_point():
+            raise FusionRefused(f"param {i} has dtype {p.dtype}: fused steps take floating-point params")
+        bound = _BOUND.get(id(p))
+        if bound is not None and bound() is p:
+            raise FusionRefused(f"param {i} is bound to the flat buffers of another fused optimizer")
+        if p.grad is not None and p.grad.is_sparse:
+            raise FusionRefused(f"param {i} has a sparse gradient")
+
+
+_BOUND: dict[int, weakref.ref[torch.Tensor]] = {}
+"""Params bound to the buffers of a fused group, by id (a tensor's ``==`` is elementwise):
+binding them twice would take them away from the first."""
+
+
+def _probe(build: Callable[[], Any], layout: FlatLayout) -> None:
+    """Run the transform once over flat buffers on the meta device (no memory, no values):
+    a rule with per-tensor reductions and no flat path refuses the marked buffers there."""
+    buffers = _marked([torch.zeros(n, dtype=dt, device="meta")
+                       for (_, dt), n in zip(layout.groups, layout.sizes)])
+    segments = [s._replace(row_ids=s.row_ids.to("meta")) for s in layout.segments()]
+    tx = build()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tx.update(list(buffers), tx.init(buffers), buffers, segments=segments)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+        raise FusionRefused(f"its transform has no flat path ({err})") from err

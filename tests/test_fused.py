@@ -1,0 +1,375 @@
+"""``fused=True``: params, grads and state in flat buffers, one compiled step.
+
+Every check compares the fused optimizer with the unfused one run on the same model and
+data, after every step: params and every state entry, in float64, where the two differ
+only by the compiler's rounding (a few ulps of the values' scale). The semantics tests
+compile with dynamo's ``eager`` backend (the same graph, no inductor code generation) to
+stay quick; the numerics tests compile with inductor, as users do.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+
+import holotx
+from holotx.adapters import LAMB, LARS, AdaBelief, TAdam, TransformOptimizer, _fused, create_optimizer
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+RULES = {
+    "adamw": dict(lr=1e-2, weight_decay=0.1),
+    "adam": dict(lr=1e-2, amsgrad=True),
+    "sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adabelief": dict(lr=1e-2, weight_decay=0.01),
+    "adan": dict(lr=1e-2, weight_decay=0.02),
+    "ademamix": dict(lr=1e-2, weight_decay=0.01),
+    "radam": dict(lr=1e-2),
+    "lamb": dict(lr=1e-2, weight_decay=0.1),
+    "lars": dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+    "ralars": dict(lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """Compile the fused step with dynamo's eager backend, counting the graphs made."""
+    graphs = []
+    eager = lookup_backend("eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return eager(gm, example_inputs)
+
+    monkeypatch.setattr(_fused, "BACKEND", counting)
+    return graphs
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.LayerNorm(9),
+                               torch.nn.Linear(9, 3)).double()
+
+
+def backward(m: torch.nn.Module, step: int, skip: tuple[torch.Tensor, ...] = ()) -> None:
+    """Gradients that are the same seeded noise for every run (a loss linear in the
+    params): the runs compared differ by their rounding alone, not by what training
+    makes of it. Params in ``skip`` are not reached."""
+    gen = torch.Generator().manual_seed(100 + step)
+    noise = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in m.parameters()]
+    sum((p * g).sum() for p, g in zip(m.parameters(), noise) if all(p is not q for q in skip)).backward()
+
+
+ROUNDING = 1e-13
+"""The float64 bound, relative to the scale of the values compared: the compiled step
+rounds a few ulps apart from the eager one (fused multiply-adds; per-tensor norms summed
+by rows, then tensors), which five steps accumulate."""
+
+
+def assert_same(m_fused, opt_fused, m_plain, opt_plain, what: str) -> None:
+    """Params and every state entry equal up to rounding: float64, scale-tied bound."""
+    for (name, a), b in zip(m_fused.named_parameters(), m_plain.parameters()):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=ROUNDING, atol=ROUNDING * scale,
+                                   msg=lambda m: f"{what}, param {name}: {m}")
+    sf, sp = opt_fused.state_dict()["state"], opt_plain.state_dict()["state"]
+    assert sf.keys() == sp.keys(), what
+    for i in sp:
+        assert sf[i].keys() == sp[i].keys(), f"{what}, param {i}"
+        for key in sp[i]:
+            a, b = sf[i][key], sp[i][key]
+            assert a.dtype == b.dtype, f"{what}, param {i}, {key}"
+            assert a.shape == b.shape, f"{what}, param {i}, {key}"
+            scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=ROUNDING, atol=ROUNDING * scale,
+                                       msg=lambda m: f"{what}, param {i}, {key}: {m}")
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_fused_equals_unfused(name):
+    """Inductor-compiled over flat buffers, every elementwise and trust-ratio rule gives the
+    unfused step's params and state, through a scheduler and a group added mid-run (the
+    module's decay/no-decay groups: trust ratios masked on one of them)."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        opt = create_optimizer(m, name, fused=fused, **RULES[name])
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+        runs.append((m, opt, sched))
+    gen = torch.Generator().manual_seed(7)
+    start = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    extra = [torch.nn.Parameter(start.clone()) for _ in runs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no group falls back
+        for step in range(5):
+            if step == 2:
+                for (_, opt, _), p in zip(runs, extra):
+                    opt.add_param_group({"params": [p], "lr": 3e-3})
+            for (m, opt, sched), p in zip(runs, extra):
+                opt.zero_grad()
+                backward(m, step)
+                if step >= 2:
+                    noise = torch.randn(4, 3, dtype=p.dtype, generator=torch.Generator().manual_seed(step))
+                    (p * noise).sum().backward()
+                opt.step()
+                sched.step()
+            assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{name}, step {step}")
+    torch.testing.assert_close(extra[0], extra[1], rtol=ROUNDING, atol=ROUNDING)
+
+
+def test_float32_within_rounding():
+    """float32, compiled vs eager: the same rule up to a few ulps of the values."""
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(64, 32)
+        opt = LAMB(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
+        for step in range(4):
+            opt.zero_grad()
+            m(torch.randn(16, 64, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+            opt.step()
+        outs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
+
+
+def test_no_recompile_when_hyperparameters_change(eager_backend):
+    """lr (a scheduler's), betas and weight decay enter the graph as 0-d tensors."""
+    m = model()
+    opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)
+    plain_m = model()
+    plain = TransformOptimizer(plain_m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1)
+    plain_sched = torch.optim.lr_scheduler.ExponentialLR(plain, 0.7)
+    for step in range(6):
+        for mm, o, s in ((m, opt, sched), (plain_m, plain, plain_sched)):
+            if step == 3:
+                o.param_groups[0].update(betas=(0.8, 0.99), weight_decay=0.3)
+            o.zero_grad()
+            backward(mm, step)
+            o.step()
+            s.step()
+        assert_same(m, opt, plain_m, plain, f"step {step}")
+    assert len(eager_backend) == 1, f"{len(eager_backend)} graphs for one group"
+
+
+def test_params_grads_and_state_are_views_of_flat_buffers(eager_backend):
+    m = model()
+    opt = TransformOptimizer(m.parameters(), holotx.adam, lr=1e-2, fused=True)
+    backward(m, 0)
+    opt.step()
+    params = list(m.parameters())
+    (binding,) = [b for _, b in opt._fused_groups.values()]
+    for p in params:
+        assert p.untyped_storage().data_ptr() == binding.param_buffers[0].untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == binding.grad_buffers[0].untyped_storage().data_ptr()
+        for key in ("mu", "nu"):
+            assert opt.state[p][key].untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+            assert opt.state[p][key]._base is not None
+    grads = [p.grad for p in params]
+    opt.zero_grad()
+    assert all(p.grad is g for p, g in zip(params, grads)), "zero_grad keeps the views"
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    backward(m, 1)  # accumulates into the views
+    assert all(p.grad is g for p, g in zip(params, grads))
+    assert all(torch.count_nonzero(g) > 0 for g in grads)
+
+
+def test_grads_left_as_they_were(eager_backend):
+    m = model()
+    opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, fused=True)
+    backward(m, 0)
+    before = [p.grad.clone() for p in m.parameters()]
+    opt.step()
+    opt.step()
+    for p, g in zip(m.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+def test_a_grad_of_the_users_own_is_used(eager_backend):
+    """A ``.grad`` that is not the view (set by hand, DDP's bucket view) is copied in."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        opt = TransformOptimizer(m.parameters(), holotx.sgd, lr=0.1, momentum=0.9, fused=fused)
+        for step in range(3):
+            opt.zero_grad()
+            backward(m, step)
+            if step == 1:
+                for p in m.parameters():
+                    p.grad = torch.full_like(p, 0.25)
+            opt.step()
+        runs.append((m, opt))
+    assert_same(*runs[0], *runs[1], "own grads")
+
+
+def test_a_param_without_gradient_is_skipped_then_the_group_runs_unfused(eager_backend):
+    """torch.optim skips a param that backward did not reach after zero_grad(): so does
+    the fused group (its zeroed view is no gradient), running that step unfused; the
+    step counts then differ within the group, which stays unfused and says so once."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1, fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(5):
+                opt.zero_grad()
+                # At step 2 the last layer is not reached: its params have no gradient.
+                backward(m, step, skip=tuple(m[3].parameters()) if step == 2 else ())
+                opt.step()
+        runs.append((m, opt))
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if fused:
+            assert len(messages) == 1, messages
+            assert "param 4 had no gradient" in messages[0], messages
+            assert m[3].weight.grad is not None  # reached again at steps 3 and 4
+    (m, opt) = runs[0]
+    counts = {opt.state[p]["count"].item() for p in m.parameters()}
+    assert counts == {4, 5}
+    assert_same(*runs[0], *runs[1], "a skipped param")
+
+
+def test_no_gradient_at_all_skips_the_group(eager_backend):
+    m = model()
+    opt = TransformOptimizer(m.parameters(), holotx.adam, lr=1e-2, fused=True)
+    backward(m, 0)
+    opt.step()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt.step()
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+    assert {opt.state[p]["count"].item() for p in m.parameters()} == {1}
+
+
+def test_checkpoints_move_between_fused_and_unfused(eager_backend, tmp_path):
+    """Saved fused, loaded unfused (``torch.load(weights_only=True)``), and back: the run
+    continues as an unfused run would."""
+    ref_m = model()
+    ref = LAMB(ref_m.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(6):
+        ref.zero_grad()
+        backward(ref_m, step)
+        ref.step()
+
+    m = model()
+    opt = LAMB(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(2):
+        opt.zero_grad()
+        backward(m, step)
+        opt.step()
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, tmp_path / "fused.pt")
+    saved = torch.load(tmp_path / "fused.pt", weights_only=True)
+    m2 = model(1)
+    m2.load_state_dict(saved["model"])
+    opt2 = LAMB(m2.parameters(), lr=1e-2, weight_decay=0.1)
+    opt2.load_state_dict(saved["opt"])
+    for step in range(2, 4):
+        opt2.zero_grad()
+        backward(m2, step)
+        opt2.step()
+    buffer = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": opt2.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    m.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])  # into the fused optimizer: its buffers take the values
+    for step in range(4, 6):
+        opt.zero_grad()
+        backward(m, step)
+        opt.step()
+    assert_same(m, opt, ref_m, ref, "after the round trip")
+    assert opt.state[m[0].weight]["mu"]._base is not None, "the loaded state went into the flat buffers"
+
+
+def test_copies_step_on_their_own(eager_backend):
+    m = model()
+    opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, fused=True)
+    backward(m, 0)
+    opt.step()
+    m_copy, opt_copy = copy.deepcopy((m, opt))
+    unpickled = pickle.loads(pickle.dumps(opt))
+    assert unpickled.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    for mm, o in ((m, opt), (m_copy, opt_copy)):
+        o.zero_grad()
+        backward(mm, 1)
+        o.step()
+    assert_same(m, opt, m_copy, opt_copy, "a deep copy")
+
+
+# -- fallbacks: a warning once, and the unfused step ------------------------------------
+
+def _fallback_matches(make, match: str, steps: int = 3, dtype=torch.float64) -> None:
+    runs = []
+    for fused in (True, False):
+        m = model().to(dtype)
+        opt = make(m.parameters(), fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(steps):
+                opt.zero_grad()
+                backward(m, step)
+                opt.step()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if fused:
+            assert len(messages) == 1, messages
+            assert "runs unfused" in messages[0], messages[0]
+            assert match in messages[0], messages[0]
+        else:
+            assert not messages
+        runs.append((m, opt))
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rules_without_a_flat_path_run_unfused(eager_backend):
+    _fallback_matches(lambda ps, f: TAdam(ps, lr=1e-2, fused=f), "no flat path")
+    _fallback_matches(lambda ps, f: TransformOptimizer(ps, holotx.adamp, lr=1e-2, fused=f), "no flat path")
+    # A mask per param cannot be followed into a flat buffer either.
+    _fallback_matches(lambda ps, f: TransformOptimizer(
+        ps, holotx.lamb, lr=1e-2, trust_ratio_mask=lambda params: [p.ndim > 1 for p in params], fused=f),
+        "no flat path")
+
+
+def test_state_dtype_upcasts_run_unfused(eager_backend):
+    _fallback_matches(lambda ps, f: TransformOptimizer(ps, holotx.adamw, lr=1e-2, state_dtype=torch.float32,
+                                                       fused=f), "state_dtype", dtype=torch.bfloat16)
+
+
+def test_a_failing_compiler_leaves_the_group_unfused(monkeypatch):
+    def failing(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(_fused, "BACKEND", failing)
+    _fallback_matches(lambda ps, f: AdaBelief(ps, lr=1e-2, fused=f), "torch.compile failed")
+
+
+def test_params_bound_by_another_fused_optimizer(eager_backend):
+    m = model()
+    first = LARS(m.parameters(), lr=0.1, momentum=0.9, fused=True)
+    second = TransformOptimizer(m.parameters(), holotx.sgd, lr=0.1, fused=True)
+    backward(m, 0)
+    first.step()
+    with pytest.warns(RuntimeWarning, match="bound to the flat buffers of another fused optimizer"):
+        second.step()
+    assert quiet(second.step) is None  # warned once
+
+
+def test_fused_must_be_a_bool():
+    with pytest.raises(ValueError, match="fused must be a bool"):
+        TransformOptimizer(model().parameters(), holotx.adam, fused="yes")
