@@ -97,7 +97,8 @@ class FusedGroup:
 
         A per-param tensor shaped like its param becomes its slot in the flat buffer; a
         0-d one (a step count) becomes the buffer's own, which needs every param of the
-        buffer to hold the same value."""
+        buffer to hold the same value. A param without an entry (a group's first step)
+        takes the flat state's initial value."""
         params, layout = self.params, self.per_param_layout
         with torch.no_grad():
             flat_state = build().init(self.param_buffers)
@@ -120,13 +121,15 @@ class FusedGroup:
             owners = range(len(params)) if owner is None else (owner,)
             for i in owners:
                 p = params[i]
-                value = state[p][key]
+                value = state.get(p, {}).get(key)
                 buffer = flat_by_key[(key, None if owner is None else self.layout.slots[i].group)]
-                target = self._slot_of(buffer, i, value, key, owner)
+                target = self._slot_of(buffer, i, buffer if value is None else value, owner)
                 if target is None:
                     raise FusionRefused(f"its state {key!r} has no place in the flat buffers "
-                                        f"(shape {tuple(value.shape)} for a param of {tuple(p.shape)})")
-                copies.append((target, value))
+                                        f"(shape {tuple(buffer.shape if value is None else value.shape)} "
+                                        f"for a param of {tuple(p.shape)})")
+                if value is not None:
+                    copies.append((target, value))
                 bindings.append((p, key, target))
         # Shared 0-d leaves must agree before anything is written.
         seen: dict[int, torch.Tensor] = {}
@@ -141,16 +144,18 @@ class FusedGroup:
                 if target is not value:
                     target.copy_(value)
         for p, key, target in bindings:
-            state[p][key] = target
+            state.setdefault(p, {})[key] = target
         self.flat_state, self.bindings = flat_state, bindings
 
-    def _slot_of(self, buffer: torch.Tensor, i: int, value: torch.Tensor, key: str,
+    def _slot_of(self, buffer: torch.Tensor, i: int, value: torch.Tensor,
                  owner: int | None) -> torch.Tensor | None:
+        """Where param ``i``'s ``value`` lives in ``buffer`` (``value`` is ``buffer`` itself
+        for a param without an entry yet)."""
         if value.dtype != buffer.dtype or value.device != buffer.device:
             return None
         slot = self.layout.slots[i]
-        if owner is not None and buffer.dim() == 1 and value.shape == slot.shape \
-                and buffer.numel() == self.layout.sizes[slot.group]:
+        whole = buffer.dim() == 1 and buffer.numel() == self.layout.sizes[slot.group]
+        if owner is not None and whole and (value is buffer or value.shape == slot.shape):
             return buffer[slot.offset:slot.offset + slot.shape.numel()].view(slot.shape)
         if value.shape == buffer.shape and value.dim() == 0:
             return buffer

@@ -289,7 +289,14 @@ class TransformOptimizer(Optimizer):
         binding = entry[1] if entry is not None and entry[0] is params else None
         if binding is None and not _has_grads(group):
             return None
-        runtime = self._runtime(group)
+        fresh = binding is None and not any(p in self.state for p in params)
+        if fresh:
+            # A group's first step: its state is made once, in the flat buffers (the
+            # per-param entries views of them), not per param and then copied.
+            runtime = self._new_runtime(group, self._signature(group), fresh=False)
+        else:
+            runtime = self._runtime(group)
+
         def build() -> GradientTransformation:
             return self._build(group)
 
@@ -302,6 +309,8 @@ class TransformOptimizer(Optimizer):
                 binding.per_param_layout = runtime.layout
                 binding.sync_state(self.state, build)
         except FusionRefused as err:
+            if fresh:  # the unfused step makes the state
+                self._runtimes.pop(id(group), None)
             self._unfuse(group, binding, str(err))
             return None
         self._fused_groups[id(params)] = (params, binding)
