@@ -130,7 +130,14 @@ def _pair(pure):
 
     def op_(xs, *args, **kwargs):
         plan = current()
-        return pure(plan, plan.may_write(xs), xs, *args, **kwargs)
+        inplace = plan.may_write(xs)
+        out = pure(plan, inplace, xs, *args, **kwargs)
+        # Written in place, the result is the list it was given, not a new list of the
+        # same tensors: under compile, what may be written is known by that list's
+        # identity (Plan.mark_state), and the next replacing op must find it.
+        if inplace and len(out) == len(xs) and all(o is x for o, x in zip(out, xs)):
+            return xs
+        return out
 
     op.__name__, op_.__name__ = name, name + "_"
     op.__qualname__, op_.__qualname__ = name, name + "_"

@@ -343,6 +343,45 @@ def ddp_scenario(rank: int, folder: str) -> None:
                                 f"{name} ZeroRedundancyOptimizer step {t + 1}")
 
 
+def fused_scenario(rank: int, folder: str) -> None:
+    """``fused=True`` under DDP (its bucket views as the grads, or not) equals the
+    single-process unfused run; FSDP2's DTensor params run unfused, with one warning."""
+    del folder
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, bucket_view in (("adamw", True), ("lamb", False)):
+        expected = reference_run(name)
+        model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
+        factory, kwargs = FACTORIES[name]()
+        opt = adapters.TransformOptimizer(model.parameters(), factory, fused=True, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # it runs fused
+            for t in range(STEPS):
+                opt.zero_grad()
+                loss_of(model, *local_batch(t, rank)).backward()
+                opt.step()
+                assert_params_close(list(model.parameters()), expected[t],
+                                    f"{name} DDP fused (gradient_as_bucket_view={bucket_view}) step {t + 1}")
+        assert all(not isinstance(binding, str) for _, binding in opt._fused_groups.values())
+    expected = reference_run("lamb")
+    model = fully_shard(make_model(), mesh=mesh())
+    factory, kwargs = FACTORIES["lamb"]()
+    opt = adapters.TransformOptimizer(model.parameters(), factory, fused=True, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(STEPS):
+            opt.zero_grad()
+            loss_of(model, *local_batch(t, rank)).backward()
+            opt.step()
+            assert_params_close(list(model.parameters()), expected[t], f"lamb FSDP2 fused=True step {t + 1}")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "DTensor" in messages[0], messages[0]
+
+
 def fsdp1_scenario(rank: int, folder: str) -> None:
     """FSDP1's flat parameters: a per-tensor rule refuses them, naming FSDP1 and FSDP2,
     before anything changes; an elementwise rule steps as it would on one process."""
@@ -456,6 +495,10 @@ def test_distribute_tensor_params_equal_one_process():
 
 def test_ddp_and_zero_equal_one_process():
     run_on_two_processes(ddp_scenario)
+
+
+def test_fused_under_ddp_and_fsdp2():
+    run_on_two_processes(fused_scenario)
 
 
 def test_fsdp1_is_refused_by_per_tensor_rules():
