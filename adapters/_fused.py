@@ -60,16 +60,16 @@ class FusedGroup:
     """One param group bound to flat buffers, with its compiled step."""
 
     def __init__(self, params: list[torch.Tensor], per_param_layout: StateLayout,
-                 state: dict[torch.Tensor, dict[str, Any]], build_probe: Any) -> None:
+                 state: dict[torch.Tensor, dict[str, Any]], build: Callable[[], Any]) -> None:
         _check_params(params)
         self.params = params
         self.layout = FlatLayout(params, align=ALIGN)
         self.segments = self.layout.segments()
-        _probe(build_probe, self.layout)
+        _probe(build, self.layout, self.segments)
         with torch.no_grad():
             self.param_buffers = _marked(self.layout.bind(params))
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            self.grad_buffers = _marked(self.layout.flatten(grads))
+            self.grad_buffers = self.layout.flatten(grads)
         self.grad_views: list[torch.Tensor] = tree.flatten(self.layout.unflatten(self.grad_buffers))[0]
         # A view whose param has, for torch.optim's rules, no gradient: zero_grad() cleared it
         # and backward has not accumulated into it since.
@@ -83,7 +83,7 @@ class FusedGroup:
         self.flat_state: Any = None
         self.bindings: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         self.step_fn: Callable[..., Any] | None = None
-        self.sync_state(state, build_probe)
+        self.sync_state(state, build)
 
     def _touched(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(_param: torch.Tensor) -> None:
@@ -173,23 +173,16 @@ class FusedGroup:
         return [p.grad is not None and not (self.cleared[i] and p.grad is self.grad_views[i])
                 for i, p in enumerate(self.params)]
 
-    def zero_grad(self, set_to_none: bool) -> None:
-        """torch.optim's ``zero_grad`` on the group, keeping the grad views: with
-        ``set_to_none`` (the default) each param has no gradient until backward reaches it."""
+    def after_zero_grad(self) -> None:
+        """After torch.optim's ``zero_grad``, put the grad views back: a param whose grad
+        it set to ``None`` gets its view again, zeroed, and has no gradient until
+        backward reaches it; one whose grad it zeroed in place keeps that grad."""
         with torch.no_grad():
             for buffer in self.grad_buffers:
                 buffer.zero_()
-            for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
-                if p.grad is view:
-                    self.cleared[i] = self.cleared[i] or set_to_none
-                elif p.grad is None or set_to_none:
-                    p.grad, self.cleared[i] = view, True
-                else:  # someone else's tensor, zeroed where it is, as torch.optim does
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            if p.grad is None:
+                p.grad, self.cleared[i] = view, True
 
     def release(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
         """Stop being fused (the buffers stay: params, grads and state are views of them).
@@ -290,12 +283,12 @@ _BOUND: dict[int, weakref.ref[torch.Tensor]] = {}
 binding them twice would take them away from the first."""
 
 
-def _probe(build: Callable[[], Any], layout: FlatLayout) -> None:
+def _probe(build: Callable[[], Any], layout: FlatLayout, segments: list[Any]) -> None:
     """Run the transform once over flat buffers on the meta device (no memory, no values):
     a rule with per-tensor reductions and no flat path refuses the marked buffers there."""
     buffers = _marked([torch.zeros(n, dtype=dt, device="meta")
                        for (_, dt), n in zip(layout.groups, layout.sizes)])
-    segments = [s._replace(row_ids=s.row_ids.to("meta")) for s in layout.segments()]
+    segments = [s._replace(row_ids=s.row_ids.to("meta")) for s in segments]
     tx = build()
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -105,7 +105,7 @@ class TransformOptimizer(Optimizer):
     another fused optimizer, ``state_dtype`` upcasts, a rule with per-tensor reductions
     and no flat path (TAdam, AdamP; Lookahead and Scout are their own classes), or no
     working compiler. The step then equals the unfused one up to the compiler's
-    rounding (float64: within 1e-15 of the values' scale).
+    rounding (float64: within 1e-13 of the values' scale after five steps, in the tests).
 
     ``torch.compile(opt.step)`` gives the eager numbers; the group's numbers are read
     outside the graph (one graph break), so a scheduler changing ``lr`` never recompiles.
@@ -329,27 +329,10 @@ class TransformOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; a fused group keeps its grad views (zeroed),
         and with ``set_to_none`` a param of it has no gradient until backward reaches it."""
-        bound = {}
-        for params, binding in self._fused_groups.values():
+        super().zero_grad(set_to_none)
+        for _, binding in self._fused_groups.values():
             if isinstance(binding, FusedGroup):
-                binding.zero_grad(set_to_none)
-                bound.update((id(p), p) for p in params)
-        if not bound:
-            super().zero_grad(set_to_none)
-            return
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None or bound.get(id(p)) is p:
-                        continue
-                    if set_to_none:
-                        p.grad = None
-                        continue
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+                binding.after_zero_grad()
 
     def _plan(self, group: dict[str, Any], compiling: bool) -> tuple[GradientTransformation, Any]:
         """The group's transform and the adapter's lr, checked; nothing is changed."""
