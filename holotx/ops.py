@@ -132,10 +132,11 @@ def _pair(pure):
         plan = current()
         inplace = plan.may_write(xs)
         out = pure(plan, inplace, xs, *args, **kwargs)
-        # Written in place, the result is the list it was given, not a new list of the
-        # same tensors: under compile, what may be written is known by that list's
-        # identity (Plan.mark_state), and the next replacing op must find it.
-        if inplace and len(out) == len(xs) and all(o is x for o, x in zip(out, xs)):
+        # Written in place under compile, the result is the list it was given, not a new
+        # list of the same tensors: there what may be written is known by that list's
+        # identity (Plan.mark_state), and the next replacing op must find it. (Eager
+        # steps go by the tensors' ids and need no such check per op.)
+        if inplace and plan.compiling and len(out) == len(xs) and all(o is x for o, x in zip(out, xs)):
             return xs
         return out
 
