@@ -243,6 +243,13 @@ class Lookahead(_SyncWrapper):
     the slow weights and counts and loads them back (Holocron's raises on torch >= 2.1),
     and an LR scheduler on the wrapper reaches the base optimizer's groups (Holocron's
     changes a copy).
+
+    The base optimizer may be fused (``TransformOptimizer(..., fused=True)``, torch's
+    ``fused=True``): its step is unchanged; the wrapper's own work (the slow weights,
+    every ``sync_period`` steps) runs eagerly, per param. For the whole rule in one
+    compiled step, use the transform instead:
+    ``TransformOptimizer(params, lambda: holotx.lookahead(holotx.adamw(1e-3)), fused=True)``
+    (:func:`holotx.scout` likewise).
     """
 
     prefix = "lookahead"

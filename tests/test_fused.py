@@ -312,6 +312,52 @@ def test_copies_step_on_their_own(eager_backend):
     assert_same(m, opt, m_copy, opt_copy, "a deep copy")
 
 
+WRAPPED = {
+    "lookahead": lambda: holotx.lookahead(holotx.adamw(1e-2, weight_decay=0.1), 0.5, 3),
+    "scout": lambda: holotx.scout(holotx.adamw(1e-2, weight_decay=0.1), 0.3, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_wrapper_transforms_fused_equal_unfused(name):
+    """Lookahead and Scout as transforms through the adapter: fused (Scout's coherence
+    per tensor over the buffers' segments) equals unfused after every step, across three
+    synchronisations, with one graph for all of them."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        runs.append((m, TransformOptimizer(m.parameters(), lambda: WRAPPED[name](), fused=fused)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        for step in range(9):
+            for m, opt in runs:
+                opt.zero_grad()
+                backward(m, step)
+                opt.step()
+            assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{name}, step {step}")
+
+
+@pytest.mark.parametrize("wrapper", ["Lookahead", "Scout"])
+def test_wrapper_classes_around_a_fused_optimizer(eager_backend, wrapper):
+    """The optimizer-level wrappers step a fused base optimizer as they step an unfused
+    one: same params and state after every step, same checkpoint keys, one graph."""
+    from holotx import adapters
+
+    runs = []
+    for fused in (True, False):
+        m = model()
+        base = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1, fused=fused)
+        runs.append((m, getattr(adapters, wrapper)(base, sync_rate=0.5, sync_period=3)))
+    for step in range(7):
+        for m, opt in runs:
+            opt.zero_grad()
+            backward(m, step)
+            opt.step()
+        assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{wrapper}, step {step}")
+    assert len(eager_backend) == 1
+    assert runs[0][1].base_optimizer._fused_groups, "the base optimizer is fused"
+
+
 # -- fallbacks: a warning once, and the unfused step ------------------------------------
 
 def _fallback_matches(make, match: str, steps: int = 3, dtype=torch.float64) -> None:

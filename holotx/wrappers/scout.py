@@ -117,7 +117,9 @@ def scout(
                           stats(math.inf), stats(-math.inf), inner.init(params))
 
     def update(updates, state, params=None, **extra):
-        tree.check_whole_tensors(params, "scout")
+        # With segments (not in Holocron mode, which refuses them below) each tensor of a
+        # flat buffer gets its own statistics.
+        tree.check_whole_tensors(params, "scout", flat_ok=extra.get("segments") is not None and not holocron)
         fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, extra,
                                       holocron=holocron)
         leaves = tree.flatten(fast)[0]
