@@ -12,8 +12,9 @@ For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M v
 1000 small tensors, 5 M values; and "tiny", 10 tensors of 1,000 values, a small model whose
 step is fixed cost: run it with ``--threads 1``) and each optimizer, it prints the median ms per step
 of torch.optim's implementations (for-loop, foreach, fused, where torch has them), of
-Holocron's own class (pylocron 0.3.0, where it has one and it is installed), and of
-holotx's paths:
+Holocron's own class (pylocron 0.3.0, where it has one and it is installed), of kozistr's
+pytorch-optimizer (4.1.0, its defaults but the learning rate; where it has the algorithm
+and is installed, as ``make`` does), and of holotx's paths:
 
 - pure: ``updates, state = tx.update(...)`` then ``apply_updates``: nothing is mutated;
 - donated: the same code told it owns the state and grads (``donate=True``), in place;
@@ -134,6 +135,31 @@ def _holocron_wrapper(name: str) -> Callable[..., torch.optim.Optimizer] | None:
     return lambda ps: getattr(optim, name)(torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2))
 
 
+def pytorch_optimizer() -> Any | None:
+    """kozistr's ``pytorch_optimizer`` (4.1.0, a test dependency), or ``None`` if it is not
+    installed."""
+    try:
+        return importlib.import_module("pytorch_optimizer")
+    except ImportError:
+        return None
+
+
+def _kozistr(name: str, **kwargs: Any) -> Callable[..., torch.optim.Optimizer] | None:
+    """pytorch-optimizer's ``name`` with its own defaults but ``kwargs``."""
+    module = pytorch_optimizer()
+    if module is None:
+        return None
+    return lambda ps: getattr(module, name)(ps, **kwargs)
+
+
+def _kozistr_lookahead() -> Callable[..., torch.optim.Optimizer] | None:
+    """pytorch-optimizer's Lookahead (k=6, alpha=0.5, as holotx's defaults) around torch's AdamW."""
+    module = pytorch_optimizer()
+    if module is None:
+        return None
+    return lambda ps: module.Lookahead(torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2), k=6, alpha=0.5)
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
@@ -149,6 +175,8 @@ class Algorithm:
     rule that does more every ``period`` steps, the mean over a period."""
     holocron: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
     """Holocron's own class for the same algorithm, if any (built lazily: pylocron is optional)."""
+    peer: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
+    """kozistr's pytorch-optimizer class for the same algorithm, if any (optional too)."""
     per_tensor: bool = False
     """The rule reduces over each tensor (norms, sums, cosines): it cannot run on one flat
     buffer as if it were a single tensor. Its fastest path is compiled over the list, or
@@ -176,21 +204,24 @@ ALGORITHMS: dict[str, Algorithm] = {
                        ("for-loop", "foreach"), 28),
     # Holocron's eight, default hyperparameters (LARS with momentum, so it keeps a buffer).
     "lars": Algorithm("LARS", partial(holotx.lars, 1e-3, momentum=0.9), None, (), 28,
-                      lambda: _holocron("LARS", lr=1e-3, momentum=0.9), per_tensor=True, segments=True),
+                      lambda: _holocron("LARS", lr=1e-3, momentum=0.9),
+                      lambda: _kozistr("LARS", lr=1e-3, momentum=0.9), per_tensor=True, segments=True),
     "lamb": Algorithm("LAMB", partial(holotx.lamb, 1e-3), None, (), 40,
-                      lambda: _holocron("LAMB", lr=1e-3), per_tensor=True, segments=True),
+                      lambda: _holocron("LAMB", lr=1e-3), lambda: _kozistr("Lamb", lr=1e-3),
+                      per_tensor=True, segments=True),
     "ralars": Algorithm("RaLars", partial(holotx.ralars, 1e-3), None, (), 40,
                         lambda: _holocron("RaLars", lr=1e-3), per_tensor=True, segments=True),
     "tadam": Algorithm("TAdam", partial(holotx.tadam, 1e-3), None, (), 40,
                        lambda: _holocron("TAdam", lr=1e-3), per_tensor=True),
     "adabelief": Algorithm("AdaBelief", partial(holotx.adabelief, 1e-3), None, (), 28,
-                           lambda: _holocron("AdaBelief", lr=1e-3)),
+                           lambda: _holocron("AdaBelief", lr=1e-3), lambda: _kozistr("AdaBelief", lr=1e-3)),
     "adamp": Algorithm("AdamP", partial(holotx.adamp, 1e-3), None, (), 40,
-                       lambda: _holocron("AdamP", lr=1e-3), per_tensor=True),
+                       lambda: _holocron("AdamP", lr=1e-3), lambda: _kozistr("AdamP", lr=1e-3),
+                       per_tensor=True),
     "adan": Algorithm("Adan", partial(holotx.adan, 1e-3), None, (), 44,
-                      lambda: _holocron("Adan", lr=1e-3)),
+                      lambda: _holocron("Adan", lr=1e-3), lambda: _kozistr("Adan", lr=1e-3)),
     "ademamix": Algorithm("AdEMAMix", partial(holotx.ademamix, 1e-3), None, (), 36,
-                          lambda: _holocron("AdEMAMix", lr=1e-3)),
+                          lambda: _holocron("AdEMAMix", lr=1e-3), lambda: _kozistr("AdEMAMix", lr=1e-3)),
     # The wrappers around AdamW, default sync rate 0.5 and period 6. Lookahead adds a read
     # and a write of the slow weights at every 6th step: 28 + 8/6 B. Scout also reads and
     # writes four running statistics every step (+32 B), and its sync step needs a second
@@ -198,7 +229,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     # over all tensors, is known: (5 * 60 + 76) / 6 B.
     "lookahead_adamw": Algorithm("Lookahead(AdamW)",
                                  partial(holotx.lookahead, holotx.adamw(1e-3, weight_decay=1e-2)), None, (),
-                                 28 + 8 / 6, lambda: _holocron_wrapper("Lookahead"), period=6),
+                                 28 + 8 / 6, lambda: _holocron_wrapper("Lookahead"), _kozistr_lookahead,
+                                 period=6),
     "scout_adamw": Algorithm("Scout(AdamW)", partial(holotx.scout, holotx.adamw(1e-3, weight_decay=1e-2)),
                              None, (), (5 * 60 + 76) / 6, lambda: _holocron_wrapper("Scout"),
                              per_tensor=True, segments=True, period=6),
@@ -253,6 +285,14 @@ def holocron_step(algo: Algorithm, shapes) -> Callable[[], object]:
     for p, g in zip(params, grads):
         p.grad = g  # no weight decay here, so Holocron's LARS leaves p.grad alone
     return algo.holocron()(params).step
+
+
+def peer_step(algo: Algorithm, shapes) -> Callable[[], object]:
+    params, grads = make_tensors(shapes)
+    params = [p.requires_grad_() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return algo.peer()(params).step
 
 
 def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
@@ -407,6 +447,8 @@ def run(args: argparse.Namespace) -> None:
                               for v in (algo.torch_variants if algo.torch else ())}
             if algo.holocron() is not None:
                 steps_by_label["Holocron (pylocron)"] = holocron_step(algo, shapes)
+            if algo.peer() is not None:
+                steps_by_label["pytorch-optimizer"] = peer_step(algo, shapes)
             fastest = ("flat segmented compiled" if algo.segments else
                        "list compiled" if algo.per_tensor else "flat compiled")
             for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):

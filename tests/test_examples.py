@@ -73,13 +73,15 @@ def test_benchmark_times_the_adapter_at_several_batch_sizes(keep_threads, capsys
 
 
 def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
-    """Holocron's own class (pylocron, a test dependency) is timed beside holotx's paths."""
+    """Holocron's own class (pylocron) and kozistr's pytorch-optimizer (both test
+    dependencies) are timed beside holotx's paths."""
     benchmark = load_example("benchmark")
     benchmark.main(["--sets", "small", "--optimizers", "lamb", "adan", "lookahead_adamw", "--steps", "1",
                     "--warmup", "0", "--rounds", "1", "--no-compile", "--threads", "1"])
     out = capsys.readouterr().out
     for name in ("LAMB", "Adan", r"Lookahead\(AdamW\)"):
         assert re.search(rf"^{name} +Holocron \(pylocron\) ", out, flags=re.MULTILINE), name
+        assert re.search(rf"^{name} +pytorch-optimizer ", out, flags=re.MULTILINE), name
         assert re.search(rf"^{name} +holotx donated ", out, flags=re.MULTILINE), name
         assert re.search(rf"^{name} +holotx adapter ", out, flags=re.MULTILINE), name
     for floor in ("(40 B/param)", "(44 B/param)", "(29.3 B/param)"):
