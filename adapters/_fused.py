@@ -159,6 +159,11 @@ class FusedGroup:
             return buffer[slot.offset:slot.offset + slot.shape.numel()].view(slot.shape)
         if value.shape == buffer.shape and value.dim() == 0:
             return buffer
+        # One value per tensor of the buffer (TAdam's weight sums): the param's own entry.
+        per_tensor = buffer.dim() == 1 and buffer.numel() == self.segments[slot.group].count
+        if owner is not None and per_tensor and (value is buffer or value.dim() == 0):
+            index = sum(1 for s in self.layout.slots[:i] if s is not None and s.group == slot.group)
+            return buffer[index]
         return None
 
     def state_is_bound(self, state: dict[torch.Tensor, dict[str, Any]]) -> bool:
@@ -288,7 +293,9 @@ def _probe(build: Callable[[], Any], layout: FlatLayout, segments: list[Any]) ->
     a rule with per-tensor reductions and no flat path refuses the marked buffers there."""
     buffers = _marked([torch.zeros(n, dtype=dt, device="meta")
                        for (_, dt), n in zip(layout.groups, layout.sizes)])
-    segments = [s._replace(row_ids=s.row_ids.to("meta")) for s in segments]
+    segments = [s._replace(row_ids=s.row_ids.to("meta"), numels=s.numels.to("meta")) for s in segments]
+    for b, seg in zip(buffers, segments):
+        setattr(b, tree.FLAT_SEGMENTS, seg)
     tx = build()
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -27,7 +27,7 @@ import torch
 from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, State, apply_updates
 
-__all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step"]
+__all__ = ["FlatLayout", "LeafSlot", "Segments", "make_step", "segment_sums"]
 
 
 class LeafSlot(NamedTuple):
@@ -47,6 +47,8 @@ class Segments(NamedTuple):
     """The number of tensors in the buffer."""
     width: int
     """Values per row (the layout's ``align``)."""
+    numels: torch.Tensor | None = None
+    """For each tensor, its number of values (the padding left out), int64."""
 
 
 class FlatLayout:
@@ -84,6 +86,7 @@ class FlatLayout:
             sizes[g] += -(-leaf.numel() // align) * align
         self.groups: list[tuple[torch.device, torch.dtype]] = list(keys)
         self.sizes = sizes
+        self._segments: list[Segments] | None = None
 
     def segments(self) -> list[Segments]:
         """One :class:`Segments` per buffer. Needs ``align > 1`` (rows of one value would
@@ -98,8 +101,19 @@ class FlatLayout:
             for k, slot in enumerate(slots):
                 first = slot.offset // self.align
                 row_ids[first:first + -(-slot.shape.numel() // self.align)] = k
-            out.append(Segments(row_ids.to(device), len(slots), self.align))
+            numels = torch.tensor([slot.shape.numel() for slot in slots], dtype=torch.int64)
+            out.append(Segments(row_ids.to(device), len(slots), self.align, numels.to(device)))
         return out
+
+    def _with_segments(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``buffers``, each told its segments (aligned layouts only): a rule that keeps a
+        value per tensor sizes its state from them at ``init``."""
+        if self.align > 1:
+            if self._segments is None:
+                self._segments = self.segments()
+            for b, seg in zip(buffers, self._segments):
+                setattr(b, tree.FLAT_SEGMENTS, seg)
+        return buffers
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n} x {dt} on {dev}" for (dev, dt), n in zip(self.groups, self.sizes))
@@ -107,7 +121,8 @@ class FlatLayout:
 
     def flatten(self, params: Params) -> list[torch.Tensor]:
         """New flat buffers holding the leaves' values (differentiable and vmappable:
-        a batched leaf gives a batched buffer)."""
+        a batched leaf gives a batched buffer). An aligned layout's buffers carry their
+        :class:`Segments` (see :func:`holotx.tree.segments_of`)."""
         leaves = tree.leaves_matching(params, self.treespec, "tree", "layout")
         parts: list[list[torch.Tensor]] = [[] for _ in self.groups]
         for leaf, slot in zip(leaves, self.slots):
@@ -116,7 +131,7 @@ class FlatLayout:
                 gap = -leaf.numel() % self.align
                 if gap:
                     parts[slot.group].append(leaf.new_zeros(gap))
-        return [torch.cat(p) if len(p) > 1 else p[0].clone() for p in parts]
+        return self._with_segments([torch.cat(p) if len(p) > 1 else p[0].clone() for p in parts])
 
     def unflatten(self, buffers: list[torch.Tensor]) -> Params:
         """A tree of views into ``buffers``: writes to a view write the buffer."""
@@ -130,7 +145,8 @@ class FlatLayout:
         return tree.unflatten(self.treespec, leaves)
 
     def zeros(self) -> list[torch.Tensor]:
-        return [torch.zeros(n, device=dev, dtype=dt) for (dev, dt), n in zip(self.groups, self.sizes)]
+        return self._with_segments([torch.zeros(n, device=dev, dtype=dt)
+                                    for (dev, dt), n in zip(self.groups, self.sizes)])
 
     def bind(self, params: Params) -> list[torch.Tensor]:
         """Move the storage of every tensor in ``params`` into flat buffers and return them.
@@ -174,12 +190,21 @@ def _check_distinct(tree_: Any, name: str) -> None:
     """In place, a tensor that appears twice (tied weights given twice) would be stepped
     twice: refuse it, as torch.optim refuses duplicate params."""
     leaves, spec = tree.flatten(tree_)
-    seen: dict[int, int] = {}
-    for i, x in enumerate(leaves):
-        if x is not None and seen.setdefault(id(x), i) != i:
-            paths = tree.path_strings(spec)
-            raise ValueError(f"{name} at {paths[seen[id(x)]]} and {paths[i]} are the same tensor: "
-                             "a donated step would update it twice; give it once")
+    if torch.compiler.is_compiling():
+        # Traced, id() would make the compiled step guard on each tensor's identity: new
+        # grads every step (autograd's) would recompile it every step. ``is`` between
+        # inputs is what dynamo's own aliasing guards keep.
+        tensors = [(i, x) for i, x in enumerate(leaves) if x is not None]
+        pairs = ((i, j) for k, (i, x) in enumerate(tensors) for j, y in tensors[k + 1:] if x is y)
+        first = next(pairs, None)
+    else:
+        seen: dict[int, int] = {}
+        first = next(((seen[id(x)], i) for i, x in enumerate(leaves)
+                      if x is not None and seen.setdefault(id(x), i) != i), None)
+    if first is not None:
+        paths = tree.path_strings(spec)
+        raise ValueError(f"{name} at {paths[first[0]]} and {paths[first[1]]} are the same tensor: "
+                         "a donated step would update it twice; give it once")
 
 
 def make_step(
@@ -215,3 +240,18 @@ def make_step(
         return apply_updates(params, updates), new_state
 
     return step
+
+
+def segment_sums(x: torch.Tensor, segments: Segments, dtype: torch.dtype | None = None,
+                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The sum of each tensor's values in an aligned flat buffer ``x``, a ``(count,)``
+    vector: sums over rows (accumulated in ``dtype``, default ``x``'s), then over each
+    tensor's rows (a small scatter-add in ``out_dtype``). The padding is zero in every
+    buffer a layout makes and adds nothing. A fusing compiler computes the row sums in
+    the loop that produces ``x``."""
+    rows = x.reshape(-1, segments.width)
+    if dtype is not None:
+        rows = rows.to(dtype)
+    row_sums = rows.sum(1).to(out_dtype)
+    sums = torch.zeros(segments.count, dtype=out_dtype, device=x.device)
+    return sums.index_add(0, segments.row_ids, row_sums)

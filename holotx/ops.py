@@ -61,6 +61,8 @@ __all__ = [
     "is_wrapper_type",
     "lerp",
     "lerp_",
+    "lerp_rows",
+    "lerp_rows_",
     "maximum",
     "maximum_",
     "minimum",
@@ -279,6 +281,18 @@ def _mul_rows(plan: Plan, inplace: bool, xs: TensorList, fs: TensorList) -> Tens
     return [(x.reshape(f.shape[0], -1) * f).reshape(x.shape) for x, f in zip(xs, fs)]
 
 
+def _lerp_rows(plan: Plan, inplace: bool, xs: TensorList, ys: TensorList, ws: TensorList) -> TensorList:
+    """``x + w * (y - x)`` with ``x`` and ``y`` seen as ``(rows, -1)`` and ``w`` of shape
+    ``(rows, 1)``: one weight per row (per-tensor weights over an aligned flat buffer)."""
+    del plan
+    if inplace:
+        for x, y, w in zip(xs, ys, ws):
+            x.view(w.shape[0], -1).lerp_(y.reshape(w.shape[0], -1), w)
+        return xs
+    return [torch.lerp(x.reshape(w.shape[0], -1), y.reshape(w.shape[0], -1), w).reshape(x.shape)
+            for x, y, w in zip(xs, ys, ws)]
+
+
 def _fill(plan: Plan, inplace: bool, xs: TensorList, value: float) -> TensorList:
     """Tensors like ``xs`` filled with ``value``."""
     del plan
@@ -292,6 +306,7 @@ div, div_ = _pair(_div)
 add_scalar, add_scalar_ = _pair(_add_scalar)
 add, add_ = _pair(_add)
 lerp, lerp_ = _pair(_lerp)
+lerp_rows, lerp_rows_ = _pair(_lerp_rows)
 addcmul, addcmul_ = _pair(_addcmul)
 addcdiv, addcdiv_ = _pair(_addcdiv)
 sqrt, sqrt_ = _pair(_sqrt)

@@ -179,6 +179,16 @@ FLAT_BUFFER_MARK = "_holotx_flat_buffer"
 """The attribute :class:`holotx.flat.FlatLayout` sets on the buffers it binds params to:
 many tensors packed into one, which a per-tensor rule must not take for one tensor."""
 
+FLAT_SEGMENTS = "_holotx_segments"
+"""The attribute an aligned :class:`holotx.flat.FlatLayout` sets on the buffers it makes:
+their :class:`holotx.flat.Segments`, for a rule that keeps a value per tensor in its
+state (TAdam's weight sum) and sizes it at ``init``."""
+
+
+def segments_of(x: Any) -> Any:
+    """The :class:`holotx.flat.Segments` of a buffer made by an aligned layout, else ``None``."""
+    return getattr(x, FLAT_SEGMENTS, None)
+
 
 def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> None:
     """Refuse params that pack several tensors into one for ``rule``, which reduces over

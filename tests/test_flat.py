@@ -152,14 +152,17 @@ SEGMENTED = {
     "lamb_holocron": lambda: holotx.lamb(1e-2, weight_decay=0.1, compat="holocron"),
     "lars": lambda: holotx.lars(0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
     "ralars": lambda: holotx.ralars(1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+    "tadam": lambda: holotx.tadam(1e-2, weight_decay=0.1),
+    "tadam_amsgrad_dof": lambda: holotx.tadam(1e-2, amsgrad=True, dof=2.5),
 }
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize("name", list(SEGMENTED))
-def test_trust_ratio_over_segments_equals_the_tree(name, donate):
-    """An aligned flat buffer with ``segments=`` computes each tensor's own trust ratio:
-    the same steps as the pytree, to rounding (the norms are summed in another order)."""
+def test_per_tensor_rule_over_segments_equals_the_tree(name, donate):
+    """An aligned flat buffer with ``segments=`` computes each tensor's own reduction
+    (trust ratios; TAdam's Student-t weight, with one weight sum per tensor in its state):
+    the same steps as the pytree, to rounding (the sums are taken in another order)."""
     gen = torch.Generator().manual_seed(1)
     params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64),
               "b": torch.randn(7, generator=gen, dtype=torch.float64),
@@ -184,6 +187,26 @@ def test_trust_ratio_over_segments_equals_the_tree(name, donate):
     assert torch.count_nonzero(gaps) == 0, "the gaps between tensors must stay zero"
 
 
+def test_tadam_state_must_match_its_segments():
+    """TAdam sizes its weight sums at ``init`` from the buffers' segments: a state made
+    without them, or used without them, is refused by name before anything is written."""
+    params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
+    layout = FlatLayout(params, align=4)
+    flat = layout.flatten(params)
+    tx = holotx.tadam(1e-2)
+    state = tx.init(flat)
+    (tadam_state,) = [s for s in state if isinstance(s, holotx.transforms.ScaleByTAdamState)]
+    assert [w.shape for w in tadam_state.weight_sum] == [torch.Size([2])], "one weight sum per tensor"
+    unaligned = tx.init([b.clone() for b in flat])  # a clone carries no segments
+    before = [x.clone() for x in holotx.tree.flatten(unaligned)[0] if x is not None]
+    with pytest.raises(ValueError, match=r"weight_sum\[0\] has shape \(\) where its flat buffer packs 2"):
+        tx.update(flat, unaligned, flat, segments=layout.segments())
+    after = [x for x in holotx.tree.flatten(unaligned)[0] if x is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(ValueError, match=r"pass segments=layout\.segments"):
+        tx.update(flat, state, flat)
+
+
 def test_segments_refuse_a_mask_and_a_wrong_count():
     params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
     layout = FlatLayout(params, align=4)
@@ -197,21 +220,31 @@ def test_segments_refuse_a_mask_and_a_wrong_count():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_trust_ratio_over_segments_compiles_to_one_graph():
-    """The segmented fast path compiles without graph breaks and gives the eager numbers."""
+@pytest.mark.parametrize("name", ["lamb", "tadam"])
+def test_per_tensor_rule_over_segments_compiles_to_one_graph(name):
+    """The segmented fast path compiles without graph breaks and gives the eager numbers;
+    new grad buffers at every step (autograd's) reuse the one graph."""
     gen = torch.Generator().manual_seed(2)
     params = {"w": torch.randn(6, 5, generator=gen), "b": torch.randn(3, generator=gen)}
     layout = FlatLayout(params, align=8)
-    tx = holotx.lamb(1e-2, weight_decay=0.1)
+    tx = SEGMENTED[name]()
     eager_params, compiled_params = layout.flatten(params), layout.flatten(params)
     eager_state, compiled_state = tx.init(eager_params), tx.init(compiled_params)
     step = make_step(tx, donate=True)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    segments = layout.segments()
     for _ in range(3):
         grads = layout.flatten({k: torch.randn(v.shape, generator=gen) for k, v in params.items()})
-        step(eager_params, [g.clone() for g in grads], eager_state, segments=layout.segments())
-        compiled(compiled_params, grads, compiled_state, segments=layout.segments())
+        _, eager_state = step(eager_params, [g.clone() for g in grads], eager_state, segments=segments)
+        _, compiled_state = compiled(compiled_params, grads, compiled_state, segments=segments)
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-6, atol=1e-7)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 steps: a recompile per step"
 
 
 DEFERRED = {

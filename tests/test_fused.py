@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend
 
 import holotx
-from holotx.adapters import LAMB, LARS, AdaBelief, TAdam, TransformOptimizer, _fused, create_optimizer
+from holotx.adapters import LAMB, LARS, AdaBelief, TransformOptimizer, _fused, create_optimizer
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -34,6 +34,7 @@ RULES = {
     "lamb": dict(lr=1e-2, weight_decay=0.1),
     "lars": dict(lr=0.1, momentum=0.9, weight_decay=0.01),
     "ralars": dict(lr=1e-2, weight_decay=0.1),
+    "tadam": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
 }
 
 
@@ -99,7 +100,7 @@ def quiet(fn, *args, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_fused_equals_unfused(name):
-    """Inductor-compiled over flat buffers, every elementwise and trust-ratio rule gives the
+    """Inductor-compiled over flat buffers, every elementwise, trust-ratio and TAdam rule gives the
     unfused step's params and state, through a scheduler and a group added mid-run (the
     module's decay/no-decay groups: trust ratios masked on one of them)."""
     runs = []
@@ -384,7 +385,8 @@ def _fallback_matches(make, match: str, steps: int = 3, dtype=torch.float64) -> 
 
 
 def test_rules_without_a_flat_path_run_unfused(eager_backend):
-    _fallback_matches(lambda ps, f: TAdam(ps, lr=1e-2, fused=f), "no flat path")
+    _fallback_matches(lambda ps, f: TransformOptimizer(
+        ps, lambda: holotx.scout(holotx.adamw(1e-2), compat="holocron"), fused=f), "no flat path")
     _fallback_matches(lambda ps, f: TransformOptimizer(ps, holotx.adamp, lr=1e-2, fused=f), "no flat path")
     # A mask per param cannot be followed into a flat buffer either.
     _fallback_matches(lambda ps, f: TransformOptimizer(

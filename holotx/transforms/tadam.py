@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
+from holotx.flat import segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     adaptive_ratio,
@@ -75,16 +76,20 @@ def scale_by_tadam(
 
     def init(params):
         def initial_weight(p):
-            return b1 / (1 - b1) * torch.ones((), dtype=scalar_dtype(p.device), device=p.device)
+            # Over an aligned flat buffer, one weight sum per tensor it packs.
+            segments = tree.segments_of(p)
+            shape = () if segments is None else (segments.count,)
+            return b1 / (1 - b1) * torch.ones(shape, dtype=scalar_dtype(p.device), device=p.device)
 
         return ScaleByTAdamState(init_counts(params), zeros_like(params), zeros_like(params),
                                  zeros_like(params) if amsgrad else None, tree.map(initial_weight, params))
 
     def update(updates, state, params=None, **extra):
-        del extra
-        tree.check_whole_tensors(params, "scale_by_tadam")
+        segments = extra.get("segments")
+        tree.check_whole_tensors(params, "scale_by_tadam", flat_ok=segments is not None)
+        leaf_segments = _check_segments(segments, updates, state.weight_sum)
 
-        def kernel(g, count, weight_sum, mu, nu, nu_max, _p):
+        def kernel(g, count, weight_sum, mu, nu, nu_max, _p, segs):
             count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
@@ -97,31 +102,73 @@ def scale_by_tadam(
             spread = ops.sqrt_(ops.add_scalar(nu, eps))
             deviation = ops.div_into(deviation, spread)
             dtype = scalar_dtype(t.device)
-            # realize: W stays a plain tensor, as the count, on DTensor leaves too.
-            norms = ops.realize(torch.stack(ops.norms(deviation, ops.accumulation_dtype(g[0].dtype))))
-            mahalanobis = norms.to(dtype) ** 2
-            numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
-            nu_dof = numel if dof is None else dof
-            # An empty tensor with the default dof would give 0 / 0: its weight is 1 instead, the
-            # value at an average deviation (it moves nothing, but its W stays finite).
-            empty = (nu_dof + mahalanobis) == 0
-            w = torch.where(empty, 1.0, (nu_dof + numel) / torch.where(empty, 1.0, nu_dof + mahalanobis))
-            weights = torch.stack(weight_sum)
-            (mix,) = per_leaf(w / (weights + w))
-            new_weights = weights * ((2 * b1 - 1) / b1) + w
-            mu = ops.lerp_(mu, g, mix)
+            accumulate = ops.accumulation_dtype(g[0].dtype)
+            if segs[0] is None:
+                # realize: W stays a plain tensor, as the count, on DTensor leaves too.
+                norms = ops.realize(torch.stack(ops.norms(deviation, accumulate)))
+                numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
+                w = _student_t_weight(norms.to(dtype) ** 2, numel, dof)
+                weights = torch.stack(weight_sum)
+                (mix,) = per_leaf(w / (weights + w))
+                mu = ops.lerp_(mu, g, mix)
+                new_weights = list((weights * ((2 * b1 - 1) / b1) + w).unbind(0))
+            else:
+                # Over aligned flat buffers: the sums per tensor (the zero padding adds
+                # nothing), and each tensor's weight spread over its rows.
+                mix, new_weights = [], []
+                for d, weights, seg in zip(deviation, weight_sum, segs):
+                    d = d if accumulate is None else d.to(accumulate)
+                    mahalanobis = segment_sums(d * d, seg, out_dtype=dtype)
+                    w = _student_t_weight(mahalanobis, seg.numels.to(dtype), dof)
+                    mix.append((w / (weights + w)).to(g[0].dtype)[seg.row_ids].unsqueeze(1))
+                    new_weights.append(weights * ((2 * b1 - 1) / b1) + w)
+                mu = ops.lerp_rows_(mu, g, mix)
             nu = ops.mul_(nu, b2)
             nu = ops.addcmul_(nu, g, g, 1 - b2)
             if nu_max is not None:
                 nu_max = ops.maximum_(nu_max, nu)
             u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=g)  # g is read
-            return u, count, list(new_weights.unbind(0)), mu, nu, nu_max
+            return u, count, new_weights, mu, nu, nu_max
 
         u, (count, weight_sum, mu, nu, nu_max) = multi_tensor_update(
             kernel, updates, (state.count, state.weight_sum, state.mu, state.nu, state.nu_max),
             state_names=("state.count", "state.weight_sum", "state.mu", "state.nu", "state.nu_max"),
-            count_states=2,
+            count_states=2, leaf_values=[leaf_segments],
         )
         return u, ScaleByTAdamState(count, mu, nu, nu_max, weight_sum)
 
     return own_transform(init, update)
+
+
+def _student_t_weight(mahalanobis: torch.Tensor, numel: torch.Tensor, dof: float | None) -> torch.Tensor:
+    """:math:`w = (\nu + d) / (\nu + \text{mahalanobis})` per tensor, :math:`\nu` = ``dof``
+    or the tensor's size :math:`d`. An empty tensor with the default dof would give 0 / 0:
+    its weight is 1 instead, the value at an average deviation (it moves nothing, but its
+    W stays finite)."""
+    nu_dof = numel if dof is None else dof
+    empty = (nu_dof + mahalanobis) == 0
+    return torch.where(empty, 1.0, (nu_dof + numel) / torch.where(empty, 1.0, nu_dof + mahalanobis))
+
+
+def _check_segments(segments: Any, updates: Any, weight_sums: Any) -> list[Any]:
+    """Per leaf, its flat-buffer segments (``None`` without), checked against the weight
+    sums the state holds: one per tensor of a buffer, or a 0-d one per leaf."""
+    leaves = tree.flatten(updates)[0]
+    sums = tree.flatten(weight_sums)[0]
+    if segments is None:
+        if any(isinstance(w, torch.Tensor) and w.dim() > 0 for w in sums):
+            raise ValueError("scale_by_tadam: state.weight_sum holds one value per tensor of a flat buffer "
+                             "(init over an aligned FlatLayout's buffers): pass segments=layout.segments() "
+                             "to update")
+        return [None] * len(leaves)
+    if len(segments) != len(leaves):
+        raise ValueError(f"segments has {len(segments)} entries for {len(leaves)} flat buffers: "
+                         "pass layout.segments() with the layout's buffers")
+    for i, (seg, w) in enumerate(zip(segments, sums)):
+        if seg.numels is None:
+            raise ValueError(f"segments[{i}] has no numels: pass layout.segments() itself")
+        if isinstance(w, torch.Tensor) and tuple(w.shape) != (seg.count,):
+            raise ValueError(f"scale_by_tadam: state.weight_sum[{i}] has shape {tuple(w.shape)} where "
+                             f"its flat buffer packs {seg.count} tensors: init the state over the aligned "
+                             "layout's buffers (layout.flatten(params)), which carry their segments")
+    return list(segments)

@@ -10,6 +10,7 @@ import torch
 from holotx import _validate, executor, ops, tree
 from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.executor import multi_tensor_update
+from holotx.flat import segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
 
@@ -168,9 +169,7 @@ def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.
     """The L2 norm of each tensor in an aligned flat buffer: sums over rows, then over
     each tensor's rows (a small scatter-add), in float64."""
     rows = x.reshape(-1, segments.width).to(dtype)
-    row_sums = (rows * rows).sum(1).to(scalar_dtype(x.device))
-    sums = torch.zeros(segments.count, dtype=row_sums.dtype, device=x.device)
-    return sums.index_add(0, segments.row_ids, row_sums).sqrt()
+    return segment_sums(rows * rows, segments, out_dtype=scalar_dtype(x.device)).sqrt()
 
 
 def _scale_leaves(updates: Any, factors: list[Any]) -> Any:
