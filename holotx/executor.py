@@ -102,7 +102,15 @@ TORCH_GAPS: dict[str, str] = {
 """The torch 2.13 gaps holotx works around, one entry each (see the module docstring)."""
 
 
-_local = threading.local()
+class _Local(threading.local):
+    def __init__(self) -> None:
+        # Set in each thread as it first looks (threading.local runs __init__ there): were
+        # ``plan`` only set by a first step, a compiled step would guard on its absence
+        # and compile again at the second call.
+        self.plan: Plan | None = None
+
+
+_local = _Local()
 
 CACHE_BATCH_BYTES = int(os.environ.get("HOLOTX_BATCH_BYTES", 8 << 20))
 """Bytes of one buffer in a batch of leaves run together in eager mode on a CPU (see

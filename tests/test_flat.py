@@ -247,6 +247,39 @@ def test_per_tensor_rule_over_segments_compiles_to_one_graph(name):
     assert len(graphs) == 1, f"{len(graphs)} graphs for 3 steps: a recompile per step"
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_step_compiles_once_in_a_fresh_thread():
+    """The executor's per-thread state exists from a thread's start: the first step must
+    not leave behind anything the compiled step's guards see differently at the second
+    (it used to compile twice in every new thread)."""
+    import threading
+
+    graphs, errors = [], []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def train():
+        try:
+            params = [torch.randn(7), torch.randn(3)]
+            layout = FlatLayout(params)
+            tx = holotx.adabelief(1e-2)
+            flat = layout.flatten(params)
+            state = tx.init(flat)
+            step = torch.compile(make_step(tx, donate=True), backend=counting, fullgraph=True)
+            for _ in range(3):
+                _, state = step(flat, layout.flatten([torch.randn(7), torch.randn(3)]), state)
+        except Exception as err:  # reported below, from the test's own thread
+            errors.append(err)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 steps"
+
+
 DEFERRED = {
     "adamw": lambda: holotx.adamw(1e-2, weight_decay=0.1),
     "lamb-schedule": lambda: holotx.lamb(holotx.linear_schedule(1e-2, 1e-3, 5), weight_decay=0.1),
