@@ -27,16 +27,20 @@ and is installed, as ``make`` does), and of holotx's paths:
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
   dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; flat segmented compiled:
   the same over a buffer aligned to rows of 256 values, passing ``segments=`` so that
-  trust ratios (LARS, LAMB, RaLars) reduce per tensor; list compiled: over the list of
-  tensors, for the other per-tensor rules (TAdam's weight, AdamP's cosines). Their first
+  trust ratios (LARS, LAMB, RaLars), TAdam's weights and Scout's coherence reduce per
+  tensor; list compiled: over the list of tensors, for AdamP (its cosines per output
+  channel have no flat path). Their first
   (compiling) step time is in brackets, compiled without inductor's on-disk cache unless
   ``--warm-compile-cache``.
 
 Ratios ("x ref") are to torch's fused kernel, or to Holocron's class where torch has none,
-and to the memory-traffic floor: the bytes an optimizer
-must move per parameter (AdamW reads p, g, m, v and writes p, m, v: 28 B in float32)
-times the number of parameters, divided by a bandwidth this script measures itself over
-the optimizer's working set (see :func:`measure_bandwidth`).
+and to the memory-traffic floor. The floor is the time of the passes over memory the rule
+cannot do without (AdamW reads p, g, m, v and writes p, m, v: 28 B per float32 param in
+one pass; LAMB needs a second pass after its per-tensor norms: 40 B), done by the simplest
+kernels with that traffic, compiled by the same compiler and timed interleaved with the
+rows, with the same statistic (:func:`floor_step`). The floor row also shows its ratio
+to torch's fused AdamW, which moves 28 B/param. With ``--no-compile`` the floor is
+modelled instead, as the bytes over a bandwidth measured once (:func:`measure_bandwidth`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import itertools
 import statistics
 import sys
 import time
@@ -168,11 +173,13 @@ class Algorithm:
     adapter is ``TransformOptimizer(params, algo.holotx.func, **hyperparameters)``."""
     torch: Callable[..., torch.optim.Optimizer] | None
     torch_variants: tuple[str, ...]
-    bytes_per_param: float
-    """float32 bytes moved per parameter by the fewest passes the rule allows: one pass for
-    an elementwise rule; for a per-tensor reduction (a norm) before the update, a first
-    pass that updates the moments and reduces, and a second that reads them again. For a
-    rule that does more every ``period`` steps, the mean over a period."""
+    passes: tuple[tuple[tuple[int, int], ...], ...]
+    """The fewest passes over memory the rule allows, per step of its period: for each
+    pass, how many param-sized float32 buffers it reads and how many of those it writes.
+    One pass for an elementwise rule (AdamW reads p, g, m, v and writes p, m, v: (4, 3));
+    for a per-tensor reduction (a norm) before the update, a first pass that reduces (and
+    updates the moments) and a second that reads them again. The memory floor is the time
+    of the simplest compiled kernels doing exactly these passes (:func:`floor_step`)."""
     holocron: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
     """Holocron's own class for the same algorithm, if any (built lazily: pylocron is optional)."""
     peer: Callable[[], Callable[..., torch.optim.Optimizer] | None] = lambda: None
@@ -182,58 +189,72 @@ class Algorithm:
     buffer as if it were a single tensor. Its fastest path is compiled over the list, or
     over an aligned flat buffer with segments where the rule supports them."""
     segments: bool = False
-    """The per-tensor reductions (trust ratios, Scout's coherence) run on an aligned flat
+    """The per-tensor reductions (trust ratios, TAdam's weights, Scout's coherence) run on an aligned flat
     buffer given ``segments=`` (:meth:`holotx.flat.FlatLayout.segments`)."""
-    period: int = 1
-    """Steps after which the rule repeats (a wrapper's sync period): time is the mean over
-    whole periods, so a synchronising step counts as often as it happens."""
 
+    @property
+    def period(self) -> int:
+        """Steps after which the rule repeats (a wrapper's sync period): time is the mean
+        over whole periods, so a synchronising step counts as often as it happens."""
+        return len(self.passes)
+
+    @property
+    def bytes_per_param(self) -> float:
+        """float32 bytes moved per parameter and step by :attr:`passes` (mean over a period)."""
+        return 4 * sum(r + w for step in self.passes for r, w in step) / self.period
+
+
+ONE_PASS = (((4, 3),),)
+"""Read p, g and two moments, write p and the moments: 28 B/param (AdamW, torch's fused kernel)."""
+TWO_PASSES = (((4, 2), (3, 1)),)
+"""A per-tensor reduction before the update (LAMB, RaLars, AdamP): read p, g, m, v, write
+m, v and reduce; then read p, m, v and write p. 40 B/param."""
 
 ALGORITHMS: dict[str, Algorithm] = {
     "adamw": Algorithm("AdamW", partial(holotx.adamw, 1e-3, weight_decay=1e-2),
                        lambda ps, **kw: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, **kw),
-                       ("for-loop", "foreach", "fused"), 28),
+                       ("for-loop", "foreach", "fused"), ONE_PASS),
     "adam": Algorithm("Adam", partial(holotx.adam, 1e-3),
                       lambda ps, **kw: torch.optim.Adam(ps, lr=1e-3, **kw),
-                      ("for-loop", "foreach", "fused"), 28),
+                      ("for-loop", "foreach", "fused"), ONE_PASS),
     "sgd": Algorithm("SGD momentum", partial(holotx.sgd, 1e-3, momentum=0.9),
                      lambda ps, **kw: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **kw),
-                     ("for-loop", "foreach", "fused"), 20),
+                     ("for-loop", "foreach", "fused"), (((3, 2),),)),
     "radam": Algorithm("RAdam", partial(holotx.radam, 1e-3),
                        lambda ps, **kw: torch.optim.RAdam(ps, lr=1e-3, **kw),
-                       ("for-loop", "foreach"), 28),
+                       ("for-loop", "foreach"), ONE_PASS),
     # Holocron's eight, default hyperparameters (LARS with momentum, so it keeps a buffer).
-    "lars": Algorithm("LARS", partial(holotx.lars, 1e-3, momentum=0.9), None, (), 28,
+    "lars": Algorithm("LARS", partial(holotx.lars, 1e-3, momentum=0.9), None, (), (((2, 0), (3, 2)),),
                       lambda: _holocron("LARS", lr=1e-3, momentum=0.9),
                       lambda: _kozistr("LARS", lr=1e-3, momentum=0.9), per_tensor=True, segments=True),
-    "lamb": Algorithm("LAMB", partial(holotx.lamb, 1e-3), None, (), 40,
+    "lamb": Algorithm("LAMB", partial(holotx.lamb, 1e-3), None, (), TWO_PASSES,
                       lambda: _holocron("LAMB", lr=1e-3), lambda: _kozistr("Lamb", lr=1e-3),
                       per_tensor=True, segments=True),
-    "ralars": Algorithm("RaLars", partial(holotx.ralars, 1e-3), None, (), 40,
+    "ralars": Algorithm("RaLars", partial(holotx.ralars, 1e-3), None, (), TWO_PASSES,
                         lambda: _holocron("RaLars", lr=1e-3), per_tensor=True, segments=True),
-    "tadam": Algorithm("TAdam", partial(holotx.tadam, 1e-3), None, (), 40,
-                       lambda: _holocron("TAdam", lr=1e-3), per_tensor=True),
-    "adabelief": Algorithm("AdaBelief", partial(holotx.adabelief, 1e-3), None, (), 28,
+    "tadam": Algorithm("TAdam", partial(holotx.tadam, 1e-3), None, (), (((3, 0), (4, 3)),),
+                       lambda: _holocron("TAdam", lr=1e-3), per_tensor=True, segments=True),
+    "adabelief": Algorithm("AdaBelief", partial(holotx.adabelief, 1e-3), None, (), ONE_PASS,
                            lambda: _holocron("AdaBelief", lr=1e-3), lambda: _kozistr("AdaBelief", lr=1e-3)),
-    "adamp": Algorithm("AdamP", partial(holotx.adamp, 1e-3), None, (), 40,
+    "adamp": Algorithm("AdamP", partial(holotx.adamp, 1e-3), None, (), TWO_PASSES,
                        lambda: _holocron("AdamP", lr=1e-3), lambda: _kozistr("AdamP", lr=1e-3),
                        per_tensor=True),
-    "adan": Algorithm("Adan", partial(holotx.adan, 1e-3), None, (), 44,
+    "adan": Algorithm("Adan", partial(holotx.adan, 1e-3), None, (), (((6, 5),),),
                       lambda: _holocron("Adan", lr=1e-3), lambda: _kozistr("Adan", lr=1e-3)),
-    "ademamix": Algorithm("AdEMAMix", partial(holotx.ademamix, 1e-3), None, (), 36,
+    "ademamix": Algorithm("AdEMAMix", partial(holotx.ademamix, 1e-3), None, (), (((5, 4),),),
                           lambda: _holocron("AdEMAMix", lr=1e-3), lambda: _kozistr("AdEMAMix", lr=1e-3)),
-    # The wrappers around AdamW, default sync rate 0.5 and period 6. Lookahead adds a read
-    # and a write of the slow weights at every 6th step: 28 + 8/6 B. Scout also reads and
-    # writes four running statistics every step (+32 B), and its sync step needs a second
-    # pass (read and write the params and slow weights, +16 B) once the rate, a reduction
-    # over all tensors, is known: (5 * 60 + 76) / 6 B.
+    # The wrappers around AdamW, default sync rate 0.5 and period 6. Lookahead's sync step
+    # also reads and writes the slow weights, in AdamW's pass: (5, 4) once in 6 steps,
+    # 28 + 8/6 B. Scout reads and writes four running statistics every step, (8, 7), and
+    # its sync step needs a second pass over the params and slow weights once the rate, a
+    # reduction over all tensors, is known: (5 * 60 + 76) / 6 B.
     "lookahead_adamw": Algorithm("Lookahead(AdamW)",
                                  partial(holotx.lookahead, holotx.adamw(1e-3, weight_decay=1e-2)), None, (),
-                                 28 + 8 / 6, lambda: _holocron_wrapper("Lookahead"), _kozistr_lookahead,
-                                 period=6),
+                                 (((4, 3),),) * 5 + (((5, 4),),), lambda: _holocron_wrapper("Lookahead"),
+                                 _kozistr_lookahead),
     "scout_adamw": Algorithm("Scout(AdamW)", partial(holotx.scout, holotx.adamw(1e-3, weight_decay=1e-2)),
-                             None, (), (5 * 60 + 76) / 6, lambda: _holocron_wrapper("Scout"),
-                             per_tensor=True, segments=True, period=6),
+                             None, (), (((8, 7),),) * 5 + (((8, 7), (2, 2)),),
+                             lambda: _holocron_wrapper("Scout"), per_tensor=True, segments=True),
 }
 
 SEGMENT_ROW = 256
@@ -248,11 +269,13 @@ TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fu
 
 def measure_bandwidth(numel: int, repeats: int = 9) -> float:
     """Bytes per second, the best of ``a += b`` and ``a.copy_(b)`` over two buffers of
-    ``2 * numel`` float32 values each.
+    ``2 * numel`` float32 values each, measured once: the floor's model without a
+    compiler (``--no-compile``), and the figure printed in each set's title.
 
-    The working set (``4 * numel`` values) is an optimizer's: params, grads and two
-    moments. On a CPU with a large last-level cache part of it stays cached, and this
-    measures that too, so the floor is the one the optimizer really faces.
+    It is a coarse model: measured once, at one moment of a noisy machine, with eager
+    kernels of two or three streams, it was up to 1.4x off the time of the optimizers
+    it was compared with (a compiled AdamW ran at 0.73x "its floor"). With a compiler the
+    floor is instead timed as kernels (:func:`floor_step`), interleaved with the rows.
     """
     a, b = torch.rand(2 * numel), torch.rand(2 * numel)
     best = 0.0
@@ -262,6 +285,45 @@ def measure_bandwidth(numel: int, repeats: int = 9) -> float:
             op()
             best = max(best, bytes_moved / (time.perf_counter() - t0))
     return best
+
+
+def _traffic_kernel(reads: int, writes: int) -> Callable[..., object]:
+    """``kernel(*buffers)``: reads ``reads`` buffers once and writes the first ``writes``
+    of them in place (``x += sum of the read-only ones``, or ``+= 1`` when every buffer is
+    written), or with ``writes=0`` reduces them to one number: the least a fused loop
+    doing that traffic can do. Its own code object, so that dynamo keeps each kind's graph
+    apart."""
+
+    def kernel(*xs):
+        rest = xs[writes:]
+        total = sum(rest[1:], rest[0]) if rest else 1.0
+        if writes == 0:
+            return total.sum()
+        for x in xs[:writes]:
+            x.add_(total)
+        return None
+
+    return types.FunctionType(kernel.__code__.replace(), kernel.__globals__, f"traffic_{reads}r{writes}w",
+                              kernel.__defaults__, kernel.__closure__)
+
+
+def floor_step(algo: Algorithm, numel: int) -> Callable[[], object]:
+    """The memory floor of ``algo`` as a step to time beside its implementations: each of
+    its passes (:attr:`Algorithm.passes`) as the simplest kernel with that traffic over
+    ``numel``-value float32 buffers, compiled by inductor into one loop as the rule's own
+    compiled step is, each pass a graph of its own so that two passes stay two. Timed
+    interleaved with the rule and with the same statistic, it is what the machine, its
+    caches and this compiler give for exactly those bytes at that moment."""
+    buffers = [torch.rand(numel) for _ in range(max(r for step in algo.passes for r, _ in step))]
+    kernels = {rw: torch.compile(_traffic_kernel(*rw), fullgraph=True, dynamic=False)
+               for step in algo.passes for rw in step}
+    steps = itertools.cycle(algo.passes)
+
+    def step() -> None:
+        for r, w in next(steps):
+            kernels[(r, w)](*buffers[:r])
+
+    return step
 
 
 def make_tensors(shapes, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -442,7 +504,7 @@ def run(args: argparse.Namespace) -> None:
         print("-" * len(header))
         for key in args.optimizers:
             algo = ALGORITHMS[key]
-            floor_ms = algo.bytes_per_param * numel / bandwidth * 1e3
+            model_floor_ms = algo.bytes_per_param * numel / bandwidth * 1e3
             steps_by_label = {f"torch {v}": torch_step(algo, v, shapes)
                               for v in (algo.torch_variants if algo.torch else ())}
             if algo.holocron() is not None:
@@ -466,8 +528,12 @@ def run(args: argparse.Namespace) -> None:
                 label = f"adapter, batches {size}" if batch_bytes else "adapter, no batches"
                 steps_by_label[f"holotx {label}"] = with_batch_bytes(adapter_step(algo, False, shapes),
                                                                      batch_bytes)
+            if not args.no_compile:
+                steps_by_label["memory floor"] = floor_step(algo, numel)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)
             del steps_by_label
+            measured_floor = results.pop("memory floor", None)
+            floor_ms = measured_floor[1] if measured_floor else model_floor_ms
             rows = [(label, ms, first) for label, (first, ms) in results.items()]
             fused = next((ms for label, ms, _ in rows if label == "torch fused"), None)
             reference = fused or next((ms for label, ms, _ in rows if label.startswith("Holocron")), None)
@@ -476,8 +542,11 @@ def run(args: argparse.Namespace) -> None:
                 first_s = f"[{first:.2f} s]" if "compiled" in label or "fused" in label else ""
                 print(f"{algo.name:<16} {label:<31} {ms:8.{_decimals(ms)}f} {vs_fused} "
                       f"{ms / floor_ms:7.2f}x  {first_s}")
-            print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.{_decimals(floor_ms)}f}          "
-                  f"({algo.bytes_per_param:.3g} B/param)")
+            how = (f"timed as kernels: {algo.bytes_per_param * numel / floor_ms / 1e6:.1f} GB/s"
+                   if measured_floor else "modelled from the measured bandwidth")
+            vs_fused = f"{floor_ms / reference:7.2f}x" if reference else f"{'-':>8}"
+            print(f"{algo.name:<16} {'memory floor':<31} {floor_ms:8.{_decimals(floor_ms)}f} {vs_fused}"
+                  f"          ({algo.bytes_per_param:.3g} B/param) {how}")
 
 
 def _decimals(ms: float) -> int:

@@ -88,6 +88,25 @@ def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
         assert floor in out
 
 
+def test_benchmark_floor_kernels_move_the_stated_bytes():
+    """Each floor pass reads ``r`` buffers once and writes ``w`` of them (the others are
+    left alone), and the passes add up to the bytes per param the table prints."""
+    benchmark = load_example("benchmark")
+    xs = [torch.full((5,), float(i + 1)) for i in range(4)]
+    benchmark._traffic_kernel(4, 3)(*xs)
+    assert [x[0].item() for x in xs] == [5.0, 6.0, 7.0, 4.0]
+    xs = [torch.full((5,), 2.0) for _ in range(2)]
+    assert benchmark._traffic_kernel(2, 0)(*xs).item() == 20.0
+    assert all(torch.equal(x, torch.full((5,), 2.0)) for x in xs)
+    benchmark._traffic_kernel(2, 2)(*xs)
+    assert all(torch.equal(x, torch.full((5,), 3.0)) for x in xs)
+    algos = benchmark.ALGORITHMS
+    stated = {"adamw": 28, "sgd": 20, "lars": 28, "lamb": 40, "tadam": 40, "adamp": 40, "adan": 44,
+              "ademamix": 36, "lookahead_adamw": 28 + 8 / 6, "scout_adamw": (5 * 60 + 76) / 6}
+    assert {k: algos[k].bytes_per_param for k in stated} == pytest.approx(stated)
+    assert algos["scout_adamw"].period == algos["lookahead_adamw"].period == 6
+
+
 def readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
