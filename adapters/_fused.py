@@ -38,7 +38,7 @@ import torch._inductor.exc
 
 from holotx import executor, tree
 from holotx.base import apply_updates
-from holotx.flat import FlatLayout
+from holotx.flat import COMPILE_OPTIONS, FlatLayout
 
 from ._layout import StateLayout
 
@@ -217,8 +217,10 @@ class FusedGroup:
                 torch._foreach_copy_([v for v, _ in outside], [g for _, g in outside])
             first = self.step_fn is None
             if first:
+                # inductor's own options only where inductor compiles (a test swaps the backend).
+                options = {"options": COMPILE_OPTIONS} if BACKEND == "inductor" else {}
                 self.step_fn = torch.compile(_fresh(_flat_step), backend=BACKEND, dynamic=False,
-                                             fullgraph=True)
+                                             fullgraph=True, **options)
             try:
                 new_state = self.step_fn(build, values, maximize, lr, self.param_buffers, self.grad_buffers,
                                          self.flat_state, self.segments, donate_grads)

@@ -65,7 +65,7 @@ import torch._inductor.config
 
 import holotx
 from holotx import executor
-from holotx.flat import FlatLayout, make_step
+from holotx.flat import COMPILE_OPTIONS, FlatLayout, make_step
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -368,26 +368,27 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
             box[0], box[1] = step_fn(box[0], grads, box[1])
 
         return step
-    if path == "donated":
-        step_fn = make_step(tx, donate=True)
-        state = tx.init(params)
-        return lambda: step_fn(params, grads, state)
-    if path == "list compiled":
-        state = tx.init(params)
-        step_fn = torch.compile(make_step(tx, donate=True))
-        return lambda: step_fn(params, grads, state)
+    # The donated step writes the state in place, but a leaf may come back anew (TAdam's
+    # weight sums): the next step takes the state returned.
+    layout, extra = None, {}
     if path == "flat segmented compiled":
         layout = FlatLayout(params, align=SEGMENT_ROW)
-        flat_params, flat_grads = layout.flatten(params), layout.flatten(grads)
-        state, segments = tx.init(flat_params), layout.segments()
-        step_fn = torch.compile(make_step(tx, donate=True))
-        return lambda: step_fn(flat_params, flat_grads, state, segments=segments)
-    if path == "flat compiled":
+        extra = {"segments": layout.segments()}
+    elif path == "flat compiled":
         layout = FlatLayout(params)
-        flat_params, flat_grads = layout.flatten(params), layout.flatten(grads)
-        state = tx.init(flat_params)
-        step_fn = torch.compile(make_step(tx, donate=True))
-        return lambda: step_fn(flat_params, flat_grads, state)
+    if layout is not None:
+        params, grads = layout.flatten(params), layout.flatten(grads)
+    if path in ("donated", "list compiled", "flat segmented compiled", "flat compiled"):
+        step_fn = make_step(tx, donate=True)
+        if path != "donated":
+            options = {} if layout is None else {"options": COMPILE_OPTIONS}
+            step_fn = torch.compile(step_fn, **options)
+        box = [tx.init(params)]
+
+        def donated_step():
+            _, box[0] = step_fn(params, grads, box[0], **extra)
+
+        return donated_step
     raise ValueError(path)
 
 
