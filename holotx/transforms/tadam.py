@@ -34,7 +34,8 @@ class ScaleByTAdamState(NamedTuple):
     """Running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``."""
     weight_sum: object
     """:math:`W_t`, the decayed sum of the Student-t weights: one 0-d float64 tensor per
-    leaf (Holocron's ``W_t``, a ``(1,)`` tensor in the param's dtype)."""
+    leaf (Holocron's ``W_t``, a ``(1,)`` tensor in the param's dtype); over an aligned flat
+    buffer, a float64 vector with one entry per tensor it packs."""
 
 
 def scale_by_tadam(
@@ -65,6 +66,10 @@ def scale_by_tadam(
     paper use :math:`g_t^2`). With :math:`v_0 = 0` the first step is tiny
     (:math:`|u_1| \approx \epsilon`-scaled), as in both. :math:`W_t` is kept in float64.
     Defaults ``(0.9, 0.999, 1e-8)``. State: :class:`ScaleByTAdamState`.
+
+    Over aligned flat buffers (:mod:`holotx.flat`) pass ``segments=layout.segments()`` to
+    ``update``: the sums are taken per tensor, and ``weight_sum`` holds one value per
+    tensor of each buffer (init over the layout's own buffers, which carry their segments).
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
