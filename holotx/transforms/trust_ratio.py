@@ -118,7 +118,7 @@ def scale_by_trust_ratio(
             r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
                              trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                              weight_decay=weight_decay)
-            out.append(_in_memory(r.to(ui.dtype))[seg.row_ids].unsqueeze(1))
+            out.append(ops.in_memory(r.to(ui.dtype))[seg.row_ids].unsqueeze(1))
         return (out,)
 
     def update(updates, state, params=None, **extra):
@@ -170,18 +170,6 @@ def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.
     each tensor's rows (a small scatter-add), in float64."""
     rows = x.reshape(-1, segments.width).to(dtype)
     return segment_sums(rows * rows, segments, out_dtype=scalar_dtype(x.device)).sqrt()
-
-
-def _in_memory(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (a short vector, one value per tensor), the same values, computed once into
-    memory where compiled. Every element of a tensor reads its ratio: left as an
-    expression, inductor inlines it into the apply loop and evaluates its square roots and
-    division again for every 16 values (a quarter of LAMB's compiled step). A scatter is
-    always stored, so the apply loop loads the value instead. Eager, it is one more tiny
-    op: ``0 + x == x``, bit for bit."""
-    if not torch.compiler.is_compiling():
-        return x
-    return torch.zeros_like(x).index_add_(0, torch.arange(x.shape[0], device=x.device), x)
 
 
 def _scale_leaves(updates: Any, factors: list[Any]) -> Any:
