@@ -19,7 +19,7 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend
 
 import holotx
-from holotx.adapters import LAMB, LARS, AdaBelief, TransformOptimizer, _fused, create_optimizer
+from holotx.adapters import LAMB, LARS, AdaBelief, TAdam, TransformOptimizer, _fused, create_optimizer
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -258,18 +258,20 @@ def test_no_gradient_at_all_skips_the_group(eager_backend):
     assert {opt.state[p]["count"].item() for p in m.parameters()} == {1}
 
 
-def test_checkpoints_move_between_fused_and_unfused(eager_backend, tmp_path):
+@pytest.mark.parametrize("optimizer", [LAMB, TAdam], ids=["LAMB", "TAdam"])
+def test_checkpoints_move_between_fused_and_unfused(eager_backend, tmp_path, optimizer):
     """Saved fused, loaded unfused (``torch.load(weights_only=True)``), and back: the run
-    continues as an unfused run would."""
+    continues as an unfused run would (TAdam's per-param weight sums included, which
+    fused are entries of one vector per buffer)."""
     ref_m = model()
-    ref = LAMB(ref_m.parameters(), lr=1e-2, weight_decay=0.1)
+    ref = optimizer(ref_m.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(6):
         ref.zero_grad()
         backward(ref_m, step)
         ref.step()
 
     m = model()
-    opt = LAMB(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = optimizer(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     for step in range(2):
         opt.zero_grad()
         backward(m, step)
@@ -278,7 +280,7 @@ def test_checkpoints_move_between_fused_and_unfused(eager_backend, tmp_path):
     saved = torch.load(tmp_path / "fused.pt", weights_only=True)
     m2 = model(1)
     m2.load_state_dict(saved["model"])
-    opt2 = LAMB(m2.parameters(), lr=1e-2, weight_decay=0.1)
+    opt2 = optimizer(m2.parameters(), lr=1e-2, weight_decay=0.1)
     opt2.load_state_dict(saved["opt"])
     for step in range(2, 4):
         opt2.zero_grad()
@@ -296,6 +298,8 @@ def test_checkpoints_move_between_fused_and_unfused(eager_backend, tmp_path):
         opt.step()
     assert_same(m, opt, ref_m, ref, "after the round trip")
     assert opt.state[m[0].weight]["mu"]._base is not None, "the loaded state went into the flat buffers"
+    if optimizer is TAdam:
+        assert opt.state[m[0].weight]["weight_sum"]._base is not None
 
 
 def test_copies_step_on_their_own(eager_backend):
