@@ -317,6 +317,17 @@ def test_copies_step_on_their_own(eager_backend):
     assert_same(m, opt, m_copy, opt_copy, "a deep copy")
 
 
+def step_side_by_side(runs, steps: int, what: str) -> None:
+    """Step the fused run and the unfused one (``[(model, optimizer), ...]``) on the same
+    gradients, comparing them after every step."""
+    for step in range(steps):
+        for m, opt in runs:
+            opt.zero_grad()
+            backward(m, step)
+            opt.step()
+        assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{what}, step {step}")
+
+
 WRAPPED = {
     "lookahead": lambda: holotx.lookahead(holotx.adamw(1e-2, weight_decay=0.1), 0.5, 3),
     "scout": lambda: holotx.scout(holotx.adamw(1e-2, weight_decay=0.1), 0.3, 3),
@@ -328,18 +339,17 @@ def test_wrapper_transforms_fused_equal_unfused(name):
     """Lookahead and Scout as transforms through the adapter: fused (Scout's coherence
     per tensor over the buffers' segments) equals unfused after every step, across three
     synchronisations, with one graph for all of them."""
+    from torch._dynamo.utils import counters
+
     runs = []
     for fused in (True, False):
         m = model()
         runs.append((m, TransformOptimizer(m.parameters(), lambda: WRAPPED[name](), fused=fused)))
+    graphs_before = counters["stats"]["unique_graphs"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback
-        for step in range(9):
-            for m, opt in runs:
-                opt.zero_grad()
-                backward(m, step)
-                opt.step()
-            assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{name}, step {step}")
+        step_side_by_side(runs, 9, name)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
 @pytest.mark.parametrize("wrapper", ["Lookahead", "Scout"])
@@ -353,12 +363,7 @@ def test_wrapper_classes_around_a_fused_optimizer(eager_backend, wrapper):
         m = model()
         base = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1, fused=fused)
         runs.append((m, getattr(adapters, wrapper)(base, sync_rate=0.5, sync_period=3)))
-    for step in range(7):
-        for m, opt in runs:
-            opt.zero_grad()
-            backward(m, step)
-            opt.step()
-        assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{wrapper}, step {step}")
+    step_side_by_side(runs, 7, wrapper)
     assert len(eager_backend) == 1
     assert runs[0][1].base_optimizer._fused_groups, "the base optimizer is fused"
 
