@@ -154,6 +154,9 @@ SEGMENTED = {
     "ralars": lambda: holotx.ralars(1e-2, betas=(0.9, 0.99), weight_decay=0.1),
     "tadam": lambda: holotx.tadam(1e-2, weight_decay=0.1),
     "tadam_amsgrad_dof": lambda: holotx.tadam(1e-2, amsgrad=True, dof=2.5),
+    "adamp_holocron": lambda: holotx.adamp(1e-2, weight_decay=0.1, delta=1.0, compat="holocron"),
+    "adamp_holocron_nesterov": lambda: holotx.adamp(1e-2, nesterov=True, amsgrad=True, delta=10.0,
+                                                    compat="holocron"),
 }
 
 
@@ -205,6 +208,18 @@ def test_tadam_state_must_match_its_segments():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     with pytest.raises(ValueError, match=r"pass segments=layout\.segments"):
         tx.update(flat, state, flat)
+
+
+def test_official_adamp_refuses_segments():
+    """AdamP's official projection takes cosines per output channel, which whole-tensor
+    segments do not give: refused by name (Holocron's whole-tensor one runs over them)."""
+    params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
+    layout = FlatLayout(params, align=4)
+    flat = layout.flatten(params)
+    tx = holotx.adamp(1e-2)
+    state = tx.init(flat)
+    with pytest.raises(ValueError, match="per output channel"):
+        tx.update(flat, state, flat, segments=layout.segments())
 
 
 def test_segments_refuse_a_mask_and_a_wrong_count():

@@ -35,6 +35,8 @@ RULES = {
     "lars": dict(lr=0.1, momentum=0.9, weight_decay=0.01),
     "ralars": dict(lr=1e-2, weight_decay=0.1),
     "tadam": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
+    # Holocron mode: the official projection (per output channel) has no flat path.
+    "adamp": dict(lr=1e-2, weight_decay=0.1, delta=1.0, compat="holocron"),
 }
 
 
@@ -100,9 +102,10 @@ def quiet(fn, *args, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_fused_equals_unfused(name):
-    """Inductor-compiled over flat buffers, every elementwise, trust-ratio and TAdam rule gives the
-    unfused step's params and state, through a scheduler and a group added mid-run (the
-    module's decay/no-decay groups: trust ratios masked on one of them)."""
+    """Inductor-compiled over flat buffers, every elementwise and trust-ratio rule, TAdam
+    and Holocron-mode AdamP give the unfused step's params and state, through a scheduler
+    and a group added mid-run (the module's decay/no-decay groups: trust ratios masked on
+    one of them)."""
     runs = []
     for fused in (True, False):
         m = model()

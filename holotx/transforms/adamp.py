@@ -4,13 +4,14 @@ building block."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
+from holotx.flat import segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,
@@ -119,7 +120,9 @@ def scale_by_adamp(
     :math:`\rho` = ``wd_ratio`` (default 0.1) where a tensor was projected, 1 elsewhere,
     as in the official code. ``delta`` (default 0.1) sets the cosine threshold. Coupled L2
     decay is :func:`~holotx.add_decayed_weights` placed before. Needs ``params``. State:
-    :class:`~holotx.transforms.ScaleByAdamState`.
+    :class:`~holotx.transforms.ScaleByAdamState`. With ``projection="holocron"`` it runs
+    over aligned flat buffers given ``segments=`` (:mod:`holotx.flat`); the official
+    projection, per output channel, refuses them.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
@@ -136,12 +139,21 @@ def scale_by_adamp(
                                 zeros_like(params) if amsgrad else None)
 
     def update(updates, state, params=None, **extra):
-        del extra
         if params is None:
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
-        tree.check_whole_tensors(params, "scale_by_adamp")
+        segments = extra.get("segments")
+        if segments is not None and projection != "holocron":
+            raise ValueError("scale_by_adamp: the official projection takes cosines per output channel, "
+                             "which a flat buffer's segments (whole tensors) do not give; run it on the "
+                             "tensors themselves (projection='holocron' works over segments)")
+        tree.check_whole_tensors(params, "scale_by_adamp", flat_ok=segments is not None)
+        n_leaves = len(tree.flatten(updates)[0])
+        if segments is not None and len(segments) != n_leaves:
+            raise ValueError(f"segments has {len(segments)} entries for {n_leaves} flat buffers: "
+                             "pass layout.segments() with the layout's buffers")
+        leaf_segments = [None] * n_leaves if segments is None else list(segments)
 
-        def kernel(g, count, mu, nu, nu_max, p):
+        def kernel(g, count, mu, nu, nu_max, p, segs):
             count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             # p_t / bc1 = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1): bc1 folded into the denominator.
@@ -151,6 +163,9 @@ def scale_by_adamp(
                 nu_max = ops.maximum_(nu_max, nu)
             numerator = ops.lerp(mu, g, 1 - b1) if nesterov else mu
             u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
+            if segs[0] is not None:
+                decay = weight_decay if decays else None
+                return _project_segments(u, p, g, segs, delta, eps, decay, wd_ratio), count, mu, nu, nu_max
             coefs, projected = zip(*(projection_coefficients(pi, gi, ui, delta, eps, projection=projection)
                                      for pi, gi, ui in zip(p, g, u)))
             u = ops.addcmul_(u, p, list(coefs), -1)
@@ -163,7 +178,34 @@ def scale_by_adamp(
         u, (count, mu, nu, nu_max) = multi_tensor_update(
             kernel, updates, (state.count, state.mu, state.nu, state.nu_max), params, needs_params=True,
             state_names=("state.count", "state.mu", "state.nu", "state.nu_max"), count_states=1,
+            leaf_values=[leaf_segments],
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 
     return own_transform(init, update)
+
+
+def _project_segments(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, segments: list[Any],
+                      delta: Scalar, eps: Scalar, weight_decay: Scalar | None,
+                      wd_ratio: Scalar) -> ops.TensorList:
+    """Holocron's projection (whole tensors, signed cosine) over aligned flat buffers: the
+    four sums of each tensor by segments (the zero padding adds nothing), then
+    ``u - c p + lambda rho p`` with one factor per tensor, spread over its rows."""
+    out = []
+    for ui, pi, gi, seg in zip(u, p, g, segments):
+        dtype = ops.accumulation_dtype(pi.dtype) or pi.dtype
+        pf, gf, uf = (x.to(dtype) for x in (pi, gi, ui))
+        pp, gg, pg, pd = (segment_sums(a * b, seg) for a, b in ((pf, pf), (gf, gf), (pf, gf), (pf, uf)))
+        norm_p = pp.sqrt()
+        cos = _cosine(pg, norm_p, gg.sqrt(), 1e-8)
+        numel = seg.numels.to(cos.dtype)
+        # An empty tensor is never projected (and its threshold would divide by zero).
+        projected = (numel > 0) & (cos < delta / torch.where(numel > 0, numel, 1.0).sqrt())
+        coef = torch.where(projected, pd / (norm_p + eps) ** 2, torch.zeros_like(pd))
+        factor = -coef
+        if weight_decay is not None:
+            factor = factor + weight_decay * torch.where(projected, wd_ratio * torch.ones_like(coef),
+                                                          torch.ones_like(coef))
+        rows = ops.in_memory(factor.to(ui.dtype))[seg.row_ids].unsqueeze(1)
+        out.append(ui + ops.mul_rows([pi], [rows])[0])
+    return out
