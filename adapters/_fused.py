@@ -65,6 +65,12 @@ class FusedGroup:
         self.params = params
         self.layout = FlatLayout(params, align=ALIGN)
         self.segments = self.layout.segments()
+        # Each param's index among the tensors of its buffer (its entry in a per-tensor vector).
+        seen: dict[int, int] = {}
+        self.index_in_buffer = []
+        for slot in self.layout.slots:
+            self.index_in_buffer.append(seen.get(slot.group, 0))
+            seen[slot.group] = self.index_in_buffer[-1] + 1
         _probe(build, self.layout, self.segments)
         with torch.no_grad():
             self.param_buffers = _marked(self.layout.bind(params))
@@ -115,7 +121,7 @@ class FusedGroup:
                                 f"({sorted(k for k, _ in flat_by_key)} vs {sorted(k for k, _ in wanted)})")
         bindings = []
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for key, owner in zip(layout.keys, layout.owners):
+        for key, owner, expected in zip(layout.keys, layout.owners, layout.expected):
             if key is None:
                 continue
             owners = range(len(params)) if owner is None else (owner,)
@@ -123,10 +129,10 @@ class FusedGroup:
                 p = params[i]
                 value = state.get(p, {}).get(key)
                 buffer = flat_by_key[(key, None if owner is None else self.layout.slots[i].group)]
-                target = self._slot_of(buffer, i, buffer if value is None else value, owner)
+                target = self._slot_of(buffer, i, expected[0], value)
                 if target is None:
                     raise FusionRefused(f"its state {key!r} has no place in the flat buffers "
-                                        f"(shape {tuple(buffer.shape if value is None else value.shape)} "
+                                        f"(shape {tuple(expected[0] if value is None else value.shape)} "
                                         f"for a param of {tuple(p.shape)})")
                 if value is not None:
                     copies.append((target, value))
@@ -147,23 +153,25 @@ class FusedGroup:
             state.setdefault(p, {})[key] = target
         self.flat_state, self.bindings = flat_state, bindings
 
-    def _slot_of(self, buffer: torch.Tensor, i: int, value: torch.Tensor,
-                 owner: int | None) -> torch.Tensor | None:
-        """Where param ``i``'s ``value`` lives in ``buffer`` (``value`` is ``buffer`` itself
-        for a param without an entry yet)."""
-        if value.dtype != buffer.dtype or value.device != buffer.device:
+    def _slot_of(self, buffer: torch.Tensor, i: int, shape: torch.Size,
+                 value: torch.Tensor | None) -> torch.Tensor | None:
+        """Where param ``i``'s entry lives in ``buffer``, an entry of ``shape`` unfused
+        (``value``, its current tensor, or ``None`` for a param without an entry yet):
+
+        - shaped like the param: its slot of a param-sized buffer (moments);
+        - 0-d, with a 0-d buffer: that buffer, shared by the params it packs (a count);
+        - 0-d, with one value per tensor of the buffer: the param's own (TAdam's weight sum).
+        """
+        if value is not None and (value.dtype != buffer.dtype or value.device != buffer.device
+                                  or value.shape != shape):
             return None
         slot = self.layout.slots[i]
-        whole = buffer.dim() == 1 and buffer.numel() == self.layout.sizes[slot.group]
-        if owner is not None and whole and (value is buffer or value.shape == slot.shape):
+        if buffer.dim() == 0:
+            return buffer if shape == () else None
+        if shape == slot.shape and buffer.numel() == self.layout.sizes[slot.group]:
             return buffer[slot.offset:slot.offset + slot.shape.numel()].view(slot.shape)
-        if value.shape == buffer.shape and value.dim() == 0:
-            return buffer
-        # One value per tensor of the buffer (TAdam's weight sums): the param's own entry.
-        per_tensor = buffer.dim() == 1 and buffer.numel() == self.segments[slot.group].count
-        if owner is not None and per_tensor and (value is buffer or value.dim() == 0):
-            index = sum(1 for s in self.layout.slots[:i] if s is not None and s.group == slot.group)
-            return buffer[index]
+        if shape == () and buffer.dim() == 1 and buffer.numel() == self.segments[slot.group].count:
+            return buffer[self.index_in_buffer[i]]
         return None
 
     def state_is_bound(self, state: dict[torch.Tensor, dict[str, Any]]) -> bool:
@@ -218,7 +226,8 @@ class FusedGroup:
             first = self.step_fn is None
             if first:
                 # inductor's own options only where inductor compiles (a test swaps the backend).
-                options = {"options": COMPILE_OPTIONS} if BACKEND == "inductor" else {}
+                cpu = self.param_buffers[0].device.type == "cpu"  # where the options were measured
+                options = {"options": COMPILE_OPTIONS} if BACKEND == "inductor" and cpu else {}
                 self.step_fn = torch.compile(_fresh(_flat_step), backend=BACKEND, dynamic=False,
                                              fullgraph=True, **options)
             try:
@@ -297,7 +306,7 @@ def _probe(build: Callable[[], Any], layout: FlatLayout, segments: list[Any]) ->
                        for (_, dt), n in zip(layout.groups, layout.sizes)])
     segments = [s._replace(row_ids=s.row_ids.to("meta"), numels=s.numels.to("meta")) for s in segments]
     for b, seg in zip(buffers, segments):
-        setattr(b, tree.FLAT_SEGMENTS, seg)
+        tree.set_segments(b, seg)
     tx = build()
     try:
         with torch.no_grad(), warnings.catch_warnings():

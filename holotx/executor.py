@@ -281,17 +281,17 @@ def is_wrapper_type(cls: type) -> bool:
 def current() -> Plan:
     """The plan of the step running on this thread; outside any step, a plan that writes
     nothing (ops used directly are pure)."""
-    plan = getattr(_local, "plan", None)
+    plan = _local.plan
     return Plan(None) if plan is None else plan
 
 
 def _active() -> Plan | None:
-    return getattr(_local, "plan", None)
+    return _local.plan
 
 
 @contextmanager
 def _planned(plan: Plan | None) -> Iterator[Plan | None]:
-    previous = getattr(_local, "plan", None)
+    previous = _local.plan
     _local.plan = plan
     try:
         yield plan

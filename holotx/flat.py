@@ -30,7 +30,8 @@ import torch
 from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, State, apply_updates
 
-__all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "make_step", "segment_sums"]
+__all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "check_segments", "make_step",
+           "segment_sums"]
 
 COMPILE_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 100, "realize_opcount_threshold": 1000}
 """inductor options for a compiled flat step:
@@ -47,7 +48,8 @@ thresholds let inductor recompute the update from the stored moments in the seco
 instead, which is the floor's plan (read p and the moments again). Measured there (flat
 segmented compiled, 2 threads, ms, floor timed beside): LAMB 60.6 -> 37.6 (floor 24.4),
 RaLars 62.0 -> 32.7 (21.0), TAdam 60.8 -> 21.1 (21.1), LARS 19.4 -> 16.4 (15.5); AdamW
-unchanged (its update is used once)."""
+unchanged (its update is used once). Measured on a CPU only: ``fused=True`` uses them for
+CPU params (on a GPU, inductor's defaults are kept until measured there)."""
 
 
 class LeafSlot(NamedTuple):
@@ -132,7 +134,7 @@ class FlatLayout:
             if self._segments is None:
                 self._segments = self.segments()
             for b, seg in zip(buffers, self._segments):
-                setattr(b, tree.FLAT_SEGMENTS, seg)
+                tree.set_segments(b, seg)
         return buffers
 
     def __repr__(self) -> str:
@@ -213,9 +215,14 @@ def _check_distinct(tree_: Any, name: str) -> None:
     if torch.compiler.is_compiling():
         # Traced, id() would make the compiled step guard on each tensor's identity: new
         # grads every step (autograd's) would recompile it every step. ``is`` between
-        # inputs is what dynamo's own aliasing guards keep.
-        tensors = [(i, x) for i, x in enumerate(leaves) if x is not None]
-        pairs = ((i, j) for k, (i, x) in enumerate(tensors) for j, y in tensors[k + 1:] if x is y)
+        # inputs is what dynamo's own aliasing guards keep; it is compared within groups
+        # of one dtype and shape only (every comparison costs tracing time).
+        groups: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+        for i, x in enumerate(leaves):
+            if x is not None:
+                groups.setdefault(_alias_key(x), []).append((i, x))
+        pairs = ((i, j) for group in groups.values() for k, (i, x) in enumerate(group)
+                 for j, y in group[k + 1:] if x is y)
         first = next(pairs, None)
     else:
         seen: dict[int, int] = {}
@@ -225,6 +232,15 @@ def _check_distinct(tree_: Any, name: str) -> None:
         paths = tree.path_strings(spec)
         raise ValueError(f"{name} at {paths[first[0]]} and {paths[first[1]]} are the same tensor: "
                          "a donated step would update it twice; give it once")
+
+
+def _alias_key(x: torch.Tensor) -> Any:
+    """What two names of one tensor share: dtype, device and shape (its dimension count
+    alone where sizes are symbolic, which do not hash)."""
+    try:
+        return hash((x.dtype, x.device, tuple(x.shape))) and (x.dtype, x.device, tuple(x.shape))
+    except TypeError:
+        return (x.dtype, x.device, x.dim())
 
 
 def make_step(
@@ -260,6 +276,26 @@ def make_step(
         return apply_updates(params, updates), new_state
 
     return step
+
+
+def check_segments(segments: Any, buffers: list[Any], rule: str) -> list[Segments]:
+    """``segments`` as a list, checked against the flat buffers they describe (one per
+    buffer, from the layout that made them) before any buffer is written."""
+    segments = list(segments)
+    if len(segments) != len(buffers):
+        raise ValueError(f"{rule}: segments has {len(segments)} entries for {len(buffers)} flat buffers: "
+                         "pass layout.segments() with the layout's buffers")
+    for i, (seg, buffer) in enumerate(zip(segments, buffers)):
+        if buffer is None:
+            continue
+        if not isinstance(seg, Segments) or seg.numels is None:
+            raise ValueError(f"{rule}: segments[{i}] is not a layout's Segments: pass layout.segments()")
+        described = seg.row_ids.numel() * seg.width
+        if described != buffer.numel() or seg.numels.numel() != seg.count:
+            raise ValueError(f"{rule}: segments[{i}] describes {described} values in {seg.count} tensors, "
+                             f"but flat buffer {i} has {buffer.numel()}: pass the segments of the layout "
+                             "that made the buffers")
+    return segments
 
 
 def segment_sums(x: torch.Tensor, segments: Segments, dtype: torch.dtype | None = None,

@@ -288,21 +288,39 @@ def _mul_rows(plan: Plan, inplace: bool, xs: TensorList, fs: TensorList) -> Tens
     del plan
     if inplace:
         for x, f in zip(xs, fs):
-            x.view(f.shape[0], -1).mul_(f)
+            if x.numel():  # an empty buffer has no rows to view
+                x.view(f.shape[0], -1).mul_(f)
         return xs
-    return [(x.reshape(f.shape[0], -1) * f).reshape(x.shape) for x, f in zip(xs, fs)]
+    return [(x.reshape(f.shape[0], -1) * f).reshape(x.shape) if x.numel() else x.clone()
+            for x, f in zip(xs, fs)]
 
 
 def _lerp_rows(plan: Plan, inplace: bool, xs: TensorList, ys: TensorList, ws: TensorList) -> TensorList:
     """``x + w * (y - x)`` with ``x`` and ``y`` seen as ``(rows, -1)`` and ``w`` of shape
-    ``(rows, 1)``: one weight per row (per-tensor weights over an aligned flat buffer)."""
+    ``(rows, 1)``: one weight per row (per-tensor weights over an aligned flat buffer).
+    A ``w`` of another dtype than ``x`` (float32 weights for half-precision buffers, as a
+    Python-float weight is kept by the per-tensor ops) is applied in its dtype, the result
+    rounded once."""
     del plan
-    if inplace:
-        for x, y, w in zip(xs, ys, ws):
-            x.view(w.shape[0], -1).lerp_(y.reshape(w.shape[0], -1), w)
-        return xs
-    return [torch.lerp(x.reshape(w.shape[0], -1), y.reshape(w.shape[0], -1), w).reshape(x.shape)
-            for x, y, w in zip(xs, ys, ws)]
+    out = []
+    for x, y, w in zip(xs, ys, ws):
+        if not x.numel():  # an empty buffer has no rows to view
+            out.append(x if inplace else x.clone())
+            continue
+        x2, y2 = x.view(w.shape[0], -1), y.reshape(w.shape[0], -1)
+        if w.dtype != x.dtype:
+            value = torch.lerp(x2.to(w.dtype), y2.to(w.dtype), w).to(x.dtype)
+            if inplace:
+                x2.copy_(value)
+                out.append(x)
+            else:
+                out.append(value.reshape(x.shape))
+        elif inplace:
+            x2.lerp_(y2, w)
+            out.append(x)
+        else:
+            out.append(torch.lerp(x2, y2, w).reshape(x.shape))
+    return xs if inplace else out
 
 
 def _fill(plan: Plan, inplace: bool, xs: TensorList, value: float) -> TensorList:

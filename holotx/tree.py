@@ -179,15 +179,32 @@ FLAT_BUFFER_MARK = "_holotx_flat_buffer"
 """The attribute :class:`holotx.flat.FlatLayout` sets on the buffers it binds params to:
 many tensors packed into one, which a per-tensor rule must not take for one tensor."""
 
-FLAT_SEGMENTS = "_holotx_segments"
-"""The attribute an aligned :class:`holotx.flat.FlatLayout` sets on the buffers it makes:
-their :class:`holotx.flat.Segments`, for a rule that keeps a value per tensor in its
-state (TAdam's weight sum) and sizes it at ``init``."""
+_SEGMENTS: Any = None
+
+
+def _segments_registry() -> Any:
+    global _SEGMENTS
+    if _SEGMENTS is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _SEGMENTS = WeakTensorKeyDictionary()
+    return _SEGMENTS
+
+
+def set_segments(x: Any, segments: Any) -> None:
+    """Remember that ``x``, a buffer made by an aligned :class:`holotx.flat.FlatLayout`,
+    packs tensors as ``segments`` say: a rule that keeps a value per tensor in its state
+    (TAdam's weight sum) sizes it from them at ``init``. Kept beside the tensor (a weak
+    key), not on it: an attribute would be pickled with the tensor, and
+    ``torch.load(weights_only=True)`` refuses it."""
+    _segments_registry()[x] = segments
 
 
 def segments_of(x: Any) -> Any:
     """The :class:`holotx.flat.Segments` of a buffer made by an aligned layout, else ``None``."""
-    return getattr(x, FLAT_SEGMENTS, None)
+    if not isinstance(x, torch.Tensor):
+        return None
+    return _segments_registry().get(x)
 
 
 def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> None:

@@ -1,7 +1,10 @@
 """Flat buffers and the step helper: the fast path computes what the pytree path computes."""
 
+import io
+
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 import holotx
 from holotx import executor
@@ -202,12 +205,66 @@ def test_tadam_state_must_match_its_segments():
     assert [w.shape for w in tadam_state.weight_sum] == [torch.Size([2])], "one weight sum per tensor"
     unaligned = tx.init([b.clone() for b in flat])  # a clone carries no segments
     before = [x.clone() for x in holotx.tree.flatten(unaligned)[0] if x is not None]
+    grads = [torch.ones_like(b) for b in flat]
     with pytest.raises(ValueError, match=r"weight_sum\[0\] has shape \(\) where its flat buffer packs 2"):
-        tx.update(flat, unaligned, flat, segments=layout.segments())
+        make_step(tx, donate=True)(flat, grads, unaligned, segments=layout.segments())
     after = [x for x in holotx.tree.flatten(unaligned)[0] if x is not None]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the donated state was written"
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads), "the donated grads were written"
     with pytest.raises(ValueError, match=r"pass segments=layout\.segments"):
         tx.update(flat, state, flat)
+
+
+def test_segments_must_describe_their_buffers():
+    """Segments from another layout are refused by name, before anything is written."""
+    params = {"w": torch.randn(5, 3, dtype=torch.float64), "b": torch.randn(7, dtype=torch.float64)}
+    layout = FlatLayout(params, align=4)
+    other = FlatLayout({"w": torch.randn(9, 3, dtype=torch.float64)}, align=4)
+    for tx in (holotx.tadam(1e-2), holotx.lamb(1e-2)):
+        flat = layout.flatten(params)
+        state = tx.init(flat)
+        before = [x.clone() for x in flat]
+        grads = [torch.ones_like(b) for b in flat]
+        with pytest.raises(ValueError, match=r"describes 28 values in 1 tensors, but flat buffer 0 has 24"):
+            make_step(tx, donate=True)(flat, grads, state, segments=other.segments())
+        assert all(torch.equal(a, b) for a, b in zip(before, flat))
+
+
+def test_aligned_buffers_load_with_weights_only_and_keep_their_segments():
+    """An aligned layout's buffers are plain tensors to ``torch.save``: they load with
+    ``weights_only=True`` (torch's default); the layout still knows their segments."""
+    params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
+    layout = FlatLayout(params, align=4)
+    flat = layout.flatten(params)
+    assert holotx.tree.segments_of(flat[0]).count == 2
+    buffer = io.BytesIO()
+    torch.save(flat, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert torch.equal(loaded[0], flat[0])
+    assert holotx.tree.segments_of(loaded[0]) is None  # a loaded copy is not the layout's buffer
+
+
+def test_tadam_over_segments_with_empty_tensors_and_half_precision():
+    """Empty tensors (a buffer of only them, too) and bfloat16 buffers: the flat step is the
+    tree step (the Student-t mix kept in float32 for bfloat16, as the tree path keeps it)."""
+    gen = torch.Generator().manual_seed(3)
+    params = {"e": torch.zeros(0, dtype=torch.float64), "half": torch.randn(5, 3, generator=gen).bfloat16(),
+              "e2": torch.zeros(0, dtype=torch.bfloat16), "h": torch.randn(9, generator=gen).bfloat16()}
+    layout = FlatLayout(params, align=4)
+    tx = holotx.tadam(1e-2)
+    tree_params, tree_state = params, tx.init(params)
+    flat_params = layout.flatten(params)
+    flat_state = tx.init(flat_params)
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in params.items()}
+        updates, tree_state = tx.update(grads, tree_state, tree_params)
+        tree_params = holotx.apply_updates(tree_params, updates)
+        flat_params, flat_state = make_step(tx, donate=True)(flat_params, layout.flatten(grads), flat_state,
+                                                             segments=layout.segments())
+    back = layout.unflatten(flat_params)
+    for key, value in tree_params.items():
+        assert torch.equal(back[key], value), key
 
 
 def test_official_adamp_refuses_segments():
@@ -247,10 +304,11 @@ def test_per_tensor_rule_over_segments_compiles_to_one_graph(name):
     eager_state, compiled_state = tx.init(eager_params), tx.init(compiled_params)
     step = make_step(tx, donate=True)
     graphs = []
+    aot_eager = lookup_backend("aot_eager")
 
     def counting(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return aot_eager(gm, example_inputs)
 
     compiled = torch.compile(step, fullgraph=True, backend=counting)
     segments = layout.segments()
@@ -270,10 +328,11 @@ def test_compiled_step_compiles_once_in_a_fresh_thread():
     import threading
 
     graphs, errors = [], []
+    aot_eager = lookup_backend("aot_eager")
 
     def counting(gm, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        return aot_eager(gm, example_inputs)
 
     def train():
         try:

@@ -11,7 +11,7 @@ import torch
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import segment_sums
+from holotx.flat import check_segments, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,
@@ -147,11 +147,9 @@ def scale_by_adamp(
                              "which a flat buffer's segments (whole tensors) do not give; run it on the "
                              "tensors themselves (projection='holocron' works over segments)")
         tree.check_whole_tensors(params, "scale_by_adamp", flat_ok=segments is not None)
-        n_leaves = len(tree.flatten(updates)[0])
-        if segments is not None and len(segments) != n_leaves:
-            raise ValueError(f"segments has {len(segments)} entries for {n_leaves} flat buffers: "
-                             "pass layout.segments() with the layout's buffers")
-        leaf_segments = [None] * n_leaves if segments is None else list(segments)
+        leaves = tree.flatten(updates)[0]
+        leaf_segments = ([None] * len(leaves) if segments is None
+                         else check_segments(segments, leaves, "scale_by_adamp"))
 
         def kernel(g, count, mu, nu, nu_max, p, segs):
             count, t = step_counts(count)

@@ -9,7 +9,7 @@ import torch
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import segment_sums
+from holotx.flat import check_segments, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     adaptive_ratio,
@@ -125,7 +125,9 @@ def scale_by_tadam(
                     d = d if accumulate is None else d.to(accumulate)
                     mahalanobis = segment_sums(d * d, seg, out_dtype=dtype)
                     w = _student_t_weight(mahalanobis, seg.numels.to(dtype), dof)
-                    mix.append((w / (weights + w)).to(g[0].dtype)[seg.row_ids].unsqueeze(1))
+                    # In float32 for half types: their 8 or 11 bits would round the weight
+                    # (the per-tensor path keeps it as a float).
+                    mix.append((w / (weights + w)).to(accumulate or g[0].dtype)[seg.row_ids].unsqueeze(1))
                     new_weights.append(weights * ((2 * b1 - 1) / b1) + w)
                 mu = ops.lerp_rows_(mu, g, mix)
             nu = ops.mul_(nu, b2)
@@ -166,14 +168,10 @@ def _check_segments(segments: Any, updates: Any, weight_sums: Any) -> list[Any]:
                              "(init over an aligned FlatLayout's buffers): pass segments=layout.segments() "
                              "to update")
         return [None] * len(leaves)
-    if len(segments) != len(leaves):
-        raise ValueError(f"segments has {len(segments)} entries for {len(leaves)} flat buffers: "
-                         "pass layout.segments() with the layout's buffers")
+    segments = check_segments(segments, leaves, "scale_by_tadam")
     for i, (seg, w) in enumerate(zip(segments, sums)):
-        if seg.numels is None:
-            raise ValueError(f"segments[{i}] has no numels: pass layout.segments() itself")
         if isinstance(w, torch.Tensor) and tuple(w.shape) != (seg.count,):
             raise ValueError(f"scale_by_tadam: state.weight_sum[{i}] has shape {tuple(w.shape)} where "
                              f"its flat buffer packs {seg.count} tensors: init the state over the aligned "
                              "layout's buffers (layout.flatten(params)), which carry their segments")
-    return list(segments)
+    return segments

@@ -10,7 +10,7 @@ import torch
 from holotx import _validate, executor, ops, tree
 from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import segment_sums
+from holotx.flat import check_segments, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
 
@@ -134,9 +134,7 @@ def scale_by_trust_ratio(
                 raise ValueError("scale_by_trust_ratio: a per-tensor mask cannot be combined with "
                                  "flat-buffer segments (one bool for every tensor can); mask the tensors "
                                  "out before flattening (their own layout)")
-            if len(segments) != len(g_leaves):
-                raise ValueError(f"segments has {len(segments)} entries for {len(g_leaves)} flat buffers: "
-                                 "pass layout.segments() with the layout's buffers")
+            segments = check_segments(segments, g_leaves, "scale_by_trust_ratio")
             kernel, values = segment_ratios_kernel, [(seg, mask is not False) for seg in segments]
         else:
             from holotx.combine import _resolve
