@@ -38,8 +38,10 @@ and to the memory-traffic floor. The floor is the time of the passes over memory
 cannot do without (AdamW reads p, g, m, v and writes p, m, v: 28 B per float32 param in
 one pass; LAMB needs a second pass after its per-tensor norms: 40 B), done by the simplest
 kernels with that traffic, compiled by the same compiler and timed interleaved with the
-rows, with the same statistic (:func:`floor_step`). The floor row also shows its ratio
-to torch's fused AdamW, which moves 28 B/param. With ``--no-compile`` the floor is
+rows, with the same statistic (:func:`floor_step`). The floor row's "x ref" is its ratio
+to the same reference as the other rows (torch's fused kernel where torch has one, else
+Holocron's class); AdamW's row gives the floor as a ratio to torch's fused AdamW, which
+moves its 28 B/param. With ``--no-compile`` the floor is
 modelled instead, as the bytes over a bandwidth measured once (:func:`measure_bandwidth`).
 """
 
@@ -310,13 +312,17 @@ def _traffic_kernel(reads: int, writes: int) -> Callable[..., object]:
 def floor_step(algo: Algorithm, numel: int) -> Callable[[], object]:
     """The memory floor of ``algo`` as a step to time beside its implementations: each of
     its passes (:attr:`Algorithm.passes`) as the simplest kernel with that traffic over
-    ``numel``-value float32 buffers, compiled by inductor into one loop as the rule's own
-    compiled step is, each pass a graph of its own so that two passes stay two. Timed
+    ``numel``-value float32 buffers, compiled by inductor as the rule's own compiled step
+    is (one loop, or one per buffer where a pass writes every buffer it reads: the same
+    bytes), each pass a graph of its own so that two passes stay two. Every kernel is
+    compiled here, so that a sync step's pass is not compiled inside a timed step. Timed
     interleaved with the rule and with the same statistic, it is what the machine, its
     caches and this compiler give for exactly those bytes at that moment."""
     buffers = [torch.rand(numel) for _ in range(max(r for step in algo.passes for r, _ in step))]
     kernels = {rw: torch.compile(_traffic_kernel(*rw), fullgraph=True, dynamic=False)
                for step in algo.passes for rw in step}
+    for (r, _), kernel in kernels.items():
+        kernel(*buffers[:r])
     steps = itertools.cycle(algo.passes)
 
     def step() -> None:
