@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from copy import deepcopy
@@ -328,7 +330,7 @@ class TransformOptimizer(Optimizer):
         self._fused_groups[id(params)] = (params, reason)
         index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
         warnings.warn(f"{type(self).__name__}(fused=True): param group {index} runs unfused: {reason}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=_caller_stacklevel())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; a fused group keeps its grad views (zeroed),
@@ -678,6 +680,26 @@ def _values_key(values: dict[str, Any], maximize: Any) -> Any:
 def _has_grads(group: dict[str, Any]) -> bool:
     """Whether the group steps: it has a param with a gradient."""
     return any(p.grad is not None for p in group["params"])
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside holotx and torch
+    (the user's ``opt.step()``): between them lie torch.optim's step wrappers and dynamo's
+    ``disable`` frames, whose number depends on the path taken."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith(_INTERNAL_ROOTS)
+
+
+# holotx's packages (the adapters are installed as holotx.adapters, but may live apart in a
+# source checkout) and torch's.
+_INTERNAL_ROOTS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+                        for f in (__file__, executor.__file__, torch.__file__))
 
 
 def _validate_lr(lr: Any) -> None:

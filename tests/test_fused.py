@@ -384,11 +384,13 @@ def _fallback_matches(make, match: str, steps: int = 3, dtype=torch.float64) -> 
                 opt.zero_grad()
                 backward(m, step)
                 opt.step()
-        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        warned = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        messages = [str(w.message) for w in warned]
         if fused:
             assert len(messages) == 1, messages
             assert "runs unfused" in messages[0], messages[0]
             assert match in messages[0], messages[0]
+            assert warned[0].filename == __file__, f"the warning points at {warned[0].filename}, not the step"
         else:
             assert not messages
         runs.append((m, opt))
