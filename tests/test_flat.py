@@ -125,6 +125,25 @@ def test_donated_step_refuses_a_tensor_given_twice():
     assert torch.equal(shared, torch.ones(3))
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_donated_step_refuses_a_tensor_given_twice():
+    """Compiled, the same check (tensors compared by identity within dtype/shape groups,
+    no id(): that would guard on every tensor and recompile at every step); under
+    ``fullgraph=True`` dynamo wraps the ValueError, its message kept."""
+    shared = torch.ones(3)
+    tx = holotx.sgd(0.1)
+    params = {"a": shared, "w": torch.ones(2, 2), "b": shared}
+    grads = {"a": torch.ones(3), "w": torch.ones(2, 2), "b": torch.ones(3)}
+    step = torch.compile(make_step(tx, donate=True), backend="eager")
+    with pytest.raises(ValueError, match=r"params at \['a'\] and \['b'\] are the same tensor"):
+        step(params, grads, tx.init(params))
+    torch._dynamo.reset()
+    strict = torch.compile(make_step(tx, donate=True), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"params at \['a'\] and \['b'\] are the same tensor"):
+        strict(params, grads, tx.init(params))
+    assert torch.equal(shared, torch.ones(3))
+
+
 def test_aligned_layout_pads_with_zeros_and_round_trips():
     params = _params()
     layout = FlatLayout(params, align=8)
