@@ -98,8 +98,8 @@ class TransformOptimizer(Optimizer):
     AdamW steps in 10.5 to 14.6 ms against 49 ms unfused and 14.1 to 14.7 ms for torch's
     fused AdamW, LAMB in 23 to 28 ms against 70 ms (Holocron's: 58 to 78 ms), in two runs.
     The first step compiles (3.3 to 7.6 s on that machine, without inductor's on-disk
-    cache); a new ``lr``, betas or weight decay
-    recompiles nothing (they enter the graph as 0-d tensors). torch.optim's semantics
+    cache); a new ``lr``, betas or weight decay recompiles nothing (they enter the graph
+    as 0-d tensors). torch.optim's semantics
     stay: ``zero_grad()`` keeps the grad views and zeroes them, a param that backward did
     not reach since has no gradient, and a step where only some params of a group have
     one runs unfused (torch skips the others); their step counts then differ, and the

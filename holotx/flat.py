@@ -31,7 +31,7 @@ from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, State, apply_updates
 
 __all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "check_segments", "make_step",
-           "segment_sums"]
+           "per_row", "segment_sums"]
 
 COMPILE_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 100, "realize_opcount_threshold": 1000}
 """inductor options for a compiled flat step:
@@ -237,10 +237,12 @@ def _check_distinct(tree_: Any, name: str) -> None:
 def _alias_key(x: torch.Tensor) -> Any:
     """What two names of one tensor share: dtype, device and shape (its dimension count
     alone where sizes are symbolic, which do not hash)."""
+    key = (x.dtype, x.device, tuple(x.shape))
     try:
-        return hash((x.dtype, x.device, tuple(x.shape))) and (x.dtype, x.device, tuple(x.shape))
+        hash(key)
     except TypeError:
         return (x.dtype, x.device, x.dim())
+    return key
 
 
 def make_step(
@@ -298,16 +300,20 @@ def check_segments(segments: Any, buffers: list[Any], rule: str) -> list[Segment
     return segments
 
 
-def segment_sums(x: torch.Tensor, segments: Segments, dtype: torch.dtype | None = None,
-                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def segment_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The sum of each tensor's values in an aligned flat buffer ``x``, a ``(count,)``
-    vector: sums over rows (accumulated in ``dtype``, default ``x``'s), then over each
-    tensor's rows (a small scatter-add in ``out_dtype``). The padding is zero in every
-    buffer a layout makes and adds nothing. A fusing compiler computes the row sums in
-    the loop that produces ``x``."""
-    rows = x.reshape(-1, segments.width)
-    if dtype is not None:
-        rows = rows.to(dtype)
-    row_sums = rows.sum(1).to(out_dtype)
+    vector: sums over rows (accumulated in ``x``'s dtype; a bool ``x`` is counted), then
+    over each tensor's rows (a small scatter-add in ``out_dtype``). The padding is zero
+    in every buffer a layout makes and adds nothing. A fusing compiler computes the row
+    sums in the loop that produces ``x``."""
+    row_sums = x.reshape(-1, segments.width).sum(1).to(out_dtype)
     sums = torch.zeros(segments.count, dtype=out_dtype, device=x.device)
     return sums.index_add(0, segments.row_ids, row_sums)
+
+
+def per_row(values: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``values``, one per tensor of an aligned flat buffer, as ``(rows, 1)``: each
+    tensor's value on each of its rows, for :func:`holotx.ops.mul_rows` and
+    :func:`holotx.ops.lerp_rows`. Stored once where compiled (:func:`holotx.ops.in_memory`),
+    so the loop over the elements loads it instead of computing it again."""
+    return ops.in_memory(values)[segments.row_ids].unsqueeze(1)

@@ -11,7 +11,7 @@ import torch
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import check_segments, segment_sums
+from holotx.flat import check_segments, per_row, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,
@@ -204,6 +204,5 @@ def _project_segments(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, s
         if weight_decay is not None:
             factor = factor + weight_decay * torch.where(projected, wd_ratio * torch.ones_like(coef),
                                                           torch.ones_like(coef))
-        rows = ops.in_memory(factor.to(ui.dtype))[seg.row_ids].unsqueeze(1)
-        out.append(ui + ops.mul_rows([pi], [rows])[0])
+        out.append(ui + ops.mul_rows([pi], [per_row(factor.to(ui.dtype), seg)])[0])
     return out

@@ -9,7 +9,7 @@ import torch
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import check_segments, segment_sums
+from holotx.flat import check_segments, per_row, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     adaptive_ratio,
@@ -127,7 +127,7 @@ def scale_by_tadam(
                     w = _student_t_weight(mahalanobis, seg.numels.to(dtype), dof)
                     # In float32 for half types: their 8 or 11 bits would round the weight
                     # (the per-tensor path keeps it as a float).
-                    mix.append((w / (weights + w)).to(accumulate or g[0].dtype)[seg.row_ids].unsqueeze(1))
+                    mix.append(per_row((w / (weights + w)).to(accumulate or g[0].dtype), seg))
                     new_weights.append(weights * ((2 * b1 - 1) / b1) + w)
                 mu = ops.lerp_rows_(mu, g, mix)
             nu = ops.mul_(nu, b2)

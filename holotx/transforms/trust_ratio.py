@@ -10,7 +10,7 @@ import torch
 from holotx import _validate, executor, ops, tree
 from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import check_segments, segment_sums
+from holotx.flat import check_segments, per_row, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import per_leaf, scalar_dtype
 
@@ -118,7 +118,7 @@ def scale_by_trust_ratio(
             r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
                              trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                              weight_decay=weight_decay)
-            out.append(ops.in_memory(r.to(ui.dtype))[seg.row_ids].unsqueeze(1))
+            out.append(per_row(r.to(ui.dtype), seg))
         return (out,)
 
     def update(updates, state, params=None, **extra):

@@ -10,6 +10,7 @@ import torch
 from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, own_transform
 from holotx.executor import multi_tensor_update
+from holotx.flat import segment_sums
 from holotx.ops import Scalar
 from holotx.optimizers._common import holocron_mode
 from holotx.transforms.adam import per_leaf, scalar_dtype
@@ -229,12 +230,8 @@ def _spread_ratio_sums(mean, m2, low, high, k, holocron, segments):
     dtype = scalar_dtype(ratio.device)
     if segments is None:
         return ops.realize(ratio.sum()).to(dtype), ops.realize(torch.count_nonzero(varied))
-    row_ids, count, width = segments.row_ids, segments.count, segments.width
-    sums = torch.zeros(count, dtype=dtype, device=ratio.device).index_add(
-        0, row_ids, ratio.reshape(-1, width).sum(1).to(dtype))
-    counts = torch.zeros(count, dtype=torch.int64, device=ratio.device).index_add(
-        0, row_ids, torch.count_nonzero(varied.reshape(-1, width), dim=1))
-    return sums, counts
+    return (segment_sums(ratio, segments, out_dtype=dtype),
+            segment_sums(varied, segments, out_dtype=torch.int64))
 
 
 def coherence_rate(sums: list[Any], flags: list[Any], sync_rate: Scalar, *, holocron: bool,
