@@ -162,12 +162,40 @@ def _pair(pure):
     return op, op_
 
 
+_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
+    """``s`` for a foreach kernel: in plain eager mode on the CPU, a Python number (or a
+    list of equal ones, one per tensor: bias corrections once every leaf has the same
+    step count) becomes a 0-d tensor of the float32 or float64 lists' dtype, kept for
+    reuse (TORCH_GAPS: foreach_python_scalar_cpu). The kernel computes with the same
+    value (a Python scalar is taken in the lists' dtype), so the results are the same.
+    Anything else as it is."""
+    if isinstance(s, list):
+        if not s or not all(type(v) is float for v in s) or s.count(s[0]) != len(s):
+            return s
+        s = s[0]
+    elif type(s) not in (float, int) or (type(s) is int and abs(s) > 2**53):
+        return s
+    dtype = xs[0].dtype
+    if dtype not in (torch.float32, torch.float64) or not plan.host_scalars(xs[:1]):
+        return s
+    key = (repr(s), dtype)  # repr tells -0.0 from 0.0 (equal as keys) and finds a NaN
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 512:  # a schedule's value changes at every step
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(s, dtype=dtype)
+    return t
+
+
 def _mul(plan: Plan, inplace: bool, xs: TensorList, s: Scalar | TensorList) -> TensorList:
     """``x * s`` for a scalar, a 0-d tensor, or a list of tensors ``s`` (same shapes, or
     0-d: one scalar per ``x``)."""
     if plan.foreach(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_mul_ if inplace else torch._foreach_mul
-        return _done(xs, fn(xs, s), inplace)
+        return _done(xs, fn(xs, _cpu_scalar(plan, xs, s)), inplace)
     ss = s if isinstance(s, list) else [s] * len(xs)
     return [x.mul_(y) if inplace else x * y for x, y in zip(xs, ss)]
 
@@ -176,13 +204,19 @@ def _div(plan: Plan, inplace: bool, xs: TensorList, s: Scalar | TensorList) -> T
     """``x / s`` for a scalar, a 0-d tensor, or a list of tensors ``s``."""
     if plan.foreach(xs) and _tensor_scalar_ok(s):
         fn = torch._foreach_div_ if inplace else torch._foreach_div
-        return _done(xs, fn(xs, s), inplace)
+        return _done(xs, fn(xs, _cpu_scalar(plan, xs, s)), inplace)
     ss = s if isinstance(s, list) else [s] * len(xs)
     return [x.div_(y) if inplace else x / y for x, y in zip(xs, ss)]
 
 
 def _add_scalar(plan: Plan, inplace: bool, xs: TensorList, s: Scalar | TensorList) -> TensorList:
     """``x + s`` for a scalar or 0-d tensor ``s``, or a list of 0-d tensors, one per ``x``."""
+    if plan.foreach(xs):
+        fast = _cpu_scalar(plan, xs, s)
+        if isinstance(fast, torch.Tensor) and fast is not s:
+            # alpha= picks the Tensor overload; without it a 0-d tensor is read as a Scalar.
+            fn = torch._foreach_add_ if inplace else torch._foreach_add
+            return _done(xs, fn(xs, fast, alpha=1), inplace)
     if isinstance(s, list):
         if plan.foreach(xs) and _tensor_scalar_ok(s):
             fn = torch._foreach_add_ if inplace else torch._foreach_add

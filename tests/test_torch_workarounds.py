@@ -15,7 +15,7 @@ from holotx import executor, ops
 TESTED = {
     "foreach_under_vmap", "foreach_tensor_scalar_backward", "foreach_add_tensor_under_compile",
     "inplace_under_functorch_grad", "foreach_copy_dtensor", "foreach_addcmul_scalarlist_dtensor",
-    "interpreter_stack_under_dynamo",
+    "interpreter_stack_under_dynamo", "foreach_python_scalar_cpu",
 }
 
 
@@ -43,6 +43,36 @@ def test_foreach_tensor_scalar_backward():
     # d/ds sum(s x) = sum(x): a sum, so its rounding is bounded by the sum of |x|.
     scale = sum(x.detach().abs().sum() for x in xs)
     assert torch.allclose(s.grad, sum(x.detach().sum() for x in xs), rtol=0, atol=1e-14 * scale)
+
+
+def _conversions(fn) -> int:
+    """How many dtype conversions (``aten::_to_copy``) running ``fn`` makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::_to_copy" for e in prof.events())
+
+
+@pytest.mark.parametrize("op", ["mul", "add", "div"])
+def test_foreach_python_scalar_cpu(op):
+    """On the CPU, a foreach op given a Python scalar converts it to the list's dtype
+    once per tensor; given a 0-d tensor of that dtype, never. When this fails, the cached
+    0-d scalars of ``ops._cpu_scalar`` can go. holotx's op gives the same values with
+    none of those conversions."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(100, generator=gen) for _ in range(5)]
+    torch_op = getattr(torch, f"_foreach_{op}")
+    assert _conversions(lambda: torch_op(xs, 0.3)) == len(xs), "torch converts Python scalars once now"
+    holotx_op = {"mul": ops.mul, "add": ops.add_scalar, "div": ops.div}[op]
+    assert _conversions(lambda: holotx_op(xs, 0.3)) == 0
+    for ours, theirs in zip(holotx_op(xs, 0.3), torch_op(xs, 0.3)):
+        assert torch.equal(ours, theirs)
+    # One value per tensor, all equal (bias corrections at a common step): the same.
+    if op == "mul":
+        assert _conversions(lambda: ops.mul(xs, [0.3] * len(xs))) == 0
+        for ours, theirs in zip(ops.mul(xs, [0.3] * len(xs)), torch_op(xs, [0.3] * len(xs))):
+            assert torch.equal(ours, theirs)
 
 
 def test_foreach_add_tensor_under_compile():
