@@ -380,7 +380,7 @@ class TransformOptimizer(Optimizer):
         updates, state, factor, _ = executor.finish(step)
         runtime.scatter(self.state, params, state)
         if self._factory is None:  # the group's lr multiplies the transform's updates
-            factor = lr if factor is None else factor * lr
+            factor = lr if factor is None else executor.scale_factor([factor, lr])
         if not upcast:
             apply_updates(params, updates, inplace=True, scale=factor)
             return

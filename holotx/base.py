@@ -66,14 +66,17 @@ class EmptyState(NamedTuple):
 
 
 def own_transform(init: TransformInitFn, update: TransformUpdateFn,
-                  prepare: Callable[[State, Params], None] | None = None) -> GradientTransformation:
+                  prepare: Callable[[State, Params], None] | None = None, *,
+                  scaling: bool = False) -> GradientTransformation:
     """A transform of holotx's own: ``update`` is its math, run by :mod:`holotx.executor`
     (pure by default, or with ``donate=True`` / ``donate_updates``; within the caller's
     step when a combinator runs it). ``prepare(state, params)`` evaluates its schedules
     (and prepares what it wraps) before any transform of the step writes a buffer (see
     :func:`holotx.executor.register`). A transform built elsewhere (a user's, written as
-    optax's) is a plain :class:`GradientTransformation` and is always run pure."""
-    return GradientTransformation(init, executor.register(update, prepare))
+    optax's) is a plain :class:`GradientTransformation` and is always run pure.
+    ``scaling=True`` declares that ``update`` multiplies each leaf by one value (see
+    :func:`holotx.executor.register`)."""
+    return GradientTransformation(init, executor.register(update, prepare, scaling=scaling))
 
 
 def identity() -> GradientTransformation:
@@ -110,10 +113,13 @@ def stateless(
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
-                  scale: ops.Scalar | None = None) -> Params:
+                  scale: ops.Scalar | list[ops.Scalar | None] | None = None) -> Params:
     r"""Return ``params + updates`` (``params + scale * updates`` with ``scale``), each
     result in its parameter's dtype.
 
+    ``scale`` is one number or 0-d tensor, or a list with one for each leaf in flattening
+    order (a final scaling per tensor handed over: see
+    :func:`holotx.executor.scale_factor`).
     ``None`` updates leave their parameter as it is. With ``inplace=True`` the parameter
     tensors are updated in place (``p += u``, grouped multi-tensor) and ``params`` itself
     is returned; do this only outside autograd, e.g. under ``torch.no_grad()``.
@@ -125,30 +131,50 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
         if p is None and u is not None:
             path = tree.path_strings(treespec)[i]
             raise ValueError(f"params at {path} is None but updates has a tensor there")
+    if isinstance(scale, list) and len(scale) != len(p_leaves):
+        raise ValueError(f"scale has {len(scale)} entries for {len(p_leaves)} leaves")
     idx = [i for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if p is not None and u is not None]
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
-    alpha = 1 if scale is None else scale
-    if isinstance(alpha, torch.Tensor) and ops.host_scalars_ok([alpha]):
-        alpha = alpha.item()  # eager on a CPU: a Python scalar takes the one-pass kernel
-    if inplace:
-        if not ps:
-            return params
-        if ops.foreach_supported(ps) and not isinstance(alpha, torch.Tensor):
-            torch._foreach_add_(ps, us, alpha=alpha)
-        else:
-            for p, u in zip(ps, us):
-                if isinstance(alpha, torch.Tensor):
-                    p.add_(u * alpha)
+    if isinstance(scale, list):
+        alphas = [_host_alpha(executor.leaf_factor(scale[i], p_leaves[i].dtype)) for i in idx]
+        if inplace:
+            for p, u, a in zip(ps, us, alphas):
+                if isinstance(a, torch.Tensor):
+                    p.add_(u * a)
                 else:
-                    p.add_(u, alpha=alpha)
-        return params
-    out = ops.add(ps, us, alpha=alpha)
+                    p.add_(u, alpha=a)
+            return params
+        out = [p + u * a if isinstance(a, torch.Tensor) else p.add(u, alpha=a)
+               for p, u, a in zip(ps, us, alphas)]
+    else:
+        alpha = _host_alpha(1 if scale is None else scale)
+        if inplace:
+            if not ps:
+                return params
+            if ops.foreach_supported(ps) and not isinstance(alpha, torch.Tensor):
+                torch._foreach_add_(ps, us, alpha=alpha)
+            else:
+                for p, u in zip(ps, us):
+                    if isinstance(alpha, torch.Tensor):
+                        p.add_(u * alpha)
+                    else:
+                        p.add_(u, alpha=alpha)
+            return params
+        out = ops.add(ps, us, alpha=alpha)
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p
     return tree.unflatten(treespec, new)
+
+
+def _host_alpha(alpha: ops.Scalar) -> ops.Scalar:
+    """A 0-d tensor factor read to a Python number where that costs no device sync
+    (eager, on a CPU): the add then takes it as ``alpha``, one pass."""
+    if isinstance(alpha, torch.Tensor) and ops.host_scalars_ok([alpha]):
+        return alpha.item()
+    return alpha
 
 
 def init_counts(params: Params) -> Any:

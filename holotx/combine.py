@@ -59,14 +59,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def _run_in_sequence(transforms, states, updates, params, extra) -> tuple[Any, list[Any]]:
     """Each transform's update on the previous one's output. A request for the final
-    scaling, addressed to the chain, is passed to the last transform."""
+    scaling, addressed to the chain, is passed on to its trailing scalings (the learning
+    rate) and to the transform before them (a per-tensor trust ratio): each multiplies
+    every leaf by one value, so the factors commute and the caller applies their product."""
+    first = _first_asked(transforms) if executor.scale_requested() else len(transforms)
     new_states: list[Any] = []
     for i, (t, s) in enumerate(zip(transforms, states)):
-        if i + 1 == len(transforms):
-            executor.redirect_scale(t)
+        if i >= first:
+            executor.ask_scale(t)
         updates, new_s = executor.call(t, updates, s, params, **extra)
+        if i >= first:
+            executor.release_scale(t)
         new_states.append(new_s)
     return updates, new_states
+
+
+def _first_asked(transforms) -> int:
+    """The index of the first transform asked for its scaling: the one before the
+    trailing run of scalings (the last transform when there is none)."""
+    first = len(transforms)
+    while first > 0 and executor.is_scaling(transforms[first - 1]):
+        first -= 1
+    return max(first - 1, 0)
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:

@@ -46,7 +46,9 @@ a test in ``tests/test_torch_workarounds.py`` that fails once torch fixes it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -76,6 +78,11 @@ __all__ = [
     "redirect_scale",
     "register",
     "run",
+    "ask_scale",
+    "is_scaling",
+    "release_scale",
+    "scale_factor",
+    "leaf_factor",
     "scale_requested",
     "scale_request_to",
     "take_scale",
@@ -96,6 +103,10 @@ TORCH_GAPS: dict[str, str] = {
                             "copied one by one (holotx.ops.copy).",
     "foreach_addcmul_scalarlist_dtensor": "torch._foreach_addcmul with a list of scalars has no "
                                           "DTensor sharding rule: per-leaf for DTensors.",
+    "foreach_python_scalar_cpu": "on the CPU a foreach op given a Python scalar converts it to a "
+                                 "tensor of the list's dtype once per tensor (three times as slow on "
+                                 "small tensors as a 0-d tensor scalar): holotx.ops passes float32 "
+                                 "and float64 lists a cached 0-d tensor in plain eager mode.",
     "interpreter_stack_under_dynamo": "dynamo cannot trace torch._C._functorch.get_interpreter_stack: "
                                       "under compile, vmap is recognised by a batched leaf instead.",
 }
@@ -302,7 +313,8 @@ def _planned(plan: Plan | None) -> Iterator[Plan | None]:
 # ------------------------------------------------------------------- entry points
 
 def register(update: Callable[..., Any],
-             prepare: Callable[[Any, Any], None] | None = None) -> Callable[..., Any]:
+             prepare: Callable[[Any, Any], None] | None = None, *,
+             scaling: bool = False) -> Callable[..., Any]:
     """Wrap the math of a holotx transform's ``update`` as its entry point.
 
     Called by a caller outside any step, the entry starts one: a pure step by default,
@@ -314,7 +326,11 @@ def register(update: Callable[..., Any],
     code at each step (schedules, through :func:`evaluate`), and prepares the transforms
     it wraps (:func:`prepare`). A step runs it for the whole tree of transforms before
     any math, so that an exception or an interrupt raised there leaves every buffer as
-    it was."""
+    it was.
+
+    ``scaling=True`` declares the transform a final scaling: it multiplies each update by
+    one value per leaf (a number, a schedule's value), so a scaling handed over before it
+    may be applied after it (see :func:`chain`'s use of :func:`ask_scale`)."""
 
     def entry(updates, state, params=None, *, donate: bool = False, donate_updates: bool | None = None,
               **extra):
@@ -329,6 +345,7 @@ def register(update: Callable[..., Any],
 
     entry.holotx_math = update  # type: ignore[attr-defined]
     entry.holotx_prepare = prepare  # type: ignore[attr-defined]
+    entry.holotx_scaling = scaling  # type: ignore[attr-defined]
     entry.__doc__ = update.__doc__
     return entry
 
@@ -345,6 +362,11 @@ def is_own(tx: Any) -> bool:
     """Whether ``tx.update`` is the entry point of a transform holotx built (its math
     runs within the caller's step)."""
     return hasattr(tx.update, "holotx_math")
+
+
+def is_scaling(tx: Any) -> bool:
+    """Whether ``tx`` is a holotx transform declared a scaling (``register(scaling=True)``)."""
+    return getattr(tx.update, "holotx_scaling", False)
 
 
 def _new_plan(updates: Any, state: Any, params: Any, *, donate: bool, donate_updates: bool) -> Plan:
@@ -459,7 +481,7 @@ def finish(step: Step, **extra: Any) -> tuple[Any, Any, Any, bool]:
         new_updates, new_state = call(step.tx, step.updates, step.state, step.params, **extra)
         owned = not plan.compiling and plan.may_write(
             [x for x in tree.flatten(new_updates)[0] if x is not None])
-    return new_updates, new_state, (step.factors[0] if step.factors else None), owned
+    return new_updates, new_state, scale_factor(step.factors), owned
 
 
 def run(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
@@ -626,15 +648,88 @@ def redirect_scale(inner: Any) -> None:
         _local.plan.scale_target = inner.update
 
 
+def ask_scale(inner: Any) -> None:
+    """For a combinator that was asked for its final scaling (it checked
+    :func:`scale_requested` when it started): ask ``inner``, which it runs next. ``chain``
+    asks the transforms of its trailing scalings and the one before them, since a scaling
+    handed over by that one may be applied after the scalings that follow it (each
+    multiplies every leaf by one value: they commute)."""
+    _local.plan.scale_target = inner.update
+
+
+def release_scale(inner: Any) -> None:
+    """Withdraw a request :func:`ask_scale` made of ``inner`` that it did not take."""
+    plan = _local.plan
+    if plan is not None and plan.scale_target is inner.update:
+        plan.scale_target = None
+
+
 def take_scale(factor: Any) -> bool:
     """For a final scaling: hand ``factor`` over if asked (then return the updates
-    unscaled), else return ``False`` (scale them)."""
+    unscaled), else return ``False`` (scale them). ``factor`` is one number or 0-d tensor
+    for every leaf, or a list with one for each leaf of the updates in flattening order
+    (``None`` where the update is ``None``: per-tensor trust ratios). Factors handed over
+    by several transforms multiply (:func:`scale_factor`)."""
     if not scale_requested():
         return False
     plan = _local.plan
     plan.scale_factors.append(factor)
     plan.scale_target = None
     return True
+
+
+def scale_factor(factors: Sequence[Any]) -> Any:
+    """The factors handed over (:func:`take_scale`), together: ``None`` for none, their
+    product where all are scalars, else a list with, per leaf, the tuple of its factors
+    (``None`` where a list has ``None``), to be multiplied in the leaf's precision by
+    :func:`leaf_factor` (a float32 parameter then moves by the same step whether its
+    learning rate was given as a float or a float32 tensor, as with Holocron's
+    ``alpha=-lr * ratio``)."""
+    if not any(isinstance(f, list) for f in factors):
+        out: Any = None
+        for f in factors:
+            out = f if out is None else out * f
+        return out
+    n = next(len(f) for f in factors if isinstance(f, list))
+    per_leaf: list[Any] = [()] * n
+    for f in factors:
+        column = f if isinstance(f, list) else [f] * n
+        per_leaf = [None if a is None or b is None else a + (b if isinstance(b, tuple) else (b,))
+                    for a, b in zip(per_leaf, column)]
+    return per_leaf
+
+
+def leaf_factor(factor: Any, dtype: torch.dtype) -> Any:
+    """One leaf's entry of :func:`scale_factor` as one number (or 0-d tensor): a tuple's
+    factors multiplied as a tensor of ``dtype`` would multiply them (float32 for half
+    precision, the precision in which a foreach kernel takes its scalars); plain eager on
+    the CPU, each 0-d tensor read to the host first."""
+    if not isinstance(factor, tuple):
+        return factor
+    if len(factor) == 1:
+        return factor[0]
+    if any(isinstance(f, torch.Tensor) for f in factor) and not current().host_scalars(
+            [f for f in factor if isinstance(f, torch.Tensor)]):
+        out = factor[0]
+        for f in factor[1:]:
+            out = out * f
+        return out
+    values = [f.item() if isinstance(f, torch.Tensor) else f for f in factor]
+    single = dtype != torch.float64
+    out = _to_float32(values[0]) if single else values[0]
+    for v in values[1:]:
+        # Two float32 values multiply exactly in a double: rounding the product once is
+        # float32 multiplication.
+        out = _to_float32(out * _to_float32(v)) if single else out * v
+    return out
+
+
+def _to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (infinite beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 @contextmanager

@@ -31,7 +31,8 @@ POLICY_NAMES = {"donate", "donate_updates", "inplace", "owns_memory", "final_sca
                 "is_compiling", "_functorch", "get_interpreter_stack", "data_ptr", "untyped_storage",
                 "storage_offset", "may_write", "may_write_into", "mark_state"}
 COMPOSITION_CALLS = {"call", "call_pure", "redirect_scale", "take_scale", "scale_request_to", "prepare",
-                     "evaluate"}
+                     "evaluate", "scale_requested", "ask_scale", "release_scale", "is_scaling",
+                     "scale_factor", "leaf_factor"}
 F64 = torch.float64
 
 
@@ -310,3 +311,110 @@ def test_the_adapter_begins_every_group_before_it_finishes_any():
         step()
     after = snapshot()
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "a group stepped before the failing one"
+
+
+# ------------------------------------------------------------ the final scalings handed over
+
+def _lars_setup():
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64),
+              "none": torch.randn(2, generator=gen, dtype=F64)}
+    grads = [{"w": torch.randn(4, 3, generator=gen, dtype=F64), "b": torch.randn(3, generator=gen, dtype=F64),
+              "none": None} for _ in range(4)]
+    return params, grads
+
+
+def test_a_trust_ratio_before_the_learning_rate_is_handed_over():
+    """LARS: the per-tensor ratios and the learning rate both go to the caller, which
+    applies ``p += lr * r * b`` to the momentum buffer itself (no scaled copy of it)."""
+    params, grads = _lars_setup()
+    tx = holotx.lars(0.1, momentum=0.9, weight_decay=1e-2)
+    state = tx.init(params)
+    updates, new_state, factor, _ = executor.run(tx, _clones(grads[0]), state, params, donate=True,
+                                                 hand_over_scale=True)
+    trace = new_state[0].inner.trace
+    assert updates["w"] is trace["w"]
+    assert updates["b"] is trace["b"]
+    assert isinstance(factor, list)
+    assert len(factor) == 3
+    leaves = holotx.tree.flatten(grads[0])[0]
+    for f, g in zip(factor, leaves):
+        assert (f is None) == (g is None)
+        if f is not None:
+            assert len(f) == 2
+            assert f[1] == -0.1
+    # Pure, the same step gives the product.
+    expected, _ = tx.update(_clones(grads[0]), tx.init(params), params)
+    for key in ("w", "b"):
+        applied = updates[key] * executor.leaf_factor(factor[sorted(params).index(key)], F64)
+        torch.testing.assert_close(applied, expected[key], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb", "ralars", "lookahead_lars", "lookahead_lamb"])
+def test_a_handed_over_trust_ratio_steps_as_the_pure_update(name):
+    """Donated (ratios and lr handed over, applied per tensor, through Lookahead's sync
+    too) and pure steps agree to rounding, None gradients included."""
+    params, grads = _lars_setup()
+    base = {"lars": lambda: holotx.lars(0.1, momentum=0.9, weight_decay=1e-2),
+            "lamb": lambda: holotx.lamb(0.1, weight_decay=1e-2),
+            "ralars": lambda: holotx.ralars(0.1, weight_decay=1e-2)}
+    build = base.get(name) or (lambda: holotx.lookahead(base[name.split("_")[1]](), sync_period=2))
+    tx = build()
+    donated, pure = make_step(tx, donate=True), make_step(tx)
+    p_don, s_don = _clones(params), tx.init(params)
+    p_pure, s_pure = _clones(params), tx.init(params)
+    for g in grads:
+        p_don, s_don = donated(p_don, _clones(g), s_don)
+        p_pure, s_pure = pure(p_pure, _clones(g), s_pure)
+        for key in params:
+            torch.testing.assert_close(p_don[key], p_pure[key], rtol=1e-13, atol=1e-15)
+    assert torch.equal(p_don["none"], params["none"])
+
+
+def test_a_chain_asks_its_trailing_scalings_and_the_transform_before_them():
+    params, grads = _lars_setup()
+    asked: list[str] = []
+
+    def spy(name, inner):
+        def update(updates, state, params=None, **extra):
+            if executor.scale_requested():
+                asked.append(name)
+            return executor.call(inner, updates, state, params, **extra)
+
+        return holotx.base.own_transform(inner.init, update)
+
+    tx = holotx.chain(spy("adam", holotx.scale_by_adam()), spy("clip", holotx.clip_by_global_norm(1.0)),
+                      holotx.scale(2.0), holotx.scale_by_lr(0.1))
+    state = tx.init(params)
+    _, _, factor, _ = executor.run(tx, _clones(grads[0]), state, params, donate=True, hand_over_scale=True)
+    # clip is asked (it hands nothing over: it scales itself), adam is not: a scaling
+    # handed over by adam would be applied after clip, which is no scaling.
+    assert asked == ["clip"]
+    assert factor == pytest.approx(-0.2, rel=1e-15)
+
+
+def test_scale_factor_and_leaf_factor():
+    assert executor.scale_factor([]) is None
+    assert executor.scale_factor([2.0, -0.5]) == -1.0
+    combined = executor.scale_factor([[0.5, None, 3.0], -0.1, [2.0, 1.0, None]])
+    assert combined == [(0.5, -0.1, 2.0), None, None]
+    # float64: the product in double; float32: as a float32 tensor multiplies.
+    assert executor.leaf_factor((0.1, 3.0), F64) == 0.1 * 3.0
+    f32 = (torch.tensor(0.1, dtype=torch.float32) * torch.tensor(3.0, dtype=torch.float32)).item()
+    assert executor.leaf_factor((0.1, 3.0), torch.float32) == f32
+    assert executor.leaf_factor((torch.tensor(0.1, dtype=torch.float32), 3.0), torch.float32) == f32
+    assert executor.leaf_factor((1e30, 1e30), torch.float32) == float("inf")
+    assert executor.leaf_factor(0.25, torch.float32) == 0.25
+
+
+def test_apply_updates_takes_a_factor_per_leaf():
+    params = {"a": torch.ones(2, dtype=F64), "b": torch.ones(3, dtype=F64), "c": torch.ones(1, dtype=F64)}
+    updates = {"a": torch.full((2,), 2.0, dtype=F64), "b": torch.full((3,), 4.0, dtype=F64), "c": None}
+    out = holotx.apply_updates(params, updates, scale=[0.5, (0.25, torch.tensor(2.0, dtype=F64)), None])
+    assert torch.equal(out["a"], torch.full((2,), 2.0, dtype=F64))
+    assert torch.equal(out["b"], torch.full((3,), 3.0, dtype=F64))
+    assert torch.equal(out["c"], params["c"])
+    holotx.apply_updates(params, updates, inplace=True, scale=[0.5, (0.25, 2.0), None])
+    assert torch.equal(params["b"], torch.full((3,), 3.0, dtype=F64))
+    with pytest.raises(ValueError, match="scale has 2 entries for 3 leaves"):
+        holotx.apply_updates(params, updates, scale=[1.0, 1.0])

@@ -57,7 +57,7 @@ def scale(step_size: Scalar) -> GradientTransformation:
         del params, extra
         return _scaled(updates, step_size), state
 
-    return own_transform(init, update)
+    return own_transform(init, update, scaling=True)
 
 
 def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTransformation:
@@ -77,7 +77,7 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
         factor = executor.evaluate(schedule, state.count)
         return _scaled(updates, factor), ScaleByScheduleState(next_count(state.count))
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, scaling=True)
 
 
 def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:

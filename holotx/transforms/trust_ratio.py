@@ -98,7 +98,10 @@ def scale_by_trust_ratio(
 
     def ratios_kernel(u, p, keep):
         dtype = ops.accumulation_dtype(u[0].dtype)
-        r = trust_ratios(torch.stack(ops.norms(p, dtype)), torch.stack(ops.norms(u, dtype)),
+        # realize: on DTensor leaves the norms become plain values (one collective), so the
+        # ratios are read and applied as on plain tensors.
+        r = trust_ratios(ops.realize(torch.stack(ops.norms(p, dtype))),
+                         ops.realize(torch.stack(ops.norms(u, dtype))),
                          trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                          weight_decay=weight_decay)
         (r,) = per_leaf(r)
@@ -153,8 +156,8 @@ def scale_by_trust_ratio(
         if inner is not None:
             # The ratio is one more step after inner, which sees the extras (segments).
             updates, inner_state = executor.call(inner, updates, state.inner, params, **extra)
-            return _scale_leaves(updates, ratios), TrustRatioState(inner_state)
-        return _scale_leaves(updates, ratios), state
+            return _scaled_by_ratios(updates, ratios), TrustRatioState(inner_state)
+        return _scaled_by_ratios(updates, ratios), state
 
     def prepare(state, params):
         if inner is not None:
@@ -168,6 +171,17 @@ def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.
     each tensor's rows (a small scatter-add), in float64."""
     rows = x.reshape(-1, segments.width).to(dtype)
     return segment_sums(rows * rows, segments, out_dtype=scalar_dtype(x.device)).sqrt()
+
+
+def _scaled_by_ratios(updates: Any, ratios: list[Any]) -> Any:
+    """The updates times their ratios. Ratios read to the host (eager, on a CPU) are
+    handed over to a caller that asked for the final scaling: it applies
+    ``p += lr * r * u`` in the pass that adds the updates, as Holocron does, where
+    scaling here would take a pass of its own (and a fresh buffer when the updates are a
+    momentum state, LARS's)."""
+    if all(r is None or isinstance(r, float) for r in ratios) and executor.take_scale(ratios):
+        return updates
+    return _scale_leaves(updates, ratios)
 
 
 def _scale_leaves(updates: Any, factors: list[Any]) -> Any:

@@ -158,5 +158,11 @@ def count_steps(updates: Any, counts: Any, sync_period: int) -> tuple[Any, list[
 
 def scaled(updates: Any, factor: Any) -> Any:
     """``factor * updates`` (replaced): a final scaling the inner transform handed over,
-    applied after all because the wrapper synchronises."""
+    applied after all because the wrapper synchronises. ``factor`` is one scalar, or a
+    list with one per leaf (see :func:`holotx.executor.take_scale`)."""
+    if isinstance(factor, list):
+        def kernel(u, _p, f):
+            return (ops.mul_(u, [executor.leaf_factor(x, y.dtype) for x, y in zip(f, u)]),)
+
+        return multi_tensor_update(kernel, updates, leaf_values=[factor])[0]
     return multi_tensor_update(lambda u, _p: (ops.mul_(u, factor),), updates)[0]

@@ -96,10 +96,10 @@ def lookahead(
         count, flags = count_steps(fast, state.count, sync_period)
         if nothing_syncs(flags):
             if factor:
-                executor.take_scale(factor[0])
+                executor.take_scale(executor.scale_factor(factor))
             return fast, LookaheadState(count, state.slow, inner_state)
         if factor:
-            fast = scaled(fast, factor[0])
+            fast = scaled(fast, executor.scale_factor(factor))
         new_u, slow = synchronize(fast, state.slow, params, flags, sync_rate)
         return new_u, LookaheadState(count, slow, inner_state)
 
