@@ -131,13 +131,6 @@ threads: AdamW 63 -> 57 ms, LARS 38 -> 35, LAMB 48 -> 45, AdEMAMix 62 -> 49 at t
 threads). ``HOLOTX_BATCH_BYTES`` sets it for another cache."""
 
 
-OUT_MIN_NUMEL = 1 << 15
-"""The mean size of the leaves below which an op whose result may go into a dead
-buffer (:meth:`Plan.may_write_into`) makes a fresh one instead: ``out=`` takes one op per
-leaf (about 2 us each on a CPU, against under 1 us per leaf for a foreach kernel), which
-only pays where a fresh buffer would cost more (large ones: page faults)."""
-
-
 def _functorch_kinds() -> frozenset[Any]:
     stack = _functorch.get_interpreter_stack()
     return frozenset(i.key() for i in stack) if stack else frozenset()
@@ -267,8 +260,6 @@ class Plan:
         a write into an input would be an extra pass), a plain tensor (``out=`` is not a
         DTensor op), and not recorded by autograd (an ``out=`` op has no derivative)."""
         if dead is None or self.compiling or not self.may_write(dead) or is_wrapper(dead[0]):
-            return False
-        if sum(x.numel() for x in dead) < OUT_MIN_NUMEL * len(dead):
             return False
         return not self.differentiated(x for xs in inputs for x in xs)
 

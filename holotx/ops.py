@@ -413,7 +413,8 @@ def div_into(xs: TensorList, ys: TensorList) -> TensorList:
     ``torch.div(x, y, out=y)``; foreach kernels have no ``out=``, so elsewhere this is a
     fresh foreach division."""
     plan = current()
-    if plan.may_write_into(ys, xs) and ys[0].device.type == "cpu":
+    # An out= op has no derivative: not while autograd records the numerators either.
+    if plan.may_write(ys) and ys[0].device.type == "cpu" and not plan.differentiated(xs):
         return [torch.div(x, y, out=y) for x, y in zip(xs, ys)]
     return _div(plan, False, xs, ys)
 
