@@ -137,6 +137,56 @@ INVALID_HYPERPARAMETERS: list[tuple[str, Callable[[], object], tuple[str, ...]]]
     ("scale_by_adamp-unknown-projection", lambda: T.scale_by_adamp(projection="layer"), ("projection",)),
     ("scale_by_trust_ratio-inner-not-a-transform", lambda: T.scale_by_trust_ratio(inner=T.trace),
      ("inner",)),
+    # non-finite values: one step would make the params non-finite
+    ("sgd-inf-lr", lambda: holotx.sgd(lr=math.inf), ("lr", "finite")),
+    ("adam-inf-lr", lambda: holotx.adam(lr=-math.inf), ("lr",)),
+    ("adamw-inf-weight_decay", lambda: holotx.adamw(weight_decay=math.inf), ("weight_decay", "finite")),
+    ("tadam-inf-dof", lambda: holotx.tadam(dof=math.inf), ("dof", "finite")),
+    ("adam-inf-eps", lambda: holotx.adam(eps=math.inf), ("eps",)),
+    ("sgd-inf-momentum", lambda: holotx.sgd(0.1, momentum=math.inf), ("momentum",)),
+    # bool options are True or False, never read by truthiness
+    ("adam-amsgrad-string", lambda: holotx.adam(amsgrad="no"), ("amsgrad", "'no'")),
+    ("adamw-amsgrad-int", lambda: holotx.adamw(amsgrad=0), ("amsgrad",)),
+    ("sgd-nesterov-string", lambda: holotx.sgd(0.1, momentum=0.9, nesterov="no"), ("nesterov",)),
+    ("lars-nesterov-string", lambda: holotx.lars(momentum=0.9, nesterov="False"), ("nesterov",)),
+    ("adam-maximize-string", lambda: holotx.adam(maximize="yes"), ("maximize",)),
+    ("lamb-maximize-none", lambda: holotx.lamb(maximize=None), ("maximize",)),
+    ("lars-trust_ratio_mask-string", lambda: holotx.lars(trust_ratio_mask="False"), ("mask",)),
+    ("tadam-amsgrad-string", lambda: holotx.tadam(amsgrad="no"), ("amsgrad",)),
+    ("adabelief-decoupled-string", lambda: holotx.adabelief(decoupled_weight_decay="yes"),
+     ("decoupled_weight_decay",)),
+    ("adamp-nesterov-string", lambda: holotx.adamp(nesterov="yes"), ("nesterov",)),
+    ("ademamix-decoupled-int", lambda: holotx.ademamix(decoupled_weight_decay=1),
+     ("decoupled_weight_decay",)),
+    ("radam-decoupled-string", lambda: holotx.radam(decoupled_weight_decay="no"),
+     ("decoupled_weight_decay",)),
+    ("ralars-force-string", lambda: holotx.ralars(force_adaptive_momentum="no"),
+     ("force_adaptive_momentum",)),
+    ("adan-amsgrad-string", lambda: holotx.adan(amsgrad="no"), ("amsgrad",)),
+    ("scale_by_adam-bias_correction-string", lambda: T.scale_by_adam(bias_correction="no"),
+     ("bias_correction",)),
+    # tensors: 0-d, and in range where their value can be read (a plain CPU tensor)
+    ("adam-1d-tensor-lr", lambda: holotx.adam(lr=torch.tensor([0.1, 0.2])), ("lr", "0-d", "(2,)")),
+    ("adam-1d-tensor-beta", lambda: holotx.adam(betas=(torch.tensor([0.9]), 0.999)), ("betas[0]", "0-d")),
+    ("adam-negative-tensor-lr", lambda: holotx.adam(lr=torch.tensor(-0.1)), ("lr", ">= 0")),
+    ("adam-tensor-beta-one", lambda: holotx.adam(betas=(torch.tensor(1.0), 0.999)), ("betas[0]",)),
+    ("adamw-nan-tensor-weight_decay", lambda: holotx.adamw(weight_decay=torch.tensor(math.nan)),
+     ("weight_decay", "NaN")),
+    ("sgd-bool-tensor-lr", lambda: holotx.sgd(lr=torch.tensor(True)), ("lr", "torch.bool")),
+    ("adam-complex-tensor-lr", lambda: holotx.adam(lr=torch.tensor(0.1 + 0j)), ("lr", "real")),
+    # a schedule where none is taken (only lr takes one)
+    ("adamw-weight_decay-schedule", lambda: holotx.adamw(weight_decay=lambda count: 0.01),
+     ("weight_decay", "schedule")),
+    ("adam-eps-schedule", lambda: holotx.adam(eps=holotx.constant_schedule(1e-8)), ("eps", "schedule")),
+    ("adam-beta-schedule", lambda: holotx.adam(betas=(lambda count: 0.9, 0.999)), ("betas[0]", "schedule")),
+    ("sgd-momentum-schedule", lambda: holotx.sgd(0.1, momentum=lambda count: 0.9), ("momentum",)),
+    ("lars-trust_coefficient-schedule", lambda: holotx.lars(trust_coefficient=lambda c: 1.0),
+     ("trust_coefficient",)),
+    ("ademamix-alpha-schedule", lambda: holotx.ademamix(alpha=lambda c: 5.0), ("alpha", "schedule")),
+    # wrong types
+    ("adam-none-eps", lambda: holotx.adam(eps=None), ("eps",)),
+    ("adam-list-lr", lambda: holotx.adam(lr=[0.1]), ("lr",)),
+    ("sgd-bool-lr", lambda: holotx.sgd(lr=True), ("lr",)),
 ]
 
 
@@ -147,6 +197,94 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(make, words):
         make()
     for word in words:
         assert word in str(info.value), f"{word!r} not in message {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: holotx.sgd(lr="0.1"),
+    lambda: holotx.adam(amsgrad="no"),
+    lambda: holotx.adamw(weight_decay=lambda count: 0.01),
+    lambda: holotx.adam(eps=None),
+    lambda: holotx.lars(trust_ratio_mask="False"),
+], ids=["string-lr", "string-flag", "schedule", "none", "string-mask"])
+def test_a_wrong_type_is_a_type_error_too(make):
+    """torch.optim raises TypeError for a value of the wrong type: so does holotx, with
+    an error that is a ValueError too (like every other bad hyperparameter)."""
+    with pytest.raises(TypeError):
+        make()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "radam", "lars", "lamb", "ralars", "tadam",
+                                  "adabelief", "adamp", "adan", "ademamix"])
+def test_numpy_scalars_are_numbers(name):
+    """NumPy scalars are taken as the numbers they hold (torch.optim takes them): the
+    same steps, bit for bit, as with the Python floats they round to."""
+    import numpy as np
+
+    make = getattr(holotx, name)
+    given = make(np.float32(0.1), weight_decay=np.float32(0.01))
+    floats = make(float(np.float32(0.1)), weight_decay=float(np.float32(0.01)))
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 2, generator=gen, dtype=F64)}
+    state_a, state_b = given.init(params), floats.init(params)
+    for _ in range(3):
+        grads = {"w": torch.randn(3, 2, generator=gen, dtype=F64)}
+        u_a, state_a = given.update(grads, state_a, params)
+        u_b, state_b = floats.update(grads, state_b, params)
+        assert torch.equal(u_a["w"], u_b["w"])
+    if name in ("adam", "adamw", "radam", "lamb", "ralars", "tadam", "adabelief", "adamp"):
+        betas = (np.float32(0.9), np.float32(0.99))
+        given = make(0.1, betas=betas)
+        floats = make(0.1, betas=tuple(float(b) for b in betas))
+        state_a, state_b = given.init(params), floats.init(params)
+        for _ in range(3):
+            grads = {"w": torch.randn(3, 2, generator=gen, dtype=F64)}
+            u_a, state_a = given.update(grads, state_a, params)
+            u_b, state_b = floats.update(grads, state_b, params)
+            assert torch.equal(u_a["w"], u_b["w"])
+
+
+@pytest.mark.parametrize("value", [math.nan, -0.1, math.inf, "0.1", None, torch.tensor(-1.0)],
+                         ids=["nan", "negative", "inf", "string", "none", "negative-tensor"])
+def test_a_bad_lr_from_a_schedule_names_lr_and_changes_nothing(value):
+    """A schedule's value is checked in the step's first phase, before any buffer is
+    written: the donated step raises naming lr, and params and state are as they were."""
+    from holotx.flat import make_step
+
+    def schedule(count):
+        return value if int(count) == 1 else 1e-3
+
+    tx = holotx.adamw(lr=schedule)
+    params = {"w": torch.randn(3, dtype=F64)}
+    state = tx.init(params)
+    step = make_step(tx, donate=True)
+    params, state = step(params, {"w": torch.randn(3, dtype=F64)}, state)
+    before = [x.clone() for x in holotx.tree.flatten((params, state))[0] if isinstance(x, torch.Tensor)]
+    with pytest.raises(ValueError, match="lr schedule returned"):
+        step(params, {"w": torch.randn(3, dtype=F64)}, state)
+    after = [x for x in holotx.tree.flatten((params, state))[0] if isinstance(x, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize(("key", "value", "word"), [
+    ("amsgrad", "no", "amsgrad"), ("lr", math.nan, "lr"), ("lr", -1.0, "lr"),
+    ("weight_decay", math.inf, "weight_decay"), ("maximize", "yes", "maximize")])
+def test_an_edited_param_group_is_checked_before_any_group_steps(key, value, word):
+    from holotx.adapters import TransformOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, generator=gen, dtype=F64, requires_grad=True) for _ in range(2)]
+    opt = TransformOptimizer([{"params": [params[0]]}, {"params": [params[1]]}], holotx.adamw, lr=0.1)
+    for p in params:
+        p.grad = torch.randn(3, generator=gen, dtype=F64)
+    opt.step()
+    opt.param_groups[1][key] = value
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError) as info:
+        opt.step()
+    assert word in str(info.value)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state_before.items())
 
 
 @pytest.mark.parametrize("make", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.transforms import add_decayed_weights, scale
 
@@ -17,7 +18,7 @@ def is_zero(value: Any) -> bool:
 
 def maximize_first(maximize: bool) -> list[GradientTransformation]:
     """``[scale(-1)]`` to ascend instead of descend (torch's ``maximize``), else ``[]``."""
-    return [scale(-1.0)] if maximize else []
+    return [scale(-1.0)] if _validate.flag("maximize", maximize) else []
 
 
 COMPAT_MODES = (None, "holocron")

@@ -44,6 +44,7 @@ def adabelief(
     """
     holocron = holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)
+    _validate.flag("decoupled_weight_decay", decoupled_weight_decay)
     _validate.non_negative("weight_decay", weight_decay)
     decay = decay_or_nothing(weight_decay)
     return chain(

@@ -18,7 +18,9 @@ def proximal_lr(lr: ScalarOrSchedule, weight_decay: Scalar) -> ScalarOrSchedule:
     Adan's proximal one: :math:`\theta \leftarrow (\theta - \alpha u)/(1 + \alpha\lambda)`
     is :math:`\theta - \frac{\alpha}{1+\alpha\lambda}(u + \lambda\theta)`. A schedule
     gives a schedule."""
-    _validate.non_negative("lr", lr)
+    if not callable(lr):
+        _validate.non_negative("lr", lr)
+    lr, weight_decay = _validate.python_number(lr), _validate.python_number(weight_decay)
     if is_zero(weight_decay):
         return lr
     if callable(lr):

@@ -45,6 +45,7 @@ def ademamix(
     """
     holocron_mode(compat)
     b1, b2, b3 = _validate.betas("betas", betas, 3)
+    _validate.flag("decoupled_weight_decay", decoupled_weight_decay)
     _validate.non_negative("weight_decay", weight_decay)
     decay = decay_or_nothing(weight_decay)
     return chain(

@@ -28,6 +28,7 @@ def radam(
     :math:`\rho_t > 5`. Names and defaults are torch's.
     """
     b1, b2 = _validate.betas("betas", betas)
+    _validate.flag("decoupled_weight_decay", decoupled_weight_decay)
     _validate.non_negative("weight_decay", weight_decay)
     decay = decay_or_nothing(weight_decay)
     return chain(

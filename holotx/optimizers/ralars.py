@@ -53,6 +53,7 @@ def ralars(
     """
     holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)
+    _validate.flag("force_adaptive_momentum", force_adaptive_momentum)
     _validate.non_negative("weight_decay", weight_decay)
     return chain(
         *maximize_first(maximize),

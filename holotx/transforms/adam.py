@@ -137,7 +137,8 @@ def scale_by_adam(
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
-    corrected = bias_correction
+    _validate.flag("amsgrad", amsgrad)
+    corrected = _validate.flag("bias_correction", bias_correction)
 
     def init(params):
         return ScaleByAdamState(

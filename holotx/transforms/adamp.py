@@ -130,6 +130,8 @@ def scale_by_adamp(
     _validate.non_negative("delta", delta)
     _validate.non_negative("weight_decay", weight_decay)
     _validate.non_negative("wd_ratio", wd_ratio)
+    _validate.flag("nesterov", nesterov)
+    _validate.flag("amsgrad", amsgrad)
     if projection not in ("official", "holocron"):
         raise ValueError(f"projection must be 'official' or 'holocron', got {projection!r}")
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)

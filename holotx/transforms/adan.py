@@ -62,6 +62,8 @@ def scale_by_adan(
     for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
         _validate.in_unit_interval(name, beta)
     _validate.non_negative("eps", eps)
+    _validate.flag("amsgrad", amsgrad)
+    _validate.flag("track_previous_grad", track_previous_grad)
 
     def init(params):
         return ScaleByAdanState(init_counts(params), zeros_like(params), zeros_like(params),

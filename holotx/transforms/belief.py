@@ -53,6 +53,8 @@ def scale_by_belief(
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
+    _validate.flag("amsgrad", amsgrad)
+    _validate.flag("eps_in_variance", eps_in_variance)
 
     def init(params):
         return ScaleByBeliefState(init_counts(params), zeros_like(params), zeros_like(params),

@@ -33,7 +33,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
     factor stays a 0-d tensor. (``torch.nn.utils.clip_grad_norm_`` adds 1e-6 to the norm;
     this does not.)
     """
-    _validate.positive("max_norm", max_norm)
+    _validate.positive("max_norm", max_norm, finite=False)  # inf: no clipping
 
     def init(params):
         del params

@@ -107,6 +107,8 @@ def scale_by_radam(
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
+    _validate.flag("force_adaptive", force_adaptive)
+    _validate.flag("eps_after_correction", eps_after_correction)
     if not isinstance(threshold, torch.Tensor) and not threshold >= 4:
         raise ValueError(f"threshold must be >= 4 (the rectifier needs rho_t > 4), got {threshold!r}")
 

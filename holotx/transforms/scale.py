@@ -87,7 +87,12 @@ def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:
     ``count -> lr``; with a schedule the state counts the steps.
     """
     if callable(lr):
-        return scale_by_schedule(lambda count: -lr(count))
+        def negated(count):
+            value = lr(count)
+            _validate.schedule_value("lr", value)  # before any buffer is written (prepare)
+            return -value
+
+        return scale_by_schedule(negated)
     _validate.non_negative("lr", lr)
     return scale(-lr)
 

@@ -74,6 +74,7 @@ def scale_by_tadam(
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)
     _validate.non_negative("eps", eps)
+    _validate.flag("amsgrad", amsgrad)
     if dof is not None:
         _validate.positive("dof", dof)
     if not isinstance(b1, torch.Tensor) and b1 == 0:

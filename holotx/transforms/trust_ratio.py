@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from holotx import _validate, executor, ops, tree
@@ -89,6 +90,10 @@ def scale_by_trust_ratio(
     _validate.non_negative("trust_coefficient", trust_coefficient)
     _validate.non_negative("weight_decay", weight_decay)
     scale_clip = _validate.scale_clip("scale_clip", scale_clip)
+    if mask is not None and not (isinstance(mask, (bool, np.bool_)) or callable(mask)
+                                 or isinstance(mask, (dict, list, tuple))):
+        raise _validate.HyperparameterTypeError(
+            f"mask must be a bool, a pytree of bools or a function params -> mask, got {mask!r}")
     if inner is not None and not isinstance(inner, GradientTransformation):
         raise ValueError(f"inner must be a GradientTransformation, got {inner!r}")
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
@@ -143,7 +148,7 @@ def scale_by_trust_ratio(
             from holotx.combine import _resolve
 
             keep = ([True] * len(g_leaves) if mask is None
-                    else [bool(k) for k in _resolve(mask, params, "trust ratio mask")])
+                    else [_mask_flag(k) for k in _resolve(mask, params, "trust ratio mask")])
             kernel, values = ratios_kernel, keep
         # The ratios come back as the "updates" of a kernel: one per leaf.
         ratio_tree, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True,
@@ -164,6 +169,14 @@ def scale_by_trust_ratio(
             executor.prepare(inner, state.inner, params)
 
     return own_transform(init, update, prepare)
+
+
+def _mask_flag(value: Any) -> bool:
+    """One leaf's mask entry: a bool (a 1-element bool tensor too), never read by
+    truthiness (a mask of strings would keep every leaf in)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
+        return bool(value)
+    return _validate.flag("trust ratio mask", value)
 
 
 def _segment_norms(x: torch.Tensor, segments: Any, dtype: torch.dtype) -> torch.Tensor:
