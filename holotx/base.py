@@ -76,7 +76,18 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     optax's) is a plain :class:`GradientTransformation` and is always run pure.
     ``scaling=True`` declares that ``update`` multiplies each leaf by one value (see
     :func:`holotx.executor.register`)."""
-    return GradientTransformation(init, executor.register(update, prepare, scaling=scaling))
+    state_type: list[type] = []
+
+    def recording_init(params: Params) -> State:
+        state = init(params)
+        # (A stateless transform's EmptyState is not checked: it takes what it is given.)
+        if not state_type and not isinstance(state, EmptyState):
+            state_type.append(type(state))
+        return state
+
+    recording_init.__doc__ = init.__doc__
+    return GradientTransformation(recording_init,
+                                  executor.register(update, prepare, scaling=scaling, state_type=state_type))
 
 
 def identity() -> GradientTransformation:
@@ -137,6 +148,14 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
+    if inplace and len({id(p) for p in ps}) != len(ps):
+        paths = tree.path_strings(treespec)
+        seen: dict[int, int] = {}
+        for i in idx:
+            j = seen.setdefault(id(p_leaves[i]), i)
+            if j != i:
+                raise ValueError(f"params at {paths[j]} and at {paths[i]} are the same tensor: "
+                                 "updated in place, it would take both steps")
     if isinstance(scale, list):
         alphas = [_host_alpha(executor.leaf_factor(scale[i], p_leaves[i].dtype)) for i in idx]
         if inplace:

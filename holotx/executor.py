@@ -314,7 +314,7 @@ def _planned(plan: Plan | None) -> Iterator[Plan | None]:
 
 def register(update: Callable[..., Any],
              prepare: Callable[[Any, Any], None] | None = None, *,
-             scaling: bool = False) -> Callable[..., Any]:
+             scaling: bool = False, state_type: Sequence[type] = ()) -> Callable[..., Any]:
     """Wrap the math of a holotx transform's ``update`` as its entry point.
 
     Called by a caller outside any step, the entry starts one: a pure step by default,
@@ -330,12 +330,21 @@ def register(update: Callable[..., Any],
 
     ``scaling=True`` declares the transform a final scaling: it multiplies each update by
     one value per leaf (a number, a schedule's value), so a scaling handed over before it
-    may be applied after it (see :func:`chain`'s use of :func:`ask_scale`)."""
+    may be applied after it (see :func:`chain`'s use of :func:`ask_scale`).
+
+    ``state_type`` holds the type of the state the transform's ``init`` returned, once it
+    has run: a state of another type (another transform's, or ``update``'s arguments in
+    the wrong order) is refused by name before anything runs."""
 
     def entry(updates, state, params=None, *, donate: bool = False, donate_updates: bool | None = None,
               **extra):
+        if state_type and type(state) is not state_type[0]:
+            raise ValueError(f"state is a {type(state).__name__}, not the {state_type[0].__name__} this "
+                             "transform's init returns: a state from another transform, or update's "
+                             "arguments in the wrong order? (update(updates, state, params))")
         plan = _active()
         if plan is None:
+            check_params(updates, params)
             plan = _new_plan(updates, state, params, donate=donate,
                              donate_updates=donate if donate_updates is None else donate_updates)
             with _planned(plan):
@@ -462,6 +471,8 @@ def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = Fals
     ``tx``. A caller with several steps to take together (the adapter's param groups)
     begins them all before it finishes any, so that a schedule that raises in the last
     leaves the first unchanged too."""
+    if is_own(tx):
+        check_params(updates, params)
     plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
     # The caller applies the updates and then drops them: it only reads them.
     plan.updates_read_only = True
@@ -539,6 +550,7 @@ def multi_tensor_update(
     """
     names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
     g_leaves, spec = tree.flatten(updates)
+    _check_tensors(g_leaves, spec)
     for values in leaf_values:
         if len(values) != len(g_leaves):
             raise ValueError(f"leaf_values has {len(values)} entries for {len(g_leaves)} leaves")
@@ -580,6 +592,11 @@ def multi_tensor_update(
             # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
             wrapped = is_wrapper(g)
             groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
+    for (_, dtype, _), idx in groups.items():
+        if not dtype.is_floating_point:
+            raise ValueError(f"updates at {tree.path_strings(spec)[idx[0]]} has dtype {dtype}: holotx steps "
+                             "floating-point tensors (an integer parameter cannot take a fractional step; "
+                             "complex parameters are not supported)")
 
     plan = current()
     new_u: list[Any] = [None] * len(g_leaves)
@@ -611,6 +628,26 @@ def multi_tensor_update(
     return tree.unflatten(spec, new_u), [
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]
+
+
+def _check_tensors(leaves: list[Any], spec: Any) -> None:
+    """Every leaf of the updates is a tensor or ``None``."""
+    for i, g in enumerate(leaves):
+        if g is not None and not isinstance(g, torch.Tensor):
+            raise ValueError(f"updates at {tree.path_strings(spec)[i]} is a {type(g).__name__}, not a tensor "
+                             "(or None for no gradient)")
+
+
+def check_params(updates: Any, params: Any) -> None:
+    """At the start of a step: ``params``, where given, has the structure of the updates
+    and the same shape at every leaf, whether or not the transform reads them (nothing
+    broadcasts: a ``(1, 3)`` gradient for a ``(3,)`` parameter is an error)."""
+    if params is None or torch.compiler.is_compiling():
+        return
+    g_leaves, spec = tree.flatten(updates)
+    _check_tensors(g_leaves, spec)
+    p_leaves = tree.leaves_matching(params, spec, "params", "updates")
+    tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params", dtype=False, device=False)
 
 
 def _replicating() -> contextlib.AbstractContextManager[Any]:

@@ -78,6 +78,10 @@ def inject_hyperparams(
         numeric = {k: v for k, v in arguments.items()
                    if k not in static and k not in schedules and _is_numeric(v)}
         fixed = {k: v for k, v in arguments.items() if k not in schedules and k not in numeric}
+        # The factory checks the values now, as it would un-injected (schedules at step 0),
+        # rather than at init.
+        zero = torch.zeros((), dtype=torch.int64)
+        factory(**fixed, **numeric, **{k: s(zero) for k, s in schedules.items()})
 
         def as_tensor(value: Any, device: torch.device) -> Any:
             dtype = hyperparam_dtype or (torch.float32 if device.type == "mps" else torch.float64)

@@ -164,6 +164,9 @@ def check_leaves(
     for i, (a, b) in enumerate(zip(ref, other)):
         if a is None or b is None:
             continue
+        if not isinstance(b, torch.Tensor):
+            raise ValueError(f"{other_name} at {path_strings(treespec)[i]} is a {type(b).__name__}, "
+                             "not a tensor")
         what = None
         if shape and a.shape != b.shape:
             what = f"shape {tuple(b.shape)} where {ref_name} has {tuple(a.shape)}"

@@ -511,3 +511,96 @@ def test_apply_updates_mismatch_raises_naming_path(mismatch, inplace):
     for k, v in params.items():  # the check runs before anything is written
         for n, t in v.items():
             assert torch.equal(t, before[k][n])
+
+
+# --------------------------------------------------------------------------- 4. trees and dtypes
+
+def _snapshot(*trees):
+    return [x.clone() for t in trees for x in holotx.tree.flatten(t)[0] if isinstance(x, torch.Tensor)]
+
+
+def _unchanged(before, *trees):
+    after = [x for t in trees for x in holotx.tree.flatten(t)[0] if isinstance(x, torch.Tensor)]
+    return len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("leaf", [1.0, "g", [1.0, 2.0]], ids=["float", "str", "list"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "lamb", "tadam", "lookahead"])
+def test_a_leaf_that_is_not_a_tensor_is_named(name, leaf):
+    make = {"sgd": lambda: holotx.sgd(0.1, momentum=0.9), "adam": lambda: holotx.adam(0.1),
+            "lamb": lambda: holotx.lamb(0.1), "tadam": lambda: holotx.tadam(0.1),
+            "lookahead": lambda: holotx.lookahead(holotx.adam(0.1))}[name]
+    params = make_params()
+    tx = make()
+    state = tx.init(params)
+    grads = good_grads()
+    grads["head"]["w"] = leaf
+    before = _snapshot(params, state)
+    with pytest.raises(ValueError, match=r"\['head'\]\['w'\]"):
+        tx.update(grads, state, params, donate=True)
+    assert _unchanged(before, params, state)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "lamb", "tadam", "adan", "lookahead"])
+def test_a_state_from_another_transform_or_swapped_arguments_is_named(name):
+    make = {"sgd": lambda: holotx.sgd(0.1, momentum=0.9), "adam": lambda: holotx.adam(0.1),
+            "lamb": lambda: holotx.lamb(0.1), "tadam": lambda: holotx.tadam(0.1),
+            "adan": lambda: holotx.adan(0.1), "lookahead": lambda: holotx.lookahead(holotx.adam(0.1))}[name]
+    params = make_params()
+    tx = make()
+    state = tx.init(params)
+    other = (holotx.scale_by_adam(),) if name == "sgd" else (T.trace(0.9), T.scale(1.0))
+    other_state = holotx.chain(*other).init(params)
+    with pytest.raises(ValueError, match="state"):
+        tx.update(good_grads(), other_state, params)
+    with pytest.raises(ValueError, match=r"wrong order|does not match"):
+        tx.update(good_grads(), params, state)  # state and params swapped
+    tx.update(good_grads(), state, params)  # control
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "scale_by_adam"])
+def test_params_are_checked_against_grads_even_where_the_rule_does_not_read_them(name):
+    """A (1, 3) gradient for a (3,) parameter is refused though Adam never reads params."""
+    tx = {"adam": lambda: holotx.adam(0.1), "sgd": lambda: holotx.sgd(0.1),
+          "scale_by_adam": lambda: holotx.scale_by_adam()}[name]()
+    params = {"w": torch.randn(3, dtype=F64)}
+    state = tx.init({"w": torch.randn(1, 3, dtype=F64)})
+    with pytest.raises(ValueError, match=r"params at \['w'\] has shape \(3,\) where updates has \(1, 3\)"):
+        tx.update({"w": torch.randn(1, 3, dtype=F64)}, state, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("name", ["sgd", "adam", "lars"])
+def test_parameters_that_are_not_floating_point_are_refused(name, dtype):
+    """SGD used to truncate an integer step silently, Adam failed in a foreach kernel,
+    and complex ones went through real formulas: each is now refused by path."""
+    tx = {"sgd": lambda: holotx.sgd(0.1), "adam": lambda: holotx.adam(0.1),
+          "lars": lambda: holotx.lars(0.1)}[name]()
+    params = {"ok": torch.randn(2, dtype=F64), "bad": torch.ones(3, dtype=dtype)}
+    state = tx.init(params)
+    before = _snapshot(params, state)
+    with pytest.raises(ValueError, match=r"updates at \['bad'\] has dtype"):
+        tx.update({"ok": torch.randn(2, dtype=F64), "bad": torch.ones(3, dtype=dtype)}, state, params,
+                  donate=True)
+    assert _unchanged(before, params, state)
+
+
+def test_one_tensor_under_two_paths_is_not_stepped_twice():
+    shared = torch.zeros(3, dtype=F64)
+    params = {"a": shared, "b": shared}
+    updates = {"a": torch.ones(3, dtype=F64), "b": torch.ones(3, dtype=F64)}
+    with pytest.raises(ValueError, match=r"\['a'\] and at \['b'\] are the same tensor"):
+        holotx.apply_updates(params, updates, inplace=True)
+    assert torch.equal(shared, torch.zeros(3, dtype=F64))
+    out = holotx.apply_updates(params, updates)  # pure: two new tensors, nothing shared is written
+    assert torch.equal(out["a"], torch.ones(3, dtype=F64))
+
+
+def test_inject_hyperparams_checks_its_numbers_when_built():
+    with pytest.raises(ValueError, match="lr"):
+        holotx.inject_hyperparams(holotx.adam)(lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        holotx.inject_hyperparams(holotx.adam)(lr=0.1, betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="lr"):
+        holotx.inject_hyperparams(holotx.adam)(lr=lambda count: -0.1)
+    holotx.inject_hyperparams(holotx.adam)(lr=lambda count: 0.1 / (1 + count))  # control
