@@ -19,6 +19,7 @@ from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import scale
 
+from . import _formats
 from ._fused import FusedGroup, FusionRefused
 from ._layout import StateLayout
 
@@ -446,6 +447,23 @@ class TransformOptimizer(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------
 
+    def state_dict(self, format: str | None = None) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``. ``format="torch"`` writes it in the layout
+        of the torch.optim twin of this optimizer's factory (``holotx.sgd``, ``adam``,
+        ``adamw``, ``radam``: torch.optim's SGD, Adam, AdamW, RAdam), which that class
+        loads and continues; :meth:`load_state_dict` reads either layout."""
+        if format is None:
+            return super().state_dict()
+        if format != "torch":
+            raise ValueError(f"format must be None or 'torch', got {format!r}")
+        if self._factory not in _formats.TORCH_KEYS:
+            raise ValueError(f"{_name(self._factory)} has no torch.optim twin to write a checkpoint for "
+                             f"(those that do: {', '.join(_formats.TORCH_NAMES.values())})")
+        state_dict = super().state_dict()
+        state_dict["state"] = {i: _formats.to_torch(self._factory, entry)
+                               for i, entry in state_dict["state"].items()}
+        return state_dict
+
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`. Everything is checked before anything changes: a
@@ -491,7 +509,7 @@ class TransformOptimizer(Optimizer):
             entries = [saved_state.get(i) for i in saved["params"]]
             if any(e is not None for e in entries):
                 layout = self._layout_for(candidate)
-                new_state.update(_checked_entries(g, group, entries, layout))
+                new_state.update(_checked_entries(g, group, entries, layout, self._factory))
             new_groups.append(candidate)
         # Nothing above changed the optimizer: now it takes the checkpoint.
         self.state.clear()
@@ -598,8 +616,10 @@ class _GroupRuntime:
 
 
 def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
-                     layout: StateLayout) -> dict[torch.Tensor, dict[str, Any]]:
-    """The checkpoint's entries for one group, checked against its layout and cast."""
+                     layout: StateLayout, factory: Any = None) -> dict[torch.Tensor, dict[str, Any]]:
+    """The checkpoint's entries for one group, checked against its layout and cast. An
+    entry in torch.optim's layout, for a factory with a torch.optim twin, is renamed first
+    (:mod:`adapters._formats`)."""
     params = group["params"]
     names = group.get("param_names")
     expected_keys = layout.keys_per_param(len(params))
@@ -616,6 +636,8 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
         if not isinstance(entry, dict):
             raise ValueError(f"{label}: its state in the checkpoint is a {type(entry).__name__}, not a dict")
         entry = _dotted(entry)
+        if set(entry) != expected_keys[i]:
+            entry = _formats.from_torch(factory, entry, expected_keys[i], label) or entry
         missing = sorted(expected_keys[i] - set(entry))
         unexpected = sorted(set(entry) - expected_keys[i])
         if missing or unexpected:
