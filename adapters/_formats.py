@@ -1,4 +1,4 @@
-"""Checkpoints in torch.optim's layout.
+"""Checkpoints in torch.optim's and Holocron's layouts.
 
 holotx's ``sgd``, ``adam``, ``adamw`` and ``radam`` compute torch.optim's SGD, Adam, AdamW
 and RAdam; through :class:`~holotx.adapters.TransformOptimizer` they keep the same state
@@ -11,6 +11,14 @@ is not a whole number >= 0 is refused. SGD with dampening counts steps in holotx
 first buffer is the undampened gradient) and not in torch: a torch checkpoint that has a
 buffer has taken a step, so its count is 1 (enough for the rule, which only asks whether
 the first step is past).
+
+Holocron 0.3.0's eight (``pylocron``) keep their state under torch's names too, with an
+int ``step``; :func:`from_holocron` renames them for the drop-in classes of
+``holotx.adapters`` (made with ``compat="holocron"`` to continue a Holocron run as
+Holocron would). What holotx does not keep is dropped: LAMB's and RaLars' ``local_lr``
+(the last step's ratio, written and never read) and Adan's ``prev_grad`` (Holocron never
+updates it: always zeros). TAdam's ``W_t``, a 1-element tensor of the params' dtype,
+becomes the 0-d float64 ``weight_sum``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,71 @@ TORCH_KEYS: dict[Any, dict[str, str]] = {
 """torch.optim's state key -> holotx's, for the factories that have a torch.optim twin."""
 
 TORCH_NAMES = {holotx.sgd: "SGD", holotx.adam: "Adam", holotx.adamw: "AdamW", holotx.radam: "RAdam"}
+
+
+_HOLOCRON_ADAM = {"step": "count", "exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"}
+
+HOLOCRON_KEYS: dict[Any, tuple[dict[str, str], frozenset[str]]] = {
+    holotx.lars: ({"momentum_buffer": "inner.trace"}, frozenset()),
+    holotx.lamb: (_HOLOCRON_ADAM, frozenset({"local_lr"})),
+    holotx.ralars: (_HOLOCRON_ADAM, frozenset({"local_lr"})),
+    holotx.tadam: ({**_HOLOCRON_ADAM, "W_t": "weight_sum"}, frozenset()),
+    holotx.adabelief: (_HOLOCRON_ADAM, frozenset()),
+    holotx.adamp: (_HOLOCRON_ADAM, frozenset()),
+    # Holocron's Adan names its two second buffers the other way round from the paper:
+    # its exp_avg_sq averages the gradient differences, its exp_avg_delta the squares.
+    holotx.adan: ({"step": "count", "exp_avg": "mu", "exp_avg_sq": "diff_avg", "exp_avg_delta": "nu",
+                   "max_exp_avg_delta": "nu_max"}, frozenset({"prev_grad"})),
+    holotx.ademamix: ({"step": "count", "exp_avg": "mu", "exp_avg_sq": "nu", "exp_avg_slow": "mu_slow"},
+                      frozenset()),
+}
+"""Holocron's state key -> holotx's, and the keys holotx drops, per factory."""
+
+
+def from_holocron(factory: Any, entry: dict[str, Any], expected: set[str],
+                  label: str) -> dict[str, Any] | None:
+    """A pylocron 0.3.0 state entry in holotx's keys, or ``None`` when ``entry`` is not in
+    the layout of ``factory``'s Holocron class."""
+    if factory not in HOLOCRON_KEYS:
+        return None
+    keys, dropped = HOLOCRON_KEYS[factory]
+    kept = {k: v for k, v in entry.items() if k not in dropped}
+    if not set(kept) <= set(keys):
+        return None
+    out = {keys[k]: v for k, v in kept.items()}
+    if "inner.count" in expected and "inner.count" not in out and "inner.trace" in out:
+        out["inner.count"] = torch.ones((), dtype=torch.int64)  # a buffer: past its first step
+    if set(out) != expected:
+        return None
+    if "step" in entry:
+        out["count"] = _count(entry["step"], label)
+    if "W_t" in entry:
+        w = entry["W_t"]
+        if not isinstance(w, torch.Tensor) or w.numel() != 1:
+            raise ValueError(f"{label}, key 'W_t': expected a 1-element tensor, got {w!r}")
+        out["weight_sum"] = w.detach().reshape(()).to(torch.float64)
+    return out
+
+
+def to_holocron(factory: Any, entry: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    """One param's holotx state in pylocron 0.3.0's layout: ``step`` a Python int, TAdam's
+    ``W_t`` a 1-element tensor, Adan's ``prev_grad`` zeros (Holocron reads it and never
+    updates it); LARS's count, which Holocron does not keep, is left out."""
+    keys, _ = HOLOCRON_KEYS[factory]
+    inverse = {v: k for k, v in keys.items()}
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key == "inner.count":
+            continue
+        if key == "count":
+            out["step"] = int(value)
+        elif key == "weight_sum":
+            out["W_t"] = value.detach().reshape(1).to(param.dtype)
+        else:
+            out[inverse[key]] = value
+    if factory is holotx.adan:
+        out["prev_grad"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return out
 
 
 def from_torch(factory: Any, entry: dict[str, Any], expected: set[str], label: str) -> dict[str, Any] | None:

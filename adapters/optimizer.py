@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, required
 
-from holotx import executor, tree
+from holotx import _validate, executor, tree
 from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import scale
@@ -185,6 +185,7 @@ class TransformOptimizer(Optimizer):
         (its transform is built once to find out)."""
         if self._factory is None:
             _validate_lr(group.get("lr"))
+        _validate.flag("maximize", group.get("maximize", False))
         for name in self._tensor_args:
             value = group.get(name)
             if isinstance(value, torch.Tensor) and value.numel() != 1:
@@ -349,7 +350,7 @@ class TransformOptimizer(Optimizer):
         if self._factory is None:
             _validate_lr(group.get("lr"))
         values, lr = self._hyperparameters(group, compiling)
-        maximize = group.get("maximize", False)
+        maximize = _validate.flag("maximize", group.get("maximize", False))
         if compiling:  # the numbers are new 0-d tensors on every call: nothing to reuse
             return self._transform_from(values, maximize), lr
         # The group's transform is rebuilt only when a value in its dict changed (a
@@ -451,17 +452,27 @@ class TransformOptimizer(Optimizer):
         """``torch.optim.Optimizer.state_dict``. ``format="torch"`` writes it in the layout
         of the torch.optim twin of this optimizer's factory (``holotx.sgd``, ``adam``,
         ``adamw``, ``radam``: torch.optim's SGD, Adam, AdamW, RAdam), which that class
-        loads and continues; :meth:`load_state_dict` reads either layout."""
+        loads and continues; ``format="holocron"`` in pylocron 0.3.0's (Holocron's eight,
+        to be continued by Holocron's class from a ``compat="holocron"`` run). Both are
+        read back by :meth:`load_state_dict` (see ``adapters/_formats.py``)."""
         if format is None:
             return super().state_dict()
-        if format != "torch":
-            raise ValueError(f"format must be None or 'torch', got {format!r}")
-        if self._factory not in _formats.TORCH_KEYS:
-            raise ValueError(f"{_name(self._factory)} has no torch.optim twin to write a checkpoint for "
-                             f"(those that do: {', '.join(_formats.TORCH_NAMES.values())})")
+        if format not in ("torch", "holocron"):
+            raise ValueError(f"format must be None, 'torch' or 'holocron', got {format!r}")
+        keys = _formats.TORCH_KEYS if format == "torch" else _formats.HOLOCRON_KEYS
+        if self._factory not in keys:
+            twins = ", ".join(_name(f) for f in keys)
+            library = "torch.optim" if format == "torch" else "Holocron"
+            raise ValueError(f"{_name(self._factory)} has no {library} twin to write a checkpoint for "
+                             f"(those that do: {twins})")
         state_dict = super().state_dict()
-        state_dict["state"] = {i: _formats.to_torch(self._factory, entry)
-                               for i, entry in state_dict["state"].items()}
+        if format == "torch":
+            state_dict["state"] = {i: _formats.to_torch(self._factory, entry)
+                                   for i, entry in state_dict["state"].items()}
+        else:
+            params = [p for group in self.param_groups for p in group["params"]]
+            state_dict["state"] = {i: _formats.to_holocron(self._factory, entry, params[i])
+                                   for i, entry in state_dict["state"].items()}
         return state_dict
 
     @torch._disable_dynamo
@@ -471,13 +482,13 @@ class TransformOptimizer(Optimizer):
         or params, missing or unexpected keys raise ``ValueError`` naming the group, the
         param and the key, and leave the optimizer as it was. Tensors are moved to their
         param's device; floating-point state takes the dtype this optimizer keeps."""
+        check_state_dict(state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("an optimizer state_dict has the keys 'state' and 'param_groups'")
+        check_state_dict(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
         saved_state = state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
@@ -615,11 +626,33 @@ class _GroupRuntime:
                 state[params[i]][key] = keep[i].get(key, leaf)
 
 
+def check_state_dict(state_dict: Any) -> None:
+    """The outline of an optimizer ``state_dict``, checked before anything is read from it:
+    a dict with ``state`` and ``param_groups``, whose state is keyed by ids that the groups
+    list (a JSON round trip turns them into strings, and every entry would be dropped)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("an optimizer state_dict is a dict with the keys 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}")
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(groups, (list, tuple)) or \
+            not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise ValueError("the checkpoint's param_groups must be a list of dicts with 'params'")
+    if not isinstance(state, dict):
+        raise ValueError(f"the checkpoint's state must be a dict, got {type(state).__name__}")
+    ids = {i for g in groups for i in g["params"]}
+    stray = [k for k in state if k not in ids]
+    if stray:
+        json = any(isinstance(k, str) for k in stray)
+        hint = " (string keys: a JSON round trip? the ids are ints)" if json else ""
+        raise ValueError(f"the checkpoint's state has entries {sorted(map(repr, stray))[:5]} for params that "
+                         f"no param group lists{hint}")
+
+
 def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
                      layout: StateLayout, factory: Any = None) -> dict[torch.Tensor, dict[str, Any]]:
     """The checkpoint's entries for one group, checked against its layout and cast. An
     entry in torch.optim's layout, for a factory with a torch.optim twin, is renamed first
-    (:mod:`adapters._formats`)."""
+    (:mod:`adapters._formats`), and so is one in Holocron 0.3.0's."""
     params = group["params"]
     names = group.get("param_names")
     expected_keys = layout.keys_per_param(len(params))
@@ -637,7 +670,8 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
             raise ValueError(f"{label}: its state in the checkpoint is a {type(entry).__name__}, not a dict")
         entry = _dotted(entry)
         if set(entry) != expected_keys[i]:
-            entry = _formats.from_torch(factory, entry, expected_keys[i], label) or entry
+            entry = (_formats.from_torch(factory, entry, expected_keys[i], label)
+                     or _formats.from_holocron(factory, entry, expected_keys[i], label) or entry)
         missing = sorted(expected_keys[i] - set(entry))
         unexpected = sorted(set(entry) - expected_keys[i])
         if missing or unexpected:
@@ -650,6 +684,10 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
             shape, dtype, device = where[(i, key)]
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{label}, key {key!r}: expected a tensor, got {type(value).__name__}")
+            if value.device.type == "meta":
+                raise ValueError(f"{label}, key {key!r}: a meta tensor has no values to load")
+            if not dtype.is_floating_point and not dtype.is_complex:
+                value = _whole_count(value, f"{label}, key {key!r}")
             if value.shape != shape:
                 raise ValueError(f"{label}, key {key!r}: shape {tuple(value.shape)} in the checkpoint, "
                                  f"{tuple(shape)} expected")
@@ -665,6 +703,18 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
             for p in params[1:]:
                 out[p][key] = first
     return out
+
+
+def _whole_count(value: torch.Tensor, label: str) -> torch.Tensor:
+    """A step count from a checkpoint: whole numbers >= 0 (a float one, as torch.optim keeps
+    its ``step``, is taken when whole)."""
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{label}: a count cannot be {value.dtype}")
+    if value.is_floating_point() and not bool(torch.all(value == torch.round(value))):
+        raise ValueError(f"{label}: {value.tolist()} in the checkpoint is not a whole number of steps")
+    if value.numel() and bool(torch.any(value < 0)):
+        raise ValueError(f"{label}: a negative count ({value.tolist()}) in the checkpoint")
+    return value.to(torch.int64) if value.is_floating_point() else value
 
 
 def _dotted(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,6 +23,8 @@ from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import validate_sync
 from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums, coherence_rate
 
+from .optimizer import _whole_count, check_state_dict
+
 __all__ = ["Lookahead", "Scout"]
 
 
@@ -158,11 +160,13 @@ class _SyncWrapper(Optimizer):
         """Restore the wrapper's state and the base optimizer's. The wrapper's part is
         checked first (its keys, shapes, ``sync_period``), then the base optimizer loads
         its own; if either fails, nothing has changed."""
+        check_state_dict(state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        check_state_dict(state_dict)
         name = type(self).__name__
         params = self._params()
         ours = {self._key(k) for k in ("slow", "count", *self._stat_keys)}
@@ -170,6 +174,11 @@ class _SyncWrapper(Optimizer):
         for g, group in enumerate(groups):
             # A flattened torch.distributed.checkpoint keeps only the live groups' keys.
             period = group.get(self._key("sync_period"), self.sync_period)
+            rate = group.get(self._key("sync_rate"), self.sync_rate)
+            try:
+                validate_sync(rate, period)
+            except ValueError as err:
+                raise ValueError(f"param group {g} of the checkpoint: {err}") from None
             if period != self.sync_period:
                 raise ValueError(f"param group {g} of the checkpoint was saved with sync_period={period}, "
                                  f"this {name} has {self.sync_period}")
@@ -193,7 +202,10 @@ class _SyncWrapper(Optimizer):
                 expected = p.shape if k != self._key("count") else torch.Size([])
                 if not isinstance(v, torch.Tensor) or v.shape != expected:
                     raise ValueError(f"param {i}, key {k!r}: expected a tensor of shape {tuple(expected)}")
+                if v.device.type == "meta":
+                    raise ValueError(f"param {i}, key {k!r}: a meta tensor has no values to load")
                 if k == self._key("count"):
+                    v = _whole_count(v, f"param {i}, key {k!r}")
                     new_state[p][k] = v.to(device="cpu", dtype=torch.int64, copy=True)
                 else:
                     dtype = self._dtype(k, p)

@@ -605,3 +605,63 @@ def test_copy_and_pickle(name, how):
     assert name in text
     if name in WRAPPERS:
         assert "sync_period=2" in text
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("config", list(PARITY))
+def test_a_holocron_checkpoint_continues_in_holotx(config):
+    """pylocron 0.3.0's own state_dict loads into the drop-in class (compat="holocron"),
+    and the run goes on as Holocron's would (None grads, two groups, amsgrad included)."""
+    name, kwargs, group_options = PARITY[config]
+    init = init_params(0)
+    theirs_p = [p.clone() for p in init]
+    theirs = getattr(hoptim, name)(groups_of(theirs_p, group_options), **kwargs)
+    for step in range(6):
+        set_grads(theirs_p, gradients(step, init))
+        theirs.step()
+    checkpoint = copy.deepcopy(theirs.state_dict())
+    ours_p = [p.detach().clone() for p in theirs_p]
+    ours = getattr(A, name)(groups_of(ours_p, group_options), compat="holocron", **kwargs)
+    ours.load_state_dict(checkpoint)
+    for step in range(6, 12):
+        grads = gradients(step, init)
+        set_grads(ours_p, grads)
+        set_grads(theirs_p, grads)
+        ours.step()
+        theirs.step()
+        for i, (o, t) in enumerate(zip(ours_p, theirs_p)):
+            check(name, o, t, f"{config} resumed, step {step} param {i}")
+
+
+@pytest.mark.parametrize("config", list(PARITY))
+def test_a_holotx_checkpoint_continues_in_holocron(config):
+    """state_dict(format="holocron") of a compat="holocron" run loads into Holocron's own
+    class, which goes on as it would from its own checkpoint of the same run. (Holocron's
+    AdaBelief and AdamP resume with a float32 step, Adam's __setstate__: their bias
+    corrections drift after any resume, from either checkpoint alike.)"""
+    name, kwargs, group_options = PARITY[config]
+    init = init_params(0)
+    ours_p, ref_p = [p.clone() for p in init], [p.clone() for p in init]
+    ours = getattr(A, name)(groups_of(ours_p, group_options), compat="holocron", **kwargs)
+    ref = getattr(hoptim, name)(groups_of(ref_p, group_options), **kwargs)
+    for step in range(6):
+        grads = gradients(step, init)
+        set_grads(ours_p, grads)
+        set_grads(ref_p, grads)
+        ours.step()
+        ref.step()
+    resumed = {}
+    for label, opt, params in (("ours", ours, ours_p), ("ref", ref, ref_p)):
+        checkpoint = opt.state_dict(format="holocron") if label == "ours" else opt.state_dict()
+        ps = [p.detach().clone() for p in params]
+        holocron_opt = getattr(hoptim, name)(groups_of(ps, group_options), **kwargs)
+        holocron_opt.load_state_dict(copy.deepcopy(checkpoint))
+        resumed[label] = (holocron_opt, ps)
+    for step in range(6, 12):
+        grads = gradients(step, init)
+        for opt, ps in resumed.values():
+            set_grads(ps, grads)
+            opt.step()
+        for i, (o, t) in enumerate(zip(resumed["ours"][1], resumed["ref"][1])):
+            check(name, o, t, f"{config} handed to Holocron, step {step} param {i}")

@@ -130,3 +130,8 @@ def test_a_format_without_a_torch_twin_is_refused():
         opt.state_dict(format="torch")
     with pytest.raises(ValueError, match="format"):
         TransformOptimizer(_params(), holotx.adam).state_dict(format="optax")
+
+
+def test_a_holocron_format_needs_a_holocron_twin():
+    with pytest.raises(ValueError, match="no Holocron twin"):
+        TransformOptimizer(_params(), holotx.sgd, lr=0.1, momentum=0.9).state_dict(format="holocron")
