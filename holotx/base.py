@@ -148,6 +148,11 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
+    # Complex params are added to as their real views, as torch.optim does (one rounding
+    # per real number, where complex arithmetic would round a product and then the sum).
+    complex_idx = [j for j, p in enumerate(ps) if p.is_complex()]
+    for j in complex_idx:
+        ps[j], us[j] = torch.view_as_real(ps[j]), torch.view_as_real(us[j])
     if inplace and len({id(p) for p in ps}) != len(ps):
         paths = tree.path_strings(treespec)
         seen: dict[int, int] = {}
@@ -167,6 +172,8 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
             return params
         out = [p + u * a if isinstance(a, torch.Tensor) else p.add(u, alpha=a)
                for p, u, a in zip(ps, us, alphas)]
+        for j in complex_idx:
+            out[j] = torch.view_as_complex(out[j])
     else:
         alpha = _host_alpha(1 if scale is None else scale)
         if inplace:
@@ -182,6 +189,8 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
                         p.add_(u, alpha=alpha)
             return params
         out = ops.add(ps, us, alpha=alpha)
+        for j in complex_idx:
+            out[j] = torch.view_as_complex(out[j])
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p

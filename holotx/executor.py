@@ -593,10 +593,10 @@ def multi_tensor_update(
             wrapped = is_wrapper(g)
             groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
     for (_, dtype, _), idx in groups.items():
-        if not dtype.is_floating_point:
+        if not (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"updates at {tree.path_strings(spec)[idx[0]]} has dtype {dtype}: holotx steps "
-                             "floating-point tensors (an integer parameter cannot take a fractional step; "
-                             "complex parameters are not supported)")
+                             "floating-point and complex tensors (an integer parameter cannot take a "
+                             "fractional step)")
 
     plan = current()
     new_u: list[Any] = [None] * len(g_leaves)
@@ -610,12 +610,18 @@ def multi_tensor_update(
             None if p_leaves is None else [p_leaves[i] for i in idx],
             *[[values[i] for i in idx] for values in leaf_values],
         ]
+        complex_view = g_leaves[idx[0]].is_complex()
+        if complex_view:
+            inputs, of_view = _real_views(plan, inputs, 1 + count_states, 1 + len(state_leaves))
         plan.mark_state(inputs[1:1 + len(state_leaves)])
         if wrapped:
             with _replicating():
                 outs = kernel(*inputs)
         else:
             outs = kernel(*inputs)
+        if complex_view:
+            outs = [out if out is None or (k - 1 < count_states and k > 0)
+                    else _complex_again(plan, out, of_view) for k, out in enumerate(outs)]
         for j, i in enumerate(idx):
             new_u[i] = outs[0][j]
         for k, out in enumerate(outs[1:]):
@@ -628,6 +634,51 @@ def multi_tensor_update(
     return tree.unflatten(spec, new_u), [
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]
+
+
+def _real_views(plan: Plan, inputs: list[Any], first_per_leaf: int,
+                end_state: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
+    """A batch of complex leaves as torch.optim steps them: each as its real view
+    (``torch.view_as_real``, a trailing dimension of 2), the updates, the per-leaf states
+    and the params alike (counts, before ``first_per_leaf``, as they are). A view of a
+    tensor the step may not write is not written either; ``of_view`` maps each view back
+    to its complex tensor."""
+    of_view: dict[int, torch.Tensor] = {}
+
+    def view(xs: list[Any] | None) -> list[Any] | None:
+        if xs is None:
+            return None
+        out = []
+        for x in xs:
+            if isinstance(x, torch.Tensor) and x.is_complex():
+                v = torch.view_as_real(x)
+                of_view[id(v)] = x
+                if not plan.everything_outside and not plan.compiling and id(x) in plan.outside:
+                    plan.outside.add(id(v))
+                out.append(v)
+            else:
+                out.append(x)
+        return out
+
+    views = [view(xs) if k == 0 or first_per_leaf <= k < end_state or k == end_state else xs
+             for k, xs in enumerate(inputs)]
+    return views, of_view
+
+
+def _complex_again(plan: Plan, xs: list[Any], of_view: dict[int, torch.Tensor]) -> list[Any]:
+    """A kernel's results over real views as complex tensors: a view it was given (written
+    in place, or passed through) is its own complex tensor again, so that identities (what
+    the step may write) hold; a new result is viewed once, the same object wherever it
+    appears (a momentum buffer that is also the updates)."""
+    out = []
+    for x in xs:
+        if not (isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] == 2 and x.is_floating_point()):
+            out.append(x)  # not a view's value (None, a per-leaf ratio)
+            continue
+        if id(x) not in of_view:
+            of_view[id(x)] = torch.view_as_complex(x)
+        out.append(of_view[id(x)])
+    return out
 
 
 def _check_tensors(leaves: list[Any], spec: Any) -> None:
@@ -752,7 +803,7 @@ def leaf_factor(factor: Any, dtype: torch.dtype) -> Any:
             out = out * f
         return out
     values = [f.item() if isinstance(f, torch.Tensor) else f for f in factor]
-    single = dtype != torch.float64
+    single = dtype.to_real() != torch.float64  # (a complex128 leaf is stepped as float64)
     out = _to_float32(values[0]) if single else values[0]
     for v in values[1:]:
         # Two float32 values multiply exactly in a double: rounding the product once is

@@ -12,8 +12,8 @@ Written for holotx, not copied from torch: the checks are often stricter (bit fo
 the math allows it; torch's suite mostly compares with tolerances).
 
 Not ported: fused/foreach/capturable/differentiable variants, CUDA and device moves, peak
-memory, and complex params (holotx documents no complex support: its Adam family does not
-treat a complex param as its real view, as torch's ``test_complex`` requires).
+memory, and complex params (holotx steps a complex param as its real view, as torch does:
+tests/test_complex.py compares it with its real-view run and with torch.optim).
 """
 
 from __future__ import annotations
