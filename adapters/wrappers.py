@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -26,6 +26,86 @@ from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums
 from .optimizer import _whole_count, check_state_dict
 
 __all__ = ["Lookahead", "Scout"]
+
+
+class _MergedEntry(MutableMapping):
+    """One param's entry of :class:`_MergedState`: its keys of the wrapper (``<prefix>_*``)
+    read and written in the wrapper's state, the others in the base optimizer's."""
+
+    def __init__(self, wrapper: _SyncWrapper, param: torch.Tensor) -> None:
+        self._wrapper, self._param = wrapper, param
+
+    def _home(self, key: str) -> dict[torch.Tensor, dict[str, Any]]:
+        w = self._wrapper
+        return w._own if isinstance(key, str) and key.startswith(w.prefix + "_") else w.base_optimizer.state
+
+    def __getitem__(self, key: str) -> Any:
+        home = self._home(key)
+        if self._param not in home:  # (reading creates nothing)
+            raise KeyError(key)
+        return home[self._param][key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._home(key).setdefault(self._param, {})[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        home = self._home(key)
+        if self._param not in home:
+            raise KeyError(key)
+        del home[self._param][key]
+
+    def _parts(self) -> list[dict[str, Any]]:
+        w, p = self._wrapper, self._param
+        return [d[p] for d in (w.base_optimizer.state, w._own) if p in d]
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts():
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class _MergedState(MutableMapping):
+    """The wrapper's ``state``: per param, a :class:`_MergedEntry` over the base
+    optimizer's state and the wrapper's (an entry for any param, as a defaultdict)."""
+
+    def __init__(self, wrapper: _SyncWrapper) -> None:
+        self._wrapper = wrapper
+
+    def __getitem__(self, param: torch.Tensor) -> _MergedEntry:
+        return _MergedEntry(self._wrapper, param)
+
+    def __setitem__(self, param: torch.Tensor, entry: Mapping[str, Any]) -> None:
+        view = _MergedEntry(self._wrapper, param)
+        for d in (self._wrapper.base_optimizer.state, self._wrapper._own):
+            d.pop(param, None)
+        view.update(entry)
+
+    def __delitem__(self, param: torch.Tensor) -> None:
+        if param not in self:
+            raise KeyError(param)
+        for d in (self._wrapper.base_optimizer.state, self._wrapper._own):
+            d.pop(param, None)
+
+    def __contains__(self, param: object) -> bool:
+        return param in self._wrapper.base_optimizer.state or param in self._wrapper._own
+
+    def _params(self) -> list[torch.Tensor]:
+        base, own = self._wrapper.base_optimizer.state, self._wrapper._own
+        return [*base, *(p for p in own if p not in base)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._params())
+
+    def __len__(self) -> int:
+        return len(self._params())
+
+    def __repr__(self) -> str:
+        return repr({p: dict(self[p]) for p in self})
 
 
 class _SyncWrapper(Optimizer):
@@ -49,7 +129,9 @@ class _SyncWrapper(Optimizer):
         self.compat = compat
         # torch's Optimizer.__init__ would copy the groups; __setstate__ sets up the hooks.
         self._own: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        Optimizer.__setstate__(self, {"defaults": base_optimizer.defaults})
+        # (A copy: torch's __setstate__ writes "differentiable" into the dict it is given,
+        # which must not change the base optimizer's defaults and so its checkpoints.)
+        Optimizer.__setstate__(self, {"defaults": dict(base_optimizer.defaults)})
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -60,21 +142,20 @@ class _SyncWrapper(Optimizer):
         self.base_optimizer.param_groups = groups
 
     @property
-    def state(self) -> defaultdict[torch.Tensor, dict[str, Any]]:  # type: ignore[override]
+    def state(self) -> _MergedState:  # type: ignore[override]
         """Per param, the base optimizer's state and the wrapper's (``lookahead_slow``,
-        ``lookahead_count``, ...), merged into one dict as :meth:`state_dict` saves them
-        (``torch.distributed.checkpoint`` reads the keys here). A view: write into the
-        tensors, not into the dicts."""
-        merged: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for p, entry in self.base_optimizer.state.items():
-            merged[p].update(entry)
-        for p, entry in self._own.items():
-            merged[p].update(entry)
-        return merged
+        ``lookahead_count``, ...) as one dict, keyed as :meth:`state_dict` saves them
+        (``torch.distributed.checkpoint`` reads the keys here). A live view: what is
+        written into it (by a state-dict hook, say) lands in the base optimizer's state or
+        the wrapper's, by key."""
+        return _MergedState(self)
 
     @state.setter
-    def state(self, value: dict[torch.Tensor, dict[str, Any]]) -> None:
-        self._own = defaultdict(dict, value)
+    def state(self, value: Mapping[torch.Tensor, Mapping[str, Any]]) -> None:
+        view = _MergedState(self)
+        view.clear()
+        for p, entry in value.items():
+            view[p] = entry
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its params get their slow weights at their
@@ -102,7 +183,7 @@ class _SyncWrapper(Optimizer):
             for p in params:
                 if p not in self._own:
                     self._init_param(p)
-            self._before(params)
+            before = self._before(params)
         loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
         with torch.no_grad():
             holocron = self.compat == "holocron"
@@ -115,13 +196,16 @@ class _SyncWrapper(Optimizer):
                 count.add_(1)
                 if int(count) % self.sync_period == 0:
                     ends.append(p)
-            self._after(stepped, ends)
+            self._after(stepped, ends, before)
         return loss
 
-    def _before(self, params: list[torch.Tensor]) -> None:
-        pass
+    def _before(self, params: list[torch.Tensor]) -> Any:
+        """What the wrapper needs from before the base step, handed to :meth:`_after` (a
+        local, not an attribute: under torch.compile an attribute set in one graph and read
+        after a graph break is not there)."""
+        return None
 
-    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor], before: Any) -> None:
         raise NotImplementedError
 
     def _synchronize(self, ends: list[torch.Tensor], rate: Any) -> None:
@@ -266,7 +350,7 @@ class Lookahead(_SyncWrapper):
 
     prefix = "lookahead"
 
-    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor], before: Any) -> None:
         self._synchronize(ends, self.sync_rate)
 
 
@@ -300,13 +384,13 @@ class Scout(_SyncWrapper):
             self._own[p][self._key(key)] = torch.full_like(p, fill, dtype=dtype,
                                                             memory_format=torch.preserve_format)
 
-    def _before(self, params: list[torch.Tensor]) -> None:
+    def _before(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         # The params before the base step (with a closure, which params get a gradient is
         # known only after it).
-        self._previous = {p: p.detach().clone() for p in params}
+        return {p: p.detach().clone() for p in params}
 
-    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor]) -> None:
-        previous, self._previous = self._previous, {}
+    def _after(self, stepped: list[torch.Tensor], ends: list[torch.Tensor], before: Any) -> None:
+        previous = before
         if not stepped:
             return
         k = self.sync_period

@@ -1,0 +1,90 @@
+"""The optimizer-level Lookahead and Scout of ``holotx.adapters``: they leave the base
+optimizer's defaults alone, their ``state`` is a live view (what a state-dict hook writes
+stays written), and ``torch.compile(opt.step)`` steps them as eager mode does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import holotx
+from holotx.adapters import Lookahead, Scout, TransformOptimizer
+
+F64 = torch.float64
+WRAPPERS = {"lookahead": Lookahead, "scout": Scout}
+
+
+def _setup(wrapper, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(4, 3, generator=gen, dtype=F64, requires_grad=True),
+              torch.randn(3, generator=gen, dtype=F64, requires_grad=True)]
+    base = TransformOptimizer(params, holotx.adamw, lr=1e-2)
+    return params, base, WRAPPERS[wrapper](base, sync_period=2)
+
+
+def _grads(steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(4, 3, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64)]
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapping_leaves_the_base_defaults_and_checkpoint_as_they_were(wrapper):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, generator=gen, dtype=F64, requires_grad=True)]
+    base = TransformOptimizer(params, holotx.adamw, lr=1e-2)
+    defaults = copy.deepcopy(base.defaults)
+    WRAPPERS[wrapper](base)
+    assert base.defaults == defaults
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_the_state_is_a_live_view(wrapper):
+    params, base, opt = _setup(wrapper)
+    for g in _grads(3):
+        for p, x in zip(params, g):
+            p.grad = x
+        opt.step()
+    p = params[0]
+    entry = opt.state[p]
+    keys = set(entry)
+    assert {"mu", "nu", "count", f"{wrapper}_slow", f"{wrapper}_count"} <= keys
+    assert p in opt.state
+    assert len(opt.state) == 2
+    # What is written through the view lands where the key belongs, and stays.
+    opt.state[p]["note"] = torch.tensor(1.0)
+    assert torch.equal(base.state[p]["note"], torch.tensor(1.0))
+    slow = opt.state[p][f"{wrapper}_slow"]
+    opt.state[p][f"{wrapper}_slow"] = slow * 2
+    assert torch.equal(opt.state[p][f"{wrapper}_slow"], slow * 2)
+    assert f"{wrapper}_slow" not in base.state[p]
+    del opt.state[p]["note"]
+    assert "note" not in base.state[p]
+    # A state-dict hook that edits the state: its edit is there afterwards.
+
+    def hook(optimizer):
+        optimizer.state[params[1]][f"{wrapper}_count"] = torch.tensor(7)
+
+    opt.register_state_dict_pre_hook(hook)
+    saved = opt.state_dict()
+    assert int(opt.state[params[1]][f"{wrapper}_count"]) == 7
+    assert int(saved["state"][1][f"{wrapper}_count"]) == 7
+    with pytest.raises(KeyError):
+        opt.state[p]["absent"]
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_compiled_step_equals_the_eager_one(wrapper):
+    eager_p, _, eager = _setup(wrapper)
+    compiled_p, _, compiled = _setup(wrapper)
+    step = torch.compile(compiled.step, backend="eager")
+    for g in _grads(5):
+        for p, q, x in zip(eager_p, compiled_p, g):
+            p.grad = x.clone()
+            q.grad = x.clone()
+        eager.step()
+        step()
+        for p, q in zip(eager_p, compiled_p):
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-14, atol=1e-15)
