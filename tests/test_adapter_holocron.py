@@ -186,6 +186,15 @@ STATE_MAP = {
 }
 
 
+def step_both(ours: Any, theirs: Any, ours_p: list[torch.Tensor], theirs_p: list[torch.Tensor],
+              grads: list[Any]) -> None:
+    """One step of both optimizers on the same gradients."""
+    set_grads(ours_p, grads)
+    set_grads(theirs_p, grads)
+    ours.step()
+    theirs.step()
+
+
 def our_key(entry: dict[str, Any], name: str) -> str:
     """holotx's key ``name``, or the one ending in ``.name`` (a chain's inner state)."""
     keys = [k for k in entry if k == name or k.endswith("." + name)]
@@ -205,10 +214,7 @@ def run_parity(config: str, compat: str | None, steps: int = 50, check_state: bo
     worst = 0.0
     for step in range(steps):
         grads = gradients(step, init)
-        set_grads(ours_p, grads)
-        set_grads(theirs_p, grads)
-        ours.step()
-        theirs.step()
+        step_both(ours, theirs, ours_p, theirs_p, grads)
         for i, (o, t) in enumerate(zip(ours_p, theirs_p)):
             where = f"{config} step {step} param {i}"
             if compat is None:
@@ -625,11 +631,7 @@ def test_a_holocron_checkpoint_continues_in_holotx(config):
     ours = getattr(A, name)(groups_of(ours_p, group_options), compat="holocron", **kwargs)
     ours.load_state_dict(checkpoint)
     for step in range(6, 12):
-        grads = gradients(step, init)
-        set_grads(ours_p, grads)
-        set_grads(theirs_p, grads)
-        ours.step()
-        theirs.step()
+        step_both(ours, theirs, ours_p, theirs_p, gradients(step, init))
         for i, (o, t) in enumerate(zip(ours_p, theirs_p)):
             check(name, o, t, f"{config} resumed, step {step} param {i}")
 
