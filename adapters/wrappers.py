@@ -184,7 +184,7 @@ class _SyncWrapper(Optimizer):
                 if p not in self._own:
                     self._init_param(p)
             before = self._before(params)
-        loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
+        loss = self._base_step(closure)
         with torch.no_grad():
             holocron = self.compat == "holocron"
             # A param without a gradient was not stepped by the base optimizer; Holocron's
@@ -198,6 +198,26 @@ class _SyncWrapper(Optimizer):
                     ends.append(p)
             self._after(stepped, ends, before)
         return loss
+
+    def _base_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The base optimizer's step with its own step hooks, and without torch's global
+        ones: those ran for the step the user called (this wrapper's), and would run twice
+        per step. A base whose ``step`` was replaced on the instance (a scheduler built on
+        it) is called as it is, so that the replacement sees the call."""
+        base = self.base_optimizer
+        unhooked = getattr(type(base).step, "__wrapped__", None)
+        if unhooked is None or "step" in vars(base):
+            return base.step(closure) if closure is not None else base.step()
+        args: tuple[Any, ...] = (base,) if closure is None else (base, closure)
+        kwargs: dict[str, Any] = {}
+        for hook in list(base._optimizer_step_pre_hooks.values()):
+            result = hook(base, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        out = unhooked(*args, **kwargs)
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, args, kwargs)
+        return out
 
     def _before(self, params: list[torch.Tensor]) -> Any:
         """What the wrapper needs from before the base step, handed to :meth:`_after` (a

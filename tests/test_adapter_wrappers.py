@@ -88,3 +88,29 @@ def test_a_compiled_step_equals_the_eager_one(wrapper):
         step()
         for p, q in zip(eager_p, compiled_p):
             torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_step_hooks_fire_once_per_step(wrapper):
+    """torch's global step hooks fire once per user step (for the wrapper), the base
+    optimizer's own hooks once too."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    params, base, opt = _setup(wrapper)
+    seen: list[tuple[str, str]] = []
+    def log(what):
+        return lambda optimizer, args, kwargs: seen.append((what, type(optimizer).__name__))
+
+    handles = [register_optimizer_step_pre_hook(log("global pre")),
+               register_optimizer_step_post_hook(log("global post")),
+               base.register_step_pre_hook(log("base pre")), base.register_step_post_hook(log("base post"))]
+    try:
+        for p, x in zip(params, _grads(1)[0]):
+            p.grad = x
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    name = WRAPPERS[wrapper].__name__
+    assert seen == [("global pre", name), ("base pre", "TransformOptimizer"),
+                    ("base post", "TransformOptimizer"), ("global post", name)]
