@@ -85,7 +85,8 @@ def param_groups_weight_decay(
 ) -> list[dict[str, Any]]:
     """Two param groups: one with ``weight_decay`` for the weights, one with none for
     biases, norm weights and every other param of at most one dimension, or named in
-    ``skip`` (or in ``model.no_weight_decay()``, timm's convention). With
+    ``skip`` (or in ``model.no_weight_decay()``, timm's convention): a name, or an
+    ``fnmatch`` pattern as timm reads them (XCiT's ``'pos_embed.*'``). With
     ``exclude_from_trust_ratio`` the second group also has ``trust_ratio_mask=False``,
     which keeps LARS, LAMB and RaLars at ratio 1 there (other optimizers ignore the key).
     Params that do not require a gradient are left out; an empty group is omitted."""
@@ -100,12 +101,18 @@ def param_groups_weight_decay(
     for name, p in named:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or _skipped(name, skip) or name.endswith(".bias") else decay).append(p)
     plain: dict[str, Any] = {"weight_decay": 0.0}
     if exclude_from_trust_ratio:
         plain["trust_ratio_mask"] = False
     groups = [{"params": no_decay, **plain}, {"params": decay, "weight_decay": weight_decay}]
     return [g for g in groups if g["params"]]
+
+
+def _skipped(name: str, skip: set[str]) -> bool:
+    """Whether ``name`` is one of ``skip``'s names, or matches one of its patterns."""
+    return name in skip or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip
+                               if any(c in pattern for c in "*?["))
 
 
 def create_optimizer(

@@ -123,6 +123,28 @@ def test_param_groups_weight_decay_skip_list_and_no_weight_decay_convention():
     assert len(groups[0]["params"]) == 7
 
 
+def test_no_weight_decay_patterns_match_as_in_timm():
+    """timm reads ``no_weight_decay()`` entries as fnmatch patterns (XCiT returns
+    ``'pos_embed.*'``): a matching weight goes to the plain group; a name still matches
+    itself only."""
+
+    class WithPatterns(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Linear(3, 3)
+            self.pos_embedding = torch.nn.Linear(3, 3)
+            self.head = torch.nn.Linear(3, 2)
+
+        def no_weight_decay(self):
+            return {"pos_embed.*", "head.weight"}
+
+    net = WithPatterns()
+    plain, decayed = param_groups_weight_decay(net, 0.1)
+    assert {id(p) for p in decayed["params"]} == {id(net.pos_embedding.weight)}
+    assert id(net.pos_embed.weight) in {id(p) for p in plain["params"]}
+    assert id(net.head.weight) in {id(p) for p in plain["params"]}
+
+
 def test_trust_ratio_is_off_in_the_plain_group():
     """With LAMB from create_optimizer, a bias moves like Adam (ratio 1), a weight by the
     trust ratio."""
