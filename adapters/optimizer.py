@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, required
 
+import holotx
 from holotx import _validate, executor, tree
 from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
@@ -185,6 +186,12 @@ class TransformOptimizer(Optimizer):
         (its transform is built once to find out)."""
         if self._factory is None:
             _validate_lr(group.get("lr"))
+            unread = sorted(k for k in group if k in _HYPERPARAMETER_NAMES)
+            if unread:
+                raise ValueError(
+                    f"the param group sets {', '.join(unread)}, which a TransformOptimizer built from a "
+                    "transform does not read (its groups take only lr and maximize): give a factory "
+                    "(e.g. holotx.adamw) to have per-group hyperparameters")
         _validate.flag("maximize", group.get("maximize", False))
         for name in self._tensor_args:
             value = group.get(name)
@@ -646,6 +653,15 @@ def check_state_dict(state_dict: Any) -> None:
         hint = " (string keys: a JSON round trip? the ids are ints)" if json else ""
         raise ValueError(f"the checkpoint's state has entries {sorted(map(repr, stray))[:5]} for params that "
                          f"no param group lists{hint}")
+
+
+_HYPERPARAMETER_NAMES = frozenset(
+    name for factory in (holotx.sgd, holotx.adam, holotx.adamw, holotx.radam, holotx.lars, holotx.lamb,
+                         holotx.ralars, holotx.tadam, holotx.adabelief, holotx.adamp, holotx.adan,
+                         holotx.ademamix)
+    for name in inspect.signature(factory).parameters) - {"lr", "maximize"}
+"""The hyperparameters of holotx's optimizers: in a param group of a TransformOptimizer
+built from a transform, which reads none of them, they would be silently ignored."""
 
 
 def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],

@@ -190,3 +190,19 @@ def test_register_optimizer(monkeypatch):
         register_optimizer("lookahead_x", my_sgd)
     with pytest.raises(ValueError, match="callable"):
         register_optimizer("x", 3)
+
+
+def test_a_transform_built_optimizer_refuses_group_hyperparameters_it_would_ignore():
+    """Its groups take only lr and maximize: a weight_decay there (the HF Trainer's and
+    timm's groups carry one) would be silently ignored, so it is refused by name, and the
+    optimizer is left as it was."""
+    from holotx.adapters import TransformOptimizer
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TransformOptimizer(param_groups_weight_decay(model, 0.1), holotx.adamw(1e-3))
+    opt = TransformOptimizer([model.weight], holotx.adamw(1e-3), lr=0.5)
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [model.bias], "betas": (0.9, 0.99)})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [model.bias], "lr": 0.1, "initial_lr": 0.1})  # a scheduler's key is fine
