@@ -24,7 +24,7 @@ EVERY = ["sgd", "adam", "adamw", "radam", "lars", "lamb", "ralars", "tadam", "ad
 ELEMENTWISE = ["sgd", "adam", "adamw", "radam", "adabelief", "adan", "ademamix"]
 # (RAdam's first steps are SGD with momentum, m / (1 - b1^t): not scale-free.)
 ADAM_FAMILY = ["adam", "adamw", "adabelief", "ademamix"]
-PROPERTY = settings(derandomize=True, max_examples=150, deadline=None, database=None,
+PROPERTY = settings(derandomize=True, max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
