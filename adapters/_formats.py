@@ -42,15 +42,13 @@ TORCH_KEYS: dict[Any, dict[str, str]] = {
 TORCH_NAMES = {holotx.sgd: "SGD", holotx.adam: "Adam", holotx.adamw: "AdamW", holotx.radam: "RAdam"}
 
 
-_HOLOCRON_ADAM = {"step": "count", "exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"}
-
 HOLOCRON_KEYS: dict[Any, tuple[dict[str, str], frozenset[str]]] = {
     holotx.lars: ({"momentum_buffer": "inner.trace"}, frozenset()),
-    holotx.lamb: (_HOLOCRON_ADAM, frozenset({"local_lr"})),
-    holotx.ralars: (_HOLOCRON_ADAM, frozenset({"local_lr"})),
-    holotx.tadam: ({**_HOLOCRON_ADAM, "W_t": "weight_sum"}, frozenset()),
-    holotx.adabelief: (_HOLOCRON_ADAM, frozenset()),
-    holotx.adamp: (_HOLOCRON_ADAM, frozenset()),
+    holotx.lamb: (_ADAM_KEYS, frozenset({"local_lr"})),
+    holotx.ralars: (_ADAM_KEYS, frozenset({"local_lr"})),
+    holotx.tadam: ({**_ADAM_KEYS, "W_t": "weight_sum"}, frozenset()),
+    holotx.adabelief: (_ADAM_KEYS, frozenset()),
+    holotx.adamp: (_ADAM_KEYS, frozenset()),
     # Holocron's Adan names its two second buffers the other way round from the paper:
     # its exp_avg_sq averages the gradient differences, its exp_avg_delta the squares.
     holotx.adan: ({"step": "count", "exp_avg": "mu", "exp_avg_sq": "diff_avg", "exp_avg_delta": "nu",
@@ -68,17 +66,8 @@ def from_holocron(factory: Any, entry: dict[str, Any], expected: set[str],
     if factory not in HOLOCRON_KEYS:
         return None
     keys, dropped = HOLOCRON_KEYS[factory]
-    kept = {k: v for k, v in entry.items() if k not in dropped}
-    if not set(kept) <= set(keys):
-        return None
-    out = {keys[k]: v for k, v in kept.items()}
-    if "inner.count" in expected and "inner.count" not in out and "inner.trace" in out:
-        out["inner.count"] = torch.ones((), dtype=torch.int64)  # a buffer: past its first step
-    if set(out) != expected:
-        return None
-    if "step" in entry:
-        out["count"] = _count(entry["step"], label)
-    if "W_t" in entry:
+    out = _renamed(entry, keys, dropped, expected, label)
+    if out is not None and "W_t" in entry:
         w = entry["W_t"]
         if not isinstance(w, torch.Tensor) or w.numel() != 1:
             raise ValueError(f"{label}, key 'W_t': expected a 1-element tensor, got {w!r}")
@@ -111,15 +100,27 @@ def from_torch(factory: Any, entry: dict[str, Any], expected: set[str], label: s
     """A torch.optim state entry renamed to holotx's keys, or ``None`` when ``entry`` is not
     in the torch layout of ``factory``'s twin (then the caller reports the mismatch)."""
     keys = TORCH_KEYS.get(factory)
-    if keys is None or not set(entry) <= set(keys):
+    return None if keys is None else _renamed(entry, keys, frozenset(), expected, label)
+
+
+def _renamed(entry: dict[str, Any], keys: dict[str, str], dropped: frozenset[str], expected: set[str],
+             label: str) -> dict[str, Any] | None:
+    """``entry`` with the ``dropped`` keys left out and the others renamed by ``keys``, or
+    ``None`` when that does not give exactly the ``expected`` keys. The foreign ``step``
+    becomes holotx's int64 count; a momentum buffer whose count holotx keeps and the other
+    library does not (SGD/LARS with dampening) has taken a step: count 1."""
+    kept = {k: v for k, v in entry.items() if k not in dropped}
+    if not set(kept) <= set(keys):
         return None
-    out = {keys[k]: v for k, v in entry.items()}
-    if "count" in expected and "count" not in out and "trace" in out:
-        out["count"] = torch.ones((), dtype=torch.int64)  # a torch SGD buffer: past its first step
+    out = {keys[k]: v for k, v in kept.items()}
+    for key in [k for k in out if k.endswith("trace")]:
+        count = key[:-len("trace")] + "count"
+        if count in expected and count not in out:
+            out[count] = torch.ones((), dtype=torch.int64)
     if set(out) != expected:
         return None
-    if "count" in out and "step" in entry:
-        out["count"] = _count(entry["step"], label)
+    if "step" in entry:
+        out[keys["step"]] = _count(entry["step"], label)
     return out
 
 
@@ -138,8 +139,24 @@ def to_torch(factory: Any, entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _count(step: Any, label: str) -> torch.Tensor:
-    value = step.item() if isinstance(step, torch.Tensor) else step
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value < 0 or value != int(value):
-        raise ValueError(f"{label}, key 'step': {step!r} in the checkpoint is not a whole number of steps")
-    return torch.tensor(int(value), dtype=torch.int64)
+    """A foreign ``step`` (torch's float tensor, Holocron's int) as holotx's int64 count."""
+    where = f"{label}, key 'step'"
+    if not isinstance(step, torch.Tensor):
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise ValueError(f"{where}: {step!r} in the checkpoint is not a whole number of steps")
+        step = torch.tensor(step, dtype=torch.float64)
+    if step.numel() != 1:
+        raise ValueError(f"{where}: a count is one number, got shape {tuple(step.shape)}")
+    return whole_count(step.reshape(()), where).to(torch.int64)
+
+
+def whole_count(value: torch.Tensor, label: str) -> torch.Tensor:
+    """A step count from a checkpoint: whole numbers >= 0 (a float one, as torch.optim keeps
+    its ``step``, is taken when whole)."""
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{label}: a count cannot be {value.dtype}")
+    if value.is_floating_point() and not bool(torch.all(value == torch.round(value))):
+        raise ValueError(f"{label}: {value.tolist()} in the checkpoint is not a whole number of steps")
+    if value.numel() and bool(torch.any(value < 0)):
+        raise ValueError(f"{label}: a negative count ({value.tolist()}) in the checkpoint")
+    return value.to(torch.int64) if value.is_floating_point() else value

@@ -703,7 +703,7 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
             if value.device.type == "meta":
                 raise ValueError(f"{label}, key {key!r}: a meta tensor has no values to load")
             if not dtype.is_floating_point and not dtype.is_complex:
-                value = _whole_count(value, f"{label}, key {key!r}")
+                value = _formats.whole_count(value, f"{label}, key {key!r}")
             if value.shape != shape:
                 raise ValueError(f"{label}, key {key!r}: shape {tuple(value.shape)} in the checkpoint, "
                                  f"{tuple(shape)} expected")
@@ -719,18 +719,6 @@ def _checked_entries(g: int, group: dict[str, Any], entries: list[Any],
             for p in params[1:]:
                 out[p][key] = first
     return out
-
-
-def _whole_count(value: torch.Tensor, label: str) -> torch.Tensor:
-    """A step count from a checkpoint: whole numbers >= 0 (a float one, as torch.optim keeps
-    its ``step``, is taken when whole)."""
-    if value.dtype == torch.bool or value.is_complex():
-        raise ValueError(f"{label}: a count cannot be {value.dtype}")
-    if value.is_floating_point() and not bool(torch.all(value == torch.round(value))):
-        raise ValueError(f"{label}: {value.tolist()} in the checkpoint is not a whole number of steps")
-    if value.numel() and bool(torch.any(value < 0)):
-        raise ValueError(f"{label}: a negative count ({value.tolist()}) in the checkpoint")
-    return value.to(torch.int64) if value.is_floating_point() else value
 
 
 def _dotted(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,7 +23,8 @@ from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import validate_sync
 from holotx.wrappers.scout import _accumulate, _fresh_window, _spread_ratio_sums, coherence_rate
 
-from .optimizer import _whole_count, check_state_dict
+from ._formats import whole_count
+from .optimizer import check_state_dict
 
 __all__ = ["Lookahead", "Scout"]
 
@@ -309,7 +310,7 @@ class _SyncWrapper(Optimizer):
                 if v.device.type == "meta":
                     raise ValueError(f"param {i}, key {k!r}: a meta tensor has no values to load")
                 if k == self._key("count"):
-                    v = _whole_count(v, f"param {i}, key {k!r}")
+                    v = whole_count(v, f"param {i}, key {k!r}")
                     new_state[p][k] = v.to(device="cpu", dtype=torch.int64, copy=True)
                 else:
                     dtype = self._dtype(k, p)
