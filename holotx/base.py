@@ -145,6 +145,14 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     if isinstance(scale, list) and len(scale) != len(p_leaves):
         raise ValueError(f"scale has {len(scale)} entries for {len(p_leaves)} leaves")
     idx = [i for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if p is not None and u is not None]
+    if inplace and len({id(p_leaves[i]) for i in idx}) != len(idx):
+        paths = tree.path_strings(treespec)
+        seen: dict[int, int] = {}
+        for i in idx:
+            j = seen.setdefault(id(p_leaves[i]), i)
+            if j != i:
+                raise ValueError(f"params at {paths[j]} and at {paths[i]} are the same tensor: "
+                                 "updated in place, it would take both steps")
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
@@ -153,44 +161,29 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     complex_idx = [j for j, p in enumerate(ps) if p.is_complex()]
     for j in complex_idx:
         ps[j], us[j] = torch.view_as_real(ps[j]), torch.view_as_real(us[j])
-    if inplace and len({id(p) for p in ps}) != len(ps):
-        paths = tree.path_strings(treespec)
-        seen: dict[int, int] = {}
-        for i in idx:
-            j = seen.setdefault(id(p_leaves[i]), i)
-            if j != i:
-                raise ValueError(f"params at {paths[j]} and at {paths[i]} are the same tensor: "
-                                 "updated in place, it would take both steps")
     if isinstance(scale, list):
         alphas = [_host_alpha(executor.leaf_factor(scale[i], p_leaves[i].dtype)) for i in idx]
-        if inplace:
-            for p, u, a in zip(ps, us, alphas):
-                if isinstance(a, torch.Tensor):
-                    p.add_(u * a)
-                else:
-                    p.add_(u, alpha=a)
-            return params
-        out = [p + u * a if isinstance(a, torch.Tensor) else p.add(u, alpha=a)
-               for p, u, a in zip(ps, us, alphas)]
-        for j in complex_idx:
-            out[j] = torch.view_as_complex(out[j])
     else:
         alpha = _host_alpha(1 if scale is None else scale)
-        if inplace:
-            if not ps:
-                return params
-            if ops.foreach_supported(ps) and not isinstance(alpha, torch.Tensor):
-                torch._foreach_add_(ps, us, alpha=alpha)
-            else:
-                for p, u in zip(ps, us):
-                    if isinstance(alpha, torch.Tensor):
-                        p.add_(u * alpha)
-                    else:
-                        p.add_(u, alpha=alpha)
+        alphas = [alpha] * len(ps)
+    if inplace:
+        if not isinstance(scale, list) and ps and ops.foreach_supported(ps) \
+                and not isinstance(alpha, torch.Tensor):
+            torch._foreach_add_(ps, us, alpha=alpha)  # one factor for every leaf: one kernel
             return params
+        for p, u, a in zip(ps, us, alphas):
+            if isinstance(a, torch.Tensor):
+                p.add_(u * a)
+            else:
+                p.add_(u, alpha=a)
+        return params
+    if isinstance(scale, list):
+        out = [p + u * a if isinstance(a, torch.Tensor) else p.add(u, alpha=a)
+               for p, u, a in zip(ps, us, alphas)]
+    else:
         out = ops.add(ps, us, alpha=alpha)
-        for j in complex_idx:
-            out[j] = torch.view_as_complex(out[j])
+    for j in complex_idx:
+        out[j] = torch.view_as_complex(out[j])
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p

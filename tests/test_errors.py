@@ -594,6 +594,12 @@ def test_one_tensor_under_two_paths_is_not_stepped_twice():
     assert torch.equal(shared, torch.zeros(3, dtype=F64))
     out = holotx.apply_updates(params, updates)  # pure: two new tensors, nothing shared is written
     assert torch.equal(out["a"], torch.ones(3, dtype=F64))
+    # A complex param is added to through its real view: the view must not hide the twin.
+    shared_c = torch.zeros(3, dtype=torch.complex128)
+    ones_c = torch.ones(3, dtype=torch.complex128)
+    with pytest.raises(ValueError, match="same tensor"):
+        holotx.apply_updates({"a": shared_c, "b": shared_c}, {"a": ones_c, "b": ones_c}, inplace=True)
+    assert torch.equal(shared_c, torch.zeros(3, dtype=torch.complex128))
 
 
 def test_inject_hyperparams_checks_its_numbers_when_built():
