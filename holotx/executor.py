@@ -620,7 +620,8 @@ def multi_tensor_update(
         else:
             outs = kernel(*inputs)
         if complex_view:
-            outs = [out if out is None or (k - 1 < count_states and k > 0)
+            # (outs[1:1 + count_states] are the counts, never viewed.)
+            outs = [out if out is None or 0 < k <= count_states
                     else _complex_again(plan, out, of_view) for k, out in enumerate(outs)]
         for j, i in enumerate(idx):
             new_u[i] = outs[0][j]
@@ -640,9 +641,9 @@ def _real_views(plan: Plan, inputs: list[Any], first_per_leaf: int,
                 end_state: int) -> tuple[list[Any], dict[int, torch.Tensor]]:
     """A batch of complex leaves as torch.optim steps them: each as its real view
     (``torch.view_as_real``, a trailing dimension of 2), the updates, the per-leaf states
-    and the params alike (counts, before ``first_per_leaf``, as they are). A view of a
-    tensor the step may not write is not written either; ``of_view`` maps each view back
-    to its complex tensor."""
+    and the params (at ``end_state``) alike; the counts, before ``first_per_leaf``, as they
+    are. A view of a tensor the step may not write is not written either; ``of_view`` maps
+    each view back to its complex tensor."""
     of_view: dict[int, torch.Tensor] = {}
 
     def view(xs: list[Any] | None) -> list[Any] | None:
@@ -660,8 +661,7 @@ def _real_views(plan: Plan, inputs: list[Any], first_per_leaf: int,
                 out.append(x)
         return out
 
-    views = [view(xs) if k == 0 or first_per_leaf <= k < end_state or k == end_state else xs
-             for k, xs in enumerate(inputs)]
+    views = [view(xs) if k == 0 or first_per_leaf <= k <= end_state else xs for k, xs in enumerate(inputs)]
     return views, of_view
 
 

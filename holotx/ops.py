@@ -162,7 +162,7 @@ def _pair(pure):
     return op, op_
 
 
-_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+_SCALARS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
 def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:

@@ -248,11 +248,7 @@ def test_parity_step_counts_are_per_param():
     ours = A.LAMB(groups_of(ours_p, group_options), compat="holocron", **kwargs)
     theirs = hoptim.LAMB(groups_of(theirs_p, group_options), **kwargs)
     for step in range(12):
-        grads = gradients(step, init)
-        set_grads(ours_p, grads)
-        set_grads(theirs_p, grads)
-        ours.step()
-        theirs.step()
+        step_both(ours, theirs, ours_p, theirs_p, gradients(step, init))
     counts = [int(ours.state[p]["count"]) for p in ours_p]
     assert counts == [theirs.state[p]["step"] for p in theirs_p]
     assert len(set(counts)) > 1  # the None gradients made them differ
@@ -648,11 +644,7 @@ def test_a_holotx_checkpoint_continues_in_holocron(config):
     ours = getattr(A, name)(groups_of(ours_p, group_options), compat="holocron", **kwargs)
     ref = getattr(hoptim, name)(groups_of(ref_p, group_options), **kwargs)
     for step in range(6):
-        grads = gradients(step, init)
-        set_grads(ours_p, grads)
-        set_grads(ref_p, grads)
-        ours.step()
-        ref.step()
+        step_both(ours, ref, ours_p, ref_p, gradients(step, init))
     resumed = {}
     for label, opt, params in (("ours", ours, ours_p), ("ref", ref, ref_p)):
         checkpoint = opt.state_dict(format="holocron") if label == "ours" else opt.state_dict()
