@@ -150,7 +150,11 @@ def test_elementwise_rules_do_not_depend_on_how_leaves_are_split(name, problem):
 
     split, _, _ = _run(_factory(name), params, grads)
     whole, _, _ = _run(_factory(name), joined(params), [joined(g) for g in grads])
-    torch.testing.assert_close(joined(split)["all"], whole["all"], rtol=1e-15, atol=0)
+    # Elementwise, the same ops on the same values; where a CPU's vector loop and its
+    # scalar tail fuse a multiply-add differently, an element can move by an ulp: an
+    # absolute floor at the params' scale (they are O(1)).
+    scale = float(whole["all"].abs().max()) if whole["all"].numel() else 1.0
+    torch.testing.assert_close(joined(split)["all"], whole["all"], rtol=1e-15, atol=1e-15 * scale)
 
 
 @PROPERTY
