@@ -10,6 +10,7 @@ from holotx.transforms.momentum import TraceState, trace
 from holotx.transforms.radam import rectification, scale_by_radam
 from holotx.transforms.scale import (
     ScaleByScheduleState,
+    add_decayed_weights,
     scale,
     scale_by_lr,
     scale_by_schedule,
@@ -17,7 +18,6 @@ from holotx.transforms.scale import (
 )
 from holotx.transforms.tadam import ScaleByTAdamState, scale_by_tadam
 from holotx.transforms.trust_ratio import TrustRatioState, scale_by_trust_ratio, trust_ratios
-from holotx.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
     "ScaleByAdEMAMixState",
