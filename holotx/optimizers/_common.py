@@ -35,3 +35,14 @@ def holocron_mode(compat: str | None) -> bool:
 def decay_or_nothing(weight_decay: Any) -> list[GradientTransformation]:
     """``[add_decayed_weights(weight_decay)]``, or ``[]`` for a Python zero."""
     return [] if is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+
+
+def trust_ratio_leaves(trust_ratio_mask: Any, weight_decay: Any, always_adapt: bool) -> Any:
+    """The trust-ratio mask of LARS, LAMB and RaLars: ``trust_ratio_mask`` as given, or
+    ``False`` (ratio 1 for every leaf) when ``always_adapt`` is off and the group's weight
+    decay is a Python zero: the convention of apex's ``FusedLAMB`` and timm's ``Lamb`` and
+    ``Lars`` (``always_adapt=False``), whose no-decay groups (biases, norm weights) take
+    plain steps. A tensor weight decay counts as non-zero (its value is never read)."""
+    if _validate.flag("always_adapt", always_adapt) or not is_zero(weight_decay):
+        return trust_ratio_mask
+    return False

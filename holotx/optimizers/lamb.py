@@ -8,7 +8,7 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first
+from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first, trust_ratio_leaves
 from holotx.optimizers.lars import DEFAULT_SCALE_CLIP
 from holotx.transforms import scale_by_adam, scale_by_lr, scale_by_trust_ratio
 from holotx.transforms.scale import ScalarOrSchedule
@@ -24,6 +24,7 @@ def lamb(
     scale_clip: tuple[float, float] | None = None,
     *,
     trust_ratio_mask: Any = None,
+    always_adapt: bool = True,
     compat: str | None = None,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -44,6 +45,11 @@ def lamb(
     Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=0``.
     ``trust_ratio_mask`` keeps the leaves marked ``False`` at ratio 1.
 
+    ``always_adapt=False`` takes the convention of apex's ``FusedLAMB`` and timm's
+    ``Lamb``: where ``weight_decay`` is 0 (the no-decay group of biases and norm weights that
+    the HF Trainer and timm make) the ratio is 1, a plain step. The default, ``True``, is
+    Holocron's and the paper's: every tensor adapts, whatever its decay.
+
     Differences from Holocron 0.3.0 (``compat="holocron"`` reproduces it): Holocron does
     not bias-correct the moments (:math:`r_t = m_t/(\sqrt{v_t}+\epsilon)`, so its first
     step is about :math:`3.16\,\mathrm{sign}(g)`), although its docstring does.
@@ -56,6 +62,6 @@ def lamb(
         scale_by_adam(b1, b2, eps, bias_correction=not holocron),
         *decay_or_nothing(weight_decay),
         scale_by_trust_ratio(1.0, DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip,
-                             mask=trust_ratio_mask),
+                             mask=trust_ratio_leaves(trust_ratio_mask, weight_decay, always_adapt)),
         scale_by_lr(lr),
     )

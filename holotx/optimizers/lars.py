@@ -8,7 +8,7 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import holocron_mode, is_zero, maximize_first
+from holotx.optimizers._common import holocron_mode, is_zero, maximize_first, trust_ratio_leaves
 from holotx.transforms import scale_by_lr, scale_by_trust_ratio, trace
 from holotx.transforms.scale import ScalarOrSchedule
 
@@ -27,6 +27,7 @@ def lars(
     *,
     trust_coefficient: Scalar = 1.0,
     trust_ratio_mask: Any = None,
+    always_adapt: bool = True,
     compat: str | None = None,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -51,6 +52,11 @@ def lars(
     :math:`\eta = 1`. ``trust_ratio_mask`` (pytree of bools, prefix, or callable) keeps
     the leaves marked ``False`` (biases, norm weights) at ratio 1.
 
+    ``always_adapt=False`` takes the convention of apex's ``FusedLAMB`` and timm's
+    ``Lars``: where ``weight_decay`` is 0 (the no-decay group of biases and norm weights that
+    the HF Trainer and timm make) the ratio is 1, a plain step. The default, ``True``, is
+    Holocron's and the paper's: every tensor adapts, whatever its decay.
+
     Differences from Holocron 0.3.0 (``compat="holocron"`` reproduces it): Holocron never
     applies ``scale_clip`` (:math:`\phi` is the identity there); Holocron also writes the
     weight decay into ``p.grad``, which holotx never does in either mode. Holocron's
@@ -67,6 +73,6 @@ def lars(
         None if holocron else (DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip),
         weight_decay=weight_decay,
         inner=None if is_zero(momentum) else trace(momentum, dampening, nesterov=nesterov),
-        mask=trust_ratio_mask,
+        mask=trust_ratio_leaves(trust_ratio_mask, weight_decay, always_adapt),
     )
     return chain(*maximize_first(maximize), ratio, scale_by_lr(lr))

@@ -8,7 +8,7 @@ from holotx import _validate
 from holotx.base import GradientTransformation
 from holotx.combine import chain
 from holotx.ops import Scalar
-from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first
+from holotx.optimizers._common import decay_or_nothing, holocron_mode, maximize_first, trust_ratio_leaves
 from holotx.optimizers.lars import DEFAULT_SCALE_CLIP
 from holotx.transforms import scale_by_lr, scale_by_radam, scale_by_trust_ratio
 from holotx.transforms.scale import ScalarOrSchedule
@@ -25,6 +25,7 @@ def ralars(
     scale_clip: tuple[float, float] | None = None,
     *,
     trust_ratio_mask: Any = None,
+    always_adapt: bool = True,
     compat: str | None = None,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -47,6 +48,11 @@ def ralars(
     waits for :math:`\rho_t > 5`). Defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``,
     ``eps=1e-8``, ``weight_decay=0``, ``force_adaptive_momentum=False``.
 
+    ``always_adapt=False`` takes the convention of apex's ``FusedLAMB`` and timm's
+    ``Lamb``: where ``weight_decay`` is 0 (the no-decay group of biases and norm weights that
+    the HF Trainer and timm make) the ratio is 1, a plain step. The default, ``True``, is
+    Holocron's: every tensor adapts, whatever its decay.
+
     Holocron 0.3.0 computes exactly this; ``compat="holocron"`` is accepted and changes
     nothing. After the trust ratio, :math:`\tilde r_t` only matters relative to the weight
     decay term.
@@ -61,6 +67,6 @@ def ralars(
                        eps_after_correction=True),
         *decay_or_nothing(weight_decay),
         scale_by_trust_ratio(1.0, DEFAULT_SCALE_CLIP if scale_clip is None else scale_clip,
-                             mask=trust_ratio_mask),
+                             mask=trust_ratio_leaves(trust_ratio_mask, weight_decay, always_adapt)),
         scale_by_lr(lr),
     )
