@@ -18,7 +18,7 @@ import holotx
 from holotx import _validate, executor, tree
 from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
-from holotx.transforms import scale
+from holotx.transforms import clip_by_global_norm, global_norm, scale
 
 from . import _formats
 from ._fused import FusedGroup, FusionRefused
@@ -92,6 +92,16 @@ class TransformOptimizer(Optimizer):
     whose page faults cost more than a pass over memory (about 20% of an AdamW step on
     the ResNet-50 set).
 
+    ``max_grad_norm`` (a positive number, ``inf`` for none) clips the gradients of all
+    param groups together by their global L2 norm before the step, as
+    ``torch.nn.utils.clip_grad_norm_`` over ``model.parameters()`` would (without its
+    1e-6 added to the norm): each group's updates are multiplied by
+    :math:`c / \max(\lVert g \rVert_2, c)`, the norm taken over every gradient of every
+    group. The step equals that of one group holding all the params with
+    ``chain(clip_by_global_norm(c), ...)`` in front of its transform, bit for bit; giving
+    that chain to the adapter instead clips each group by its own norm. The ``.grad``
+    tensors are not written. ``create_optimizer(..., max_grad_norm=c)`` passes it on.
+
     ``fused=True`` (torch's keyword for its fused kernels) keeps each group's params,
     grads and state in flat buffers, one per device and dtype (each param, its ``.grad``
     and its state entries are views of them, so ``state_dict()`` is key for key the
@@ -127,6 +137,7 @@ class TransformOptimizer(Optimizer):
         state_dtype: torch.dtype | None = None,
         donate_grads: bool = False,
         fused: bool = False,
+        max_grad_norm: float | None = None,
         **hyperparams: Any,
     ) -> None:
         if isinstance(tx_or_factory, GradientTransformation):
@@ -159,6 +170,10 @@ class TransformOptimizer(Optimizer):
         if not isinstance(fused, bool):
             raise ValueError(f"fused must be a bool, got {fused!r}")
         self._fused = fused
+        if max_grad_norm is not None:
+            _validate.positive("max_grad_norm", max_grad_norm, finite=False)  # inf: never clips
+        self._max_grad_norm = max_grad_norm
+        self._grad_norm = _GradNorm()
         # Per group (by its params list, which load_state_dict keeps): its fused binding, or
         # why it runs unfused.
         self._fused_groups: dict[int, tuple[list[torch.Tensor], FusedGroup | str]] = {}
@@ -218,6 +233,9 @@ class TransformOptimizer(Optimizer):
                                  "not a GradientTransformation")
         if maximize and "maximize" not in self._factory_args:
             tx = chain(scale(-1.0), tx)
+        if self._max_grad_norm is not None:
+            # Every group is clipped by the norm over all of them (see step).
+            tx = chain(clip_by_global_norm(self._max_grad_norm, norm=self._grad_norm.get), tx)
         return tx
 
     def _signature(self, group: dict[str, Any]) -> list[Any]:
@@ -243,6 +261,9 @@ class TransformOptimizer(Optimizer):
         # Every group's transform is built (its hyperparameters checked) before any group
         # steps: a bad value edited into group 1 raises with group 0 unchanged too.
         compiling = torch.compiler.is_compiling()
+        if self._max_grad_norm is not None:
+            with torch.no_grad():  # (before any group steps: donated grads become scratch)
+                self._grad_norm.value = self._global_grad_norm()
         fused, handled = self._plan_fused() if self._fused and not compiling else ([], frozenset())
         planned = [(group, *self._plan(group, compiling)) for group in self.param_groups
                    if id(group) not in handled and _has_grads(group)]
@@ -254,6 +275,15 @@ class TransformOptimizer(Optimizer):
             for (group, _, lr), step in zip(planned, begun):
                 self._finish_group(group, lr, step)
         return loss
+
+    def _global_grad_norm(self) -> torch.Tensor:
+        """The L2 norm of every gradient of every group together, as the transforms see
+        them (upcast to ``state_dtype``), in the order of one group holding all the params:
+        what ``clip_by_global_norm`` would compute over that one group."""
+        sd = self._state_dtype
+        grads = [p.grad.to(sd) if _upcast(p, sd) else p.grad
+                 for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return global_norm(grads)
 
     # -- fused groups ---------------------------------------------------------------------
 
@@ -429,8 +459,7 @@ class TransformOptimizer(Optimizer):
         sd = self._state_dtype
         if sd is None:
             return list(params), grads, []
-        upcast = [i for i, p in enumerate(params)
-                  if p.is_floating_point() and p.dtype != sd and p.dtype.itemsize < sd.itemsize]
+        upcast = [i for i, p in enumerate(params) if _upcast(p, sd)]
         if not upcast:
             return list(params), grads, []
         tx_params, tx_grads = list(params), list(grads)
@@ -554,12 +583,15 @@ class TransformOptimizer(Optimizer):
         state = super().__getstate__()
         state.update(_factory=self._factory, _transform=self._transform, _tensor_args=self._tensor_args,
                      _factory_args=self._factory_args, _state_dtype=self._state_dtype,
-                     _donate_grads=self._donate_grads, _fused=self._fused)
+                     _donate_grads=self._donate_grads, _fused=self._fused,
+                     _max_grad_norm=self._max_grad_norm)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fused = state.get("_fused", False)
+        self._max_grad_norm = state.get("_max_grad_norm")
+        self._grad_norm = _GradNorm()
         # A copy binds its own params to its own buffers at its next step.
         self._fused_groups = {}
         self._runtimes = {}
@@ -571,6 +603,22 @@ class TransformOptimizer(Optimizer):
     def __repr__(self) -> str:
         what = _name(self._factory) if self._factory is not None else "transform"
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__} [{what}] (", 1)
+
+
+class _GradNorm:
+    """The norm ``max_grad_norm`` clips by: computed by :meth:`TransformOptimizer.step`
+    over every group before any group steps, read by each group's clip."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("max_grad_norm: the global norm is computed by TransformOptimizer.step, "
+                               "and this transform ran outside it")
+        return self.value
 
 
 class _GroupRuntime:
@@ -751,6 +799,12 @@ def _values_key(values: dict[str, Any], maximize: Any) -> Any:
     except TypeError:
         return None
     return key
+
+
+def _upcast(p: torch.Tensor, state_dtype: torch.dtype | None) -> bool:
+    """Whether the transform sees ``p`` (and its gradient) upcast to ``state_dtype``."""
+    return (state_dtype is not None and p.is_floating_point() and p.dtype != state_dtype
+            and p.dtype.itemsize < state_dtype.itemsize)
 
 
 def _has_grads(group: dict[str, Any]) -> bool:

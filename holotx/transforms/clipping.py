@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from holotx import _validate, ops, tree
@@ -9,7 +11,7 @@ from holotx.base import EmptyState, GradientTransformation, own_transform
 from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
 
-__all__ = ["clip_by_global_norm", "global_norm"]
+__all__ = ["clip_by_global_norm", "clip_factor", "global_norm"]
 
 
 def global_norm(updates) -> torch.Tensor:
@@ -24,7 +26,14 @@ def global_norm(updates) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
+def clip_factor(norm: torch.Tensor, max_norm: Scalar) -> torch.Tensor:
+    r""":math:`c / \max(\lVert u \rVert_2, c)`: the factor :func:`clip_by_global_norm`
+    multiplies the updates by, exactly 1 where ``norm <= max_norm``."""
+    return max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
+
+
+def clip_by_global_norm(max_norm: Scalar, *,
+                        norm: Callable[[], torch.Tensor] | None = None) -> GradientTransformation:
     r"""Scale all updates together so that their global L2 norm is at most ``max_norm``.
 
     .. math:: u \leftarrow u \cdot \frac{c}{\max(\lVert u \rVert_2, c)}
@@ -32,8 +41,20 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
     Updates already within the bound are multiplied by exactly 1. No host sync: the
     factor stays a 0-d tensor. (``torch.nn.utils.clip_grad_norm_`` adds 1e-6 to the norm;
     this does not.)
+
+    Args:
+        max_norm: :math:`c`, positive (``inf``: no clipping).
+        norm: a function returning the norm to clip by, when it is not the updates' own:
+            the :class:`~holotx.adapters.TransformOptimizer`'s ``max_grad_norm`` gives each
+            param group the norm over every group, so that the groups are clipped together
+            as one.
+
+    Example:
+        >>> tx = holotx.chain(holotx.clip_by_global_norm(1.0), holotx.adamw(1e-3))
     """
     _validate.positive("max_norm", max_norm, finite=False)  # inf: no clipping
+    if norm is not None and not callable(norm):
+        raise ValueError(f"norm must be a function returning the norm to clip by, got {norm!r}")
 
     def init(params):
         del params
@@ -41,13 +62,17 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
     def update(updates, state, params=None, **extra):
         del extra
-        # One norm over every value: a flat buffer is as good as its tensors.
-        tree.check_whole_tensors(params, "clip_by_global_norm", flat_ok=True)
-        norm = global_norm(updates)
-        factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
+        if norm is None:
+            # One norm over every value: a flat buffer is as good as its tensors.
+            tree.check_whole_tensors(params, "clip_by_global_norm", flat_ok=True)
+            factor = clip_factor(global_norm(updates), max_norm)
+        else:
+            factor = clip_factor(norm(), max_norm)
 
         def kernel(g, _p):
-            return (ops.mul_(g, factor),)
+            # (The kernel sees one device at a time; the norm is on the first leaf's.)
+            here = factor if factor.device == g[0].device else factor.to(g[0].device)
+            return (ops.mul_(g, here),)
 
         return multi_tensor_update(kernel, updates)[0], state
 
