@@ -125,8 +125,9 @@ def create_optimizer(
     **hyperparams: Any,
 ) -> Optimizer:
     """An optimizer by name: :class:`~holotx.adapters.TransformOptimizer` over the
-    registered factory, with ``hyperparams`` (the factory's arguments and
-    ``state_dtype``). ``create_optimizer("lamb", model)`` works too.
+    registered factory, with ``hyperparams`` (the factory's arguments, and the adapter's
+    ``state_dtype``, ``donate_grads``, ``fused`` and ``max_grad_norm``: one clip over all
+    the groups made here). ``create_optimizer("lamb", model)`` works too.
 
     Given an ``nn.Module`` and ``filter_bias_and_norm`` (default), biases, norm weights
     and 1-D params go to a group without weight decay and without trust-ratio
