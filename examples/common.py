@@ -18,6 +18,7 @@ from torch.func import functional_call, grad_and_value
 import holotx
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 Params = dict[str, torch.Tensor]
@@ -75,3 +76,22 @@ def figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def log_y(ax: Axes) -> None:
+    """A log y-axis labelled in plain numbers (0.01, 0.2, 1), as many as fit: the decades
+    when it spans more than two, also 2 and 5 times them down to 0.6 decade, every tick of
+    a narrower span (matplotlib's default labels only the decades, in 1e-02 notation)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+
+    def label(v: float, _pos: int | None) -> str:
+        lo, hi = sorted(ax.yaxis.get_view_interval())
+        decades = math.log10(hi / lo) if lo > 0 else math.inf
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
+        keep = {1} if decades > 2 else {1, 2, 5} if decades > 0.6 else set(range(1, 10))
+        return f"{v:g}" if mantissa in keep else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))

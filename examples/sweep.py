@@ -71,7 +71,7 @@ from torch.func import functional_call, vmap
 
 import holotx
 
-from common import DTYPES, Params, figure, make_model, make_step, spirals
+from common import DTYPES, Params, figure, log_y, make_model, make_step, spirals
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -242,7 +242,6 @@ def plot_curves(path: Path, steps: Sequence[int], curves: torch.Tensor, lrs: Seq
     thicker and marked; a run whose loss became non-finite is marked "diverged", its curve
     stops there), and ``about`` (the model and data) under the title. Returns the figure."""
     from matplotlib import colormaps
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = figure(8, 4.8)
     ax = fig.add_subplot()
@@ -256,13 +255,10 @@ def plot_curves(path: Path, steps: Sequence[int], curves: torch.Tensor, lrs: Seq
             label += " (best test loss)"
         ax.plot(steps, curve, color=cmap(0.9 * j / max(1, len(lrs) - 1)), label=label,
                 linewidth=2.6 if j == best else 1.2, zorder=3 if j == best else 2)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1, 0.2, 0.5, 1, 2, 5 ...
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    log_y(ax)
     ax.set_xlim(0, max(1, steps[-1]) if steps else 1)
     ax.set_xlabel("training step")
-    ax.set_ylabel("training-set loss (cross-entropy, nats)")
+    ax.set_ylabel("training-set loss (cross-entropy, nats, log scale)")
     ax.grid(True, which="major", color="0.85")
     ax.grid(True, which="minor", axis="y", color="0.94")
     ax.set_title(f"AdamW learning-rate sweep: {len(lrs)} runs in one vmap" + (f"\n{about}" if about else ""),
