@@ -10,15 +10,12 @@ with tiny sizes, to check that it runs. Everything runs on one thread (see test_
 
 from __future__ import annotations
 
-import io
 import math
 import re
-import struct
-import zlib
 
 import pytest
 import torch
-from example_scripts import load_example
+from example_scripts import load_example, read_png
 
 # ---------------------------------------------------------------- ensemble
 
@@ -59,29 +56,6 @@ def test_ensemble_rejects_unknown_optimizer(keep_threads):
 
 
 # ---------------------------------------------------------------- sweep
-
-def read_png(data: bytes) -> tuple[int, int, set[tuple[int, ...]]]:
-    """Width, height and the set of colours of an 8-bit RGB or RGBA PNG. Its chunks are
-    walked here (each chunk's CRC checked, IHDR first, IEND last); the pixels are decoded
-    by Pillow (matplotlib's own dependency)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body), kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR"
-    assert chunks[-1] == (b"IEND", b"")
-    width, height, depth, color, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) in {(8, 2), (8, 6)}  # 8-bit RGB or RGBA
-    image = pytest.importorskip("PIL.Image").open(io.BytesIO(data))
-    assert image.size == (width, height)
-    colors = image.convert("RGB").getcolors(maxcolors=width * height)
-    return width, height, {c for _, c in colors}
-
 
 def test_sweep_equals_separate_runs_and_plots(keep_threads, capsys, tmp_path):
     sweep = load_example("sweep")
