@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps pytorch-optimizer==4.1.0
 	touch $(STAMP)
 
+# Flags for the script go in ARGS: `make demo ARGS="--quick"` (make would take
+# `make demo --quick` as an option of its own, and refuse it).
+ARGS ?=
+
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(ARGS)
 
 # Two test processes (pytest-xdist): the suite is mostly single-threaded Python and
 # compiles, so two cores take it from about 12 to about 8.5 minutes. `pytest -p no:xdist`
@@ -33,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
-	$(PY) examples/benchmark.py
+	$(PY) examples/benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
