@@ -28,15 +28,17 @@ the whole training set every few steps, one panel per family of optimizers.
 While it trains, one progress line is redrawn in place on a terminal; when the output is
 not a terminal (a pipe, a log file), a plain line is printed as each run ends instead.
 
-Time: 30 runs of 1,500 steps (15 optimizers, two ways) take about a minute on one thread
-(the default): 57 s on an idle core of a 2-core machine, and up to ~75 s when other jobs
-share it; ``--quick`` takes a few seconds.
+Time: 30 runs of 1,500 steps (15 optimizers, two ways) take about a minute on one idle core
+(one thread, the default: 60 to 62 s of CPU time, measured with ``taskset -c 0`` on a 2-core
+machine), longer when other jobs share the cores (93 and 115 s there, with four to six
+running); the script prints how long it took. ``--quick`` takes about 10 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import shutil
 import sys
 import time
@@ -208,7 +210,7 @@ class Progress:
     redrawn many times a second only fills the log, so :meth:`update` prints a plain line
     when a run ends, and one every ``every`` seconds during a long run; nothing else."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24, every: float = 10.0,
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20, every: float = 10.0,
                  redraw: float = 0.1):
         self.total, self.width, self.every, self.redraw = max(1, total), width, every, redraw
         self.stream = sys.stdout if stream is None else stream
@@ -216,18 +218,19 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.drawn = 0  # length of the line on screen (terminal), to blank what is left of it
 
-    def update(self, done: int, text: str, end_of_run: bool = False) -> None:
-        """``done`` steps of ``total`` so far, in all the runs; ``text``: the run under way."""
+    def update(self, done: int, text: str, end_of_run: bool = False, short: str | None = None) -> None:
+        """``done`` steps of ``total`` so far, in all the runs; ``text``: the run under way,
+        ``short`` (if given) the same said in fewer characters, for the terminal's line."""
         now = time.perf_counter()
         if self.tty:
             if end_of_run or now - self.last >= self.redraw or done >= self.total:
                 self.last = now
                 elapsed = now - self.start
-                # What is left, once there is enough done to tell (the first steps compile).
+                # What is left, once there is enough done to tell (the first steps are slower).
                 left = f"~{elapsed / done * (self.total - done):.0f} s" if done >= 0.02 * self.total else "?"
                 filled = round(self.width * done / self.total)
-                line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {done / self.total:4.0%} "
-                        f"{elapsed:4.0f} s, {left} left | {text}")
+                line = (f"{done / self.total:4.0%} [{'#' * filled}{'.' * (self.width - filled)}] "
+                        f"{elapsed:.0f} s, {left} left  {text if short is None else short}")
                 line = line[:max(20, shutil.get_terminal_size().columns - 1)]  # a wrapped line is not redrawn
                 self.stream.write("\r" + line + " " * max(0, self.drawn - len(line)))
                 self.stream.flush()
@@ -246,9 +249,10 @@ class Progress:
 
 
 def train(name: str, make_tx, way: str, task: Task, record_every: int, progress: Progress,
-          done_before: int = 0) -> Result:
+          done_before: int = 0, run: str = "") -> Result:
     """One run; the loss on the whole training set is recorded every ``record_every``
-    steps, untimed, and shown by ``progress`` (``done_before``: the steps of earlier runs)."""
+    steps, untimed, and shown by ``progress`` (``done_before``: the steps of earlier runs;
+    ``run``: which run this is, e.g. "3/30", for the terminal's line)."""
     evaluate = make_evaluate(task)
     initial_loss, _ = evaluate(dict(task.model.named_parameters()))
     curve_steps, curve = [0], [initial_loss]
@@ -263,7 +267,8 @@ def train(name: str, make_tx, way: str, task: Task, record_every: int, progress:
             curve_steps.append(step)
             curve.append(loss)
             progress.update(done_before + step, f"{name:<30} {way:<10} step {step:>5}  train loss "
-                            f"{loss:.4f}  test acc {acc:6.1%}", end_of_run=step == n)
+                            f"{loss:.4f}  test acc {acc:6.1%}", end_of_run=step == n,
+                            short=f"{run} {name}, {way}: step {step}, loss {loss:.4f}, acc {acc:.1%}")
         last[0] = time.perf_counter()
 
     torch.manual_seed(SEED)
@@ -283,12 +288,23 @@ def print_table(results: list[Result]) -> None:
           "training step: forward, backward and optimizer)", flush=True)
 
 
+def same_curve(a: Result | None, b: Result | None, decades: float = 0.05) -> bool:
+    """Whether two runs' loss curves are drawn as one line on the plot's log axis: within
+    ``decades`` of each other (0.05: 12%, a few pixels) at every recorded step. Adam and
+    AdamW here (its weight decay is tiny: 10% apart at most), Lookahead and Scout."""
+    return (a is not None and b is not None and a.steps == b.steps
+            and all(x > 0 and y > 0 and abs(math.log10(x / y)) <= decades
+                    for x, y in zip(a.losses, b.losses)))
+
+
 def plot_curves(path: Path, results: list[Result], about: str = "") -> Figure:
     """The loss curves of ``results`` into the PNG ``path``: one panel per family of
     optimizers (:data:`PANELS`, those with a result), side by side with one log y-axis,
     one colour per optimizer, the first way run drawn solid and any other dashed over it
-    (where both lines show, the ways' rounding has grown apart). Plain AdamW's curve is
-    drawn in grey in the wrappers' panel, to compare. Returns the figure."""
+    (where both lines show, the ways' rounding has grown apart). A curve drawn over an
+    earlier one of its panel that it matches (:func:`same_curve`) says so in the legend.
+    Plain AdamW's curve is drawn in grey in the wrappers' panel, to compare. Returns the
+    figure."""
     ways = list(dict.fromkeys(r.way for r in results))
     names = list(dict.fromkeys(r.optimizer for r in results))
     panels = {title: [n for n in members if n in names] for title, members in PANELS.items()}
@@ -304,17 +320,22 @@ def plot_curves(path: Path, results: list[Result], about: str = "") -> Figure:
             ax.plot(r.steps, r.losses, color="0.6", linewidth=1.2, label="adamw alone")
         for k, name in enumerate(members):
             color = f"C{k}"
+            label = name
+            first = by_key.get((name, ways[0]))
+            twins = [m for m in members[:k] if same_curve(first, by_key.get((m, ways[0])))]
+            if twins:  # drawn over it: say so, or the legend shows a colour the plot hides
+                label += f" (\u2248 {twins[0]}, over it)"
             for w, way in enumerate(ways):
                 if (name, way) in by_key:
                     r = by_key[name, way]
                     ax.plot(r.steps, r.losses, color=color, linewidth=1.4 if w == 0 else 1.0,
-                            linestyle="-" if w == 0 else (0, (4, 3)), label=name if w == 0 else None)
+                            linestyle="-" if w == 0 else (0, (4, 3)), label=label if w == 0 else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_xlim(0, max(r.steps[-1] for r in results))
         ax.grid(True, which="major", color="0.85")
         ax.grid(True, which="minor", axis="y", color="0.94")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="lower left", fontsize=8)
     log_y(axes[0])
     axes[0].set_ylabel("training-set loss (cross-entropy, nats, log scale)")
     style = (f"{ways[0]} way solid, {' and '.join(ways[1:])} dashed over it" if len(ways) > 1
@@ -361,7 +382,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     progress = Progress(len(runs) * steps)
     results = []
     for k, (name, make_tx, way) in enumerate(runs):
-        results.append(train(name, make_tx, way, task, record_every, progress, done_before=k * steps))
+        results.append(train(name, make_tx, way, task, record_every, progress, done_before=k * steps,
+                             run=f"{k + 1}/{len(runs)}"))
     progress.close()
     print_table(results)
     if args.plot:

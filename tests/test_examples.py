@@ -71,7 +71,8 @@ def test_demo_quick_plots_the_loss_curves(keep_threads, capsys, tmp_path):
 
 def test_demo_plot_reads_on_its_own(tmp_path):
     """Panels titled by family, axes labelled with units, one legend entry per optimizer
-    (and plain AdamW beside the wrappers), the ways and the data said in the title."""
+    (and plain AdamW beside the wrappers; a curve drawn over a matching one says so), the
+    ways and the data said in the title."""
     demo = load_example("demo")
 
     def result(name: str, way: str, losses: list[float]):
@@ -79,6 +80,8 @@ def test_demo_plot_reads_on_its_own(tmp_path):
 
     results = [result(n, w, [0.7, 0.4, 0.2]) for n in ("adamw", "lamb", "lookahead(adamw)", "new one")
                for w in ("functional", "inplace")]
+    results += [result("adam", "functional", [0.7, 0.44, 0.2]),  # adamw's within 12%
+                result("radam", "functional", [0.7, 0.5, 0.3])]
     fig = demo.plot_curves(tmp_path / "p.png", results, about="a test")
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["torch.optim's rules, and a chain", "Holocron's eight",
@@ -87,7 +90,8 @@ def test_demo_plot_reads_on_its_own(tmp_path):
     assert "nats" in fig.axes[0].get_ylabel()
     assert fig.axes[0].get_yscale() == "log"
     legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
-    assert legends == [["adamw"], ["lamb"], ["adamw alone", "lookahead(adamw)"], ["new one"]]
+    assert legends == [["adam", "adamw (\u2248 adam, over it)", "radam"], ["lamb"],
+                       ["adamw alone", "lookahead(adamw)"], ["new one"]]
     title = fig.get_suptitle()
     assert "a test" in title
     assert "functional way solid, inplace dashed" in title
@@ -108,9 +112,13 @@ def test_progress_is_one_redrawn_line_on_a_terminal():
     progress.update(20, "run b step 10", end_of_run=True)
     assert "\n" not in stream.getvalue()  # one line, redrawn
     assert stream.getvalue().count("\r") == 3
-    assert "[" + "#" * 24 + "] 100%" in stream.getvalue()
+    assert stream.getvalue().endswith("run b step 10")
+    assert "100% [" + "#" * 20 + "]" in stream.getvalue()
+    progress.update(20, "long text", end_of_run=True, short="short text")  # the terminal's line takes short
+    # What is left of the longer line before it is blanked with spaces.
+    assert stream.getvalue().endswith("short text   ")
     progress.close()
-    assert stream.getvalue().endswith("run b step 10\n")
+    assert stream.getvalue().endswith("short text   \n")
     # Redrawn at most every `redraw` seconds, and as each run ends.
     stream = Terminal()
     progress = demo.Progress(20, stream=stream, redraw=3600.0)
@@ -216,6 +224,13 @@ def test_benchmark_floor_kernels_move_the_stated_bytes():
               "ademamix": 36, "lookahead_adamw": 28 + 8 / 6, "scout_adamw": (5 * 60 + 76) / 6}
     assert {k: algos[k].bytes_per_param for k in stated} == pytest.approx(stated)
     assert algos["scout_adamw"].period == algos["lookahead_adamw"].period == 6
+
+
+def test_readme_layout_lists_every_example():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):]
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        assert re.search(rf"^  {re.escape(script.name)} ", layout, flags=re.MULTILINE), script.name
 
 
 def readme_blocks() -> list[str]:
