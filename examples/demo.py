@@ -30,7 +30,7 @@ not a terminal (a pipe, a log file), a plain line is printed as each run ends in
 
 Time: 30 runs of 1,500 steps (15 optimizers, two ways) take about a minute on one idle core
 (one thread, the default: 60 to 62 s of CPU time, measured with ``taskset -c 0`` on a 2-core
-machine), longer when other jobs share the cores (93 and 115 s there, with four to six
+machine), longer when other jobs share the cores (73 to 115 s there, with four to six
 running); the script prints how long it took. ``--quick`` takes about 10 s.
 """
 
