@@ -1,13 +1,14 @@
 """What the spirals examples share (demo, ensemble, sweep, functional_loop): the data, two
 noisy interleaved spirals generated from a seed (nothing is downloaded), the MLP that
-classifies them, and one pure training step. Imported from this folder, which Python puts
-on the import path when it runs ``python examples/<name>.py``."""
+classifies them, one pure training step, and the figure the plots are drawn on. Imported
+from this folder, which Python puts on the import path when it runs
+``python examples/<name>.py``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 import holotx
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 Params = dict[str, torch.Tensor]
 Step = Callable[[Params, Any, torch.Tensor, torch.Tensor], tuple[Params, Any, torch.Tensor]]
@@ -53,3 +58,40 @@ def make_step(model: nn.Module, tx: holotx.GradientTransformation) -> Step:
         return holotx.apply_updates(params, updates), state, loss
 
     return step
+
+
+def figure(width: float, height: float) -> Figure:
+    """A matplotlib figure of ``width`` x ``height`` inches at 100 dpi (800 x 480 pixels for
+    8 x 4.8), with constrained layout, drawn by the non-interactive Agg backend: it is
+    saved to a file (``fig.savefig(path)``) and never opens a window. matplotlib (the
+    ``examples`` extra; holotx itself never imports it) is imported here, on first use, so
+    an example run without a plot does not need it. No pyplot: no global figure state."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the plot needs matplotlib, the examples extra: pip install -c constraints.txt "
+            "-e '.[examples]' (make venv installs it), or pass --plot '' for no plot") from e
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def log_y(ax: Axes) -> None:
+    """A log y-axis labelled in plain numbers (0.01, 0.2, 1), as many as fit: the decades
+    when it spans more than two, also 2 and 5 times them down to 0.6 decade, every tick of
+    a narrower span (matplotlib's default labels only the decades, in 1e-02 notation)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+
+    def label(v: float, _pos: int | None) -> str:
+        lo, hi = sorted(ax.yaxis.get_view_interval())
+        decades = math.log10(hi / lo) if lo > 0 else math.inf
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
+        keep = {1} if decades > 2 else {1, 2, 5} if decades > 0.6 else set(range(1, 10))
+        return f"{v:g}" if mantissa in keep else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))

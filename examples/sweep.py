@@ -12,9 +12,10 @@ each (log-spaced, default 1e-4 to 1), and a vmapped training step then trains al
 of the same initial MLP on the same mini-batches of two noisy spirals (generated here from
 a seed; nothing is downloaded). The script checks the batched sweep against 16 separate
 runs of plain ``holotx.adamw(lr=...)``, prints a table and the best configuration (lowest
-test log-loss), and draws the 16 training-loss curves into a PNG (log y-axis, blue for the
-smallest learning rate to red for the largest, a legend). The PNG is written by the small
-encoder below (zlib + struct); there is no plotting library.
+test log-loss), and draws the 16 training-loss curves into a PNG with matplotlib (the
+``examples`` extra, which ``make venv`` installs; ``--plot ''`` for none): a log y-axis,
+dark blue for the smallest learning rate to yellow-green for the largest, the best one
+thicker, a legend of the learning rates, the model and data under the title.
 
 The check: batched and separate runs agree to a few ulps per step (a batched matmul may sum
 in another order), and stay close where training is stable: at the default 500 steps, up
@@ -55,17 +56,13 @@ runs instead of ~6.5x.
 from __future__ import annotations
 
 import argparse
-import colorsys
-import itertools
 import math
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +71,10 @@ from torch.func import functional_call, vmap
 
 import holotx
 
-from common import DTYPES, Params, make_model, make_step, spirals
+from common import DTYPES, Params, figure, log_y, make_model, make_step, spirals
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SEED = 0
 
@@ -232,114 +232,40 @@ def fallback_cost(task: Task, n: int, repeats: int = 200) -> dict[str, float]:
             f"{n} separate updates": best(each, max(1, repeats // n))}
 
 
-# ---------------------------------------------------------------- a PNG plot, no plotting library
+# ---------------------------------------------------------------- the plot
 
-FONT = {  # 3x5 glyphs, rows top to bottom
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "010101111100011", " ": "000000000000000",
-}
-Color = tuple[int, int, int]
+def plot_curves(path: Path, steps: Sequence[int], curves: torch.Tensor, lrs: Sequence[float], *,
+                best: int | None = None, about: str = "") -> Figure:
+    """Loss curves (``curves[i, j]``: config ``j`` at ``steps[i]``) into the PNG ``path``,
+    800 x 480 pixels: a log y-axis, one colour per learning rate from dark blue (smallest)
+    to yellow-green (largest), a legend of the learning rates (the ``best`` one drawn
+    thicker and marked; a run whose loss became non-finite is marked "diverged", its curve
+    stops there), and ``about`` (the model and data) under the title. Returns the figure."""
+    from matplotlib import colormaps
 
-
-class Canvas:
-    """An RGB image: pixels, lines, small text, and its PNG encoding."""
-
-    def __init__(self, width: int, height: int, background: Color = (255, 255, 255)) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(background) * (width * height))
-
-    def dot(self, x: int, y: int, color: Color, size: int = 1) -> None:
-        for yy in range(y, y + size):
-            for xx in range(x, x + size):
-                if 0 <= xx < self.width and 0 <= yy < self.height:
-                    i = 3 * (yy * self.width + xx)
-                    self.pixels[i:i + 3] = bytes(color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color, size: int = 1) -> None:
-        """Bresenham's line from (x0, y0) to (x1, y1), both ends drawn."""
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:
-            self.dot(x0, y0, color, size)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err, x0 = err + dy, x0 + sx
-            if e2 <= dx:
-                err, y0 = err + dx, y0 + sy
-
-    def text(self, x: int, y: int, s: str, color: Color = (0, 0, 0), scale: int = 2) -> None:
-        """``s`` (digits, '.', '-', 'e') with its top-left corner at (x, y)."""
-        for k, ch in enumerate(s):
-            for bit, on in enumerate(FONT[ch]):
-                if on == "1":
-                    self.dot(x + (4 * k + bit % 3) * scale, y + bit // 3 * scale, color, scale)
-
-    def png(self) -> bytes:
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        row = 3 * self.width
-        raw = b"".join(b"\x00" + self.pixels[y * row:(y + 1) * row] for y in range(self.height))  # filter 0
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                + chunk(b"IEND", b""))
-
-
-def short(v: float) -> str:
-    """``3.2e-4`` for 0.00032: compact, and only characters the font has."""
-    mantissa, exponent = f"{v:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def plot_curves(path: Path, steps: Sequence[int], curves: torch.Tensor, lrs: Sequence[float],
-                width: int = 800, height: int = 480) -> None:
-    """Loss curves (``curves[i, j]``: config ``j`` at ``steps[i]``), log y-axis, one colour
-    per learning rate, with a legend; a diverged (non-finite) value is drawn at the top."""
-    c = Canvas(width, height)
-    left, right, top, bottom = 60, width - 120, 15, height - 35
-    finite = curves[torch.isfinite(curves) & (curves > 0)]
-    lo = math.floor(math.log10(float(finite.min()))) if len(finite) else -1
-    hi = math.ceil(math.log10(float(finite.max()))) if len(finite) else 1
-    hi = max(hi, lo + 1)
-
-    def px(step: float) -> int:
-        return round(left + (right - left) * step / max(1, steps[-1]))
-
-    def py(loss: float) -> int:
-        v = math.log10(loss) if math.isfinite(loss) and loss > 0 else hi
-        return round(bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo))
-
-    black, grey = (0, 0, 0), (220, 220, 220)
-    for d in range(lo, hi + 1):  # decades: grid line, tick, label; minor ticks at 2..9
-        y = py(10.0 ** d)
-        c.line(left, y, right, y, grey)
-        c.line(left - 6, y, left, y, black)
-        c.text(left - 10 - 8 * len(f"1e{d}"), y - 5, f"1e{d}")
-        for m in range(2, 10):
-            if d < hi:
-                ym = py(m * 10.0 ** d)
-                c.line(left - 3, ym, left, ym, black)
-    for k in range(6):  # x ticks
-        s = round(steps[-1] * k / 5)
-        c.line(px(s), bottom, px(s), bottom + 6, black)
-        c.text(px(s) - 4 * len(str(s)), bottom + 10, str(s))
+    fig = figure(8, 4.8)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"]
     for j, lr in enumerate(lrs):
-        r, g, b = colorsys.hsv_to_rgb(2 / 3 * (1 - j / max(1, len(lrs) - 1)), 0.9, 0.85)
-        color = (round(255 * r), round(255 * g), round(255 * b))
-        points = [(px(s), py(float(v))) for s, v in zip(steps, curves[:, j])]
-        for (x0, y0), (x1, y1) in itertools.pairwise(points):
-            c.line(x0, y0, x1, y1, color, size=2)
-        ly = top + 5 + 16 * j  # legend
-        c.line(right + 12, ly + 4, right + 32, ly + 4, color, size=3)
-        c.text(right + 40, ly, short(lr))
-    c.line(left, top, left, bottom, black)
-    c.line(left, bottom, right, bottom, black)
-    path.write_bytes(c.png())
+        curve = curves[:, j].tolist()
+        label = f"{lr:.1e}"
+        if not all(math.isfinite(v) for v in curve):
+            label += " (diverged)"
+        if j == best:
+            label += " (best test loss)"
+        ax.plot(steps, curve, color=cmap(0.9 * j / max(1, len(lrs) - 1)), label=label,
+                linewidth=2.6 if j == best else 1.2, zorder=3 if j == best else 2)
+    log_y(ax)
+    ax.set_xlim(0, max(1, steps[-1]) if steps else 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training-set loss (cross-entropy, nats, log scale)")
+    ax.grid(True, which="major", color="0.85")
+    ax.grid(True, which="minor", axis="y", color="0.94")
+    ax.set_title(f"AdamW learning-rate sweep: {len(lrs)} runs in one vmap" + (f"\n{about}" if about else ""),
+                 fontsize=10)
+    fig.legend(title="learning rate", loc="outside right upper", fontsize=8, title_fontsize=8)
+    fig.savefig(path)
+    return fig
 
 
 # ---------------------------------------------------------------- driver
@@ -425,7 +351,11 @@ def main(argv: list[str] | None = None) -> Result:
 
     plot = Path(args.plot) if args.plot else None
     if plot is not None:
-        plot_curves(plot, rec_steps, curves, lrs.tolist())
+        hidden = args.hidden
+        plot_curves(plot, rec_steps, curves, lrs.tolist(), best=best,
+                    about=f"MLP 2-{hidden}-{hidden}-2 ({n_params:,} parameters) on two spirals, "
+                          f"{len(task.batches[0])} points a step,\nweight decay {args.weight_decay:g}, "
+                          f"{args.dtype}; loss over the whole training set ({len(task.x_train):,} points)")
         print(f"loss curves written to {plot}")
     result = Result(lrs.tolist(), args.weight_decay, rec_steps, curves, test_loss.tolist(), test_acc.tolist(),
                     best, diffs, plot)
