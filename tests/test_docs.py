@@ -145,7 +145,8 @@ def docstring_problems(obj: object) -> list[str]:
 def test_there_are_public_names_to_check():
     objects = checked_objects()
     assert len(objects) >= 100, sorted(objects)
-    assert "holotx.adamw" in objects and "holotx.adapters.TransformOptimizer" in objects
+    assert "holotx.adamw" in objects
+    assert "holotx.adapters.TransformOptimizer" in objects
 
 
 @pytest.mark.parametrize("path", sorted(checked_objects()))
@@ -234,7 +235,8 @@ def test_algorithm_links_its_paper(path):
 @pytest.mark.parametrize("path", ["holotx.scout", "holotx.adapters.Scout"])
 def test_scout_says_it_is_holocrons_own(path):
     doc = inspect.getdoc(checked_objects()[path]) or ""
-    assert HOLOCRON in doc and "no paper" in doc
+    assert HOLOCRON in doc
+    assert "no paper" in doc
 
 
 # --------------------------------------------------------------------------- the examples run
@@ -259,7 +261,7 @@ def test_docstring_examples_run(path, keep_threads):
         runner.run(test, clear_globs=True)
     results = runner.summarize(verbose=False)
     assert results.attempted > 0
-    assert results.failed == 0, f"{path}: {results.failed} of {results.attempted} examples failed (see output)"
+    assert results.failed == 0, f"{path}: {results.failed} of {results.attempted} examples failed (above)"
 
 
 def test_a_failing_example_is_caught():
@@ -278,8 +280,8 @@ def test_a_failing_example_is_caught():
 # --------------------------------------------------------------------------- the reference is complete
 
 DIRECTIVE = re.compile(
-    r"^\s*\.\. (?:auto(?:function|class|data|module)|py:(?:data|class|function)|module|currentmodule)::\s*(\S+)",
-    re.MULTILINE)
+    r"^\s*\.\. (?:auto(?:function|class|data|module)|py:(?:data|class|function)|module|currentmodule)::"
+    r"\s*(\S+)", re.MULTILINE)
 
 
 def documented_objects() -> set[int]:
@@ -388,7 +390,8 @@ def test_no_file_cites_a_document_outside_the_repository():
     """Every document the code or the docs point to is in the repository (an earlier
     docstring cited a design file that never was)."""
     banned = ("DESIGN" + ".md", "../" + "shared", "/work/" + "shared")
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=False)
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
     offenders = []
