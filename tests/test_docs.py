@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from holotx.adapters import registry
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -251,7 +253,9 @@ def examples_of(path: str) -> list[doctest.DocTest]:
 
 
 @pytest.mark.parametrize("path", sorted(checked_objects()))
-def test_docstring_examples_run(path, keep_threads):
+def test_docstring_examples_run(path, keep_threads, monkeypatch):
+    # register_optimizer's example adds a name: the registry is put back afterwards.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     tests = examples_of(path)
     assert tests, f"{path} has no docstring example"
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
