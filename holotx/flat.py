@@ -281,7 +281,7 @@ class FlatLayout:
         is for code that owns the params, e.g. an optimizer adapter.
 
         Args:
-            params: the tree of tensors (``nn.Parameter`` s) to move into the buffers.
+            params: the tree of tensors (``nn.Parameter`` objects) to move into the buffers.
 
         Returns:
             The flat buffers, now the params' storage.
@@ -311,7 +311,7 @@ class FlatLayout:
         backward passes fill the buffers (until ``zero_grad(set_to_none=True)``).
 
         Args:
-            params: the tree of ``nn.Parameter`` s.
+            params: the tree of ``nn.Parameter`` objects.
 
         Returns:
             The zeroed flat gradient buffers.
