@@ -145,8 +145,8 @@ def constant_schedule(value: float) -> Schedule:
         value: the constant value (finite real number).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -193,8 +193,8 @@ def polynomial_schedule(
             ``init_value`` before the transition starts (integer ``>= 0``).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -244,8 +244,8 @@ def linear_schedule(
             (integer ``>= 0``).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import torch
@@ -304,8 +304,8 @@ def cosine_decay_schedule(
         exponent: power applied to the cosine factor ``c`` (finite, ``> 0``).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -356,8 +356,8 @@ def exponential_decay(
         end_value: optional bound on the value (see above).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -408,8 +408,8 @@ def piecewise_constant_schedule(
             are integers ``>= 0``, scales finite reals ``>= 0``.
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -469,8 +469,8 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         boundaries: ``n - 1`` non-decreasing integers ``>= 0``.
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx
@@ -537,8 +537,8 @@ def warmup_cosine_decay_schedule(
         exponent: power applied to the cosine factor (finite, ``> 0``).
 
     Returns:
-        A :data:`Schedule`: ``schedule(count)`` is a Python float for an ``int`` count, a
-        float64 tensor on the count's device for a tensor count.
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
 
     Example:
         >>> import holotx

@@ -322,7 +322,10 @@ def test_conf_reaches_no_network():
 
 
 def sphinx_build(source: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # A proxy that refuses every connection: a build that tried to reach the network
+    # (intersphinx, a remote image) would warn, and -W makes that an error.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           **dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"), "http://127.0.0.1:9")}
     return subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "-E",
          "-d", str(out / "doctrees"), str(source), str(out / "html")],
