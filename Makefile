@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,examples,frameworks]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,examples,frameworks,docs]'
 	$(PY) -m pip install --quiet --no-deps pylocron==0.3.0
 	$(PY) -m pip install --quiet --no-deps pytorch-optimizer==4.1.0
 	touch $(STAMP)

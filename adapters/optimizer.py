@@ -77,7 +77,8 @@ class TransformOptimizer(Optimizer):
     ``"mu"``, ``"nu"`` for Adam; ``"slow"``, ``"inner_state.mu"`` under Lookahead); a
     group-wide leaf (a schedule's step count) is stored under every param of the group.
 
-    The step is the donated one of DESIGN.md: the optimizer owns its state, so the
+    The step is the donated one of the contract (``docs/contract.rst``, "Donation"): the
+    optimizer owns its state, so the
     transform updates it in place, and the learning rate is applied as the params are
     (``p += lr * u``, one pass). The ``.grad`` tensors are left as they were (unless ``donate_grads``).
 
@@ -127,6 +128,35 @@ class TransformOptimizer(Optimizer):
 
     ``torch.compile(opt.step)`` gives the eager numbers; the group's numbers are read
     outside the graph (one graph break), so a scheduler changing ``lr`` never recompiles.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
+        tx_or_factory: a factory (``holotx.lamb``, ``functools.partial(...)``, any function returning
+            a :class:`~holotx.GradientTransformation`), or a transform.
+        state_dtype: keep the state of lower-precision params in this floating dtype (default
+            ``None``: the params' own).
+        donate_grads: use the ``.grad`` tensors as scratch (default ``False``).
+        fused: flat buffers and one compiled step per group (default ``False``).
+        max_grad_norm: clip the gradients of all groups together to this global L2 norm
+            (default ``None``: no clipping).
+        **hyperparams: the factory's arguments (every group's defaults); built from a transform,
+            only ``lr`` (default ``1``) and ``maximize``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> from holotx.adapters import TransformOptimizer
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        >>> opt = TransformOptimizer([w], holotx.adamw, lr=0.1, weight_decay=0.1)
+        >>> opt.param_groups[0]["betas"]
+        (0.9, 0.999)
+        >>> w.grad = torch.tensor([0.5, 0.5, -1.0])
+        >>> opt.step()
+        >>> w  # holotx.adamw's functional example, through torch.optim's interface
+        Parameter containing:
+        tensor([ 0.8900, -2.0800,  3.0700], requires_grad=True)
+        >>> sorted(opt.state_dict()["state"][0])
+        ['count', 'mu', 'nu']
     """
 
     def __init__(

@@ -39,7 +39,23 @@ _WRAPPERS: dict[str, type[Lookahead] | type[Scout]] = {"lookahead": Lookahead, "
 
 def register_optimizer(name: str, factory: Factory, *, overwrite: bool = False) -> None:
     """Make ``factory`` (a function returning a transform) available by ``name``
-    (case-insensitive) to :func:`create_optimizer`."""
+    (case-insensitive) to :func:`create_optimizer`.
+
+    Args:
+        name: the name (an identifier, not starting with ``lookahead_`` or ``scout_``).
+        factory: a function returning a :class:`~holotx.GradientTransformation`.
+        overwrite: replace a registered name (default ``False``: ``ValueError``).
+
+    Example:
+        >>> import functools
+        >>> import torch
+        >>> import holotx
+        >>> from holotx.adapters import create_optimizer, register_optimizer
+        >>> register_optimizer("nesterov_sgd", functools.partial(holotx.sgd, momentum=0.9, nesterov=True))
+        >>> opt = create_optimizer(torch.nn.Linear(2, 1), "nesterov_sgd", lr=0.1)
+        >>> opt.param_groups[0]["nesterov"]
+        True
+    """
     key = name.lower()
     if not key.isidentifier() or any(key.startswith(w + "_") for w in _WRAPPERS):
         raise ValueError("optimizer name must be an identifier not starting with a wrapper prefix, "
@@ -53,7 +69,22 @@ def register_optimizer(name: str, factory: Factory, *, overwrite: bool = False) 
 
 def list_optimizers(pattern: str = "*", *, wrappers: bool = False) -> list[str]:
     """The registered names matching the shell-style ``pattern`` (case-insensitive),
-    sorted; with ``wrappers=True`` also every ``lookahead_<name>`` and ``scout_<name>``."""
+    sorted; with ``wrappers=True`` also every ``lookahead_<name>`` and ``scout_<name>``.
+
+    Args:
+        pattern: a shell-style pattern (default ``"*"``).
+        wrappers: also list the ``lookahead_`` and ``scout_`` forms (default ``False``).
+
+    Returns:
+        The sorted names.
+
+    Example:
+        >>> from holotx.adapters import list_optimizers
+        >>> list_optimizers("ada*")
+        ['adabelief', 'adam', 'adamp', 'adamw', 'adan']
+        >>> list_optimizers("*lamb", wrappers=True)
+        ['lamb', 'lookahead_lamb', 'scout_lamb']
+    """
     names = list(_REGISTRY)
     if wrappers:
         names += [f"{w}_{n}" for w in _WRAPPERS for n in _REGISTRY]
@@ -89,7 +120,26 @@ def param_groups_weight_decay(
     ``fnmatch`` pattern as timm reads them (XCiT's ``'pos_embed.*'``). With
     ``exclude_from_trust_ratio`` the second group also has ``trust_ratio_mask=False``,
     which keeps LARS, LAMB and RaLars at ratio 1 there (other optimizers ignore the key).
-    Params that do not require a gradient are left out; an empty group is omitted."""
+    Params that do not require a gradient are left out; an empty group is omitted.
+
+    Args:
+        model: an ``nn.Module``, or ``(name, param)`` pairs.
+        weight_decay: the weight decay of the first group (default ``1e-5``).
+        skip: names or ``fnmatch`` patterns of params without weight decay (default ``()``).
+        exclude_from_trust_ratio: add ``trust_ratio_mask=False`` to the group without weight
+            decay (default ``True``).
+
+    Returns:
+        A list of param-group dicts, for any ``torch.optim.Optimizer``.
+
+    Example:
+        >>> import torch
+        >>> from holotx.adapters import param_groups_weight_decay
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> groups = param_groups_weight_decay(model, 0.05)
+        >>> [(len(g["params"]), g["weight_decay"], g.get("trust_ratio_mask")) for g in groups]
+        [(3, 0.0, False), (1, 0.05, None)]
+    """
     skip = set(skip)
     if isinstance(model, torch.nn.Module):
         if hasattr(model, "no_weight_decay"):
@@ -134,7 +184,34 @@ def create_optimizer(
     adaptation (:func:`param_groups_weight_decay`) when the optimizer has weight decay
     or trust ratios. A ``lookahead_`` or ``scout_`` prefix wraps the optimizer
     (``sync_rate``, ``sync_period``). An unknown name raises ``ValueError`` with the
-    closest names."""
+    closest names.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its biases and norm weights filtered), or params /
+            param groups as any optimizer takes them.
+        name: a registered name, with an optional ``lookahead_`` or ``scout_`` prefix
+            (case-insensitive; default ``"adamw"``).
+        filter_bias_and_norm: with a module, put biases, norm weights and 1-D params in a group
+            without weight decay and trust ratio (default ``True``).
+        sync_rate: the wrapper's ``sync_rate`` with a prefix (default ``0.5``).
+        sync_period: the wrapper's ``sync_period`` with a prefix (default ``6``).
+        **hyperparams: the factory's arguments, and :class:`TransformOptimizer`'s
+            ``state_dtype``, ``donate_grads``, ``fused`` and ``max_grad_norm``.
+
+    Returns:
+        The optimizer: a :class:`TransformOptimizer`, or a :class:`Lookahead` /
+        :class:`Scout` around one.
+
+    Example:
+        >>> import torch
+        >>> from holotx.adapters import create_optimizer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> opt = create_optimizer(model, "lookahead_lamb", lr=1e-3, weight_decay=0.01)
+        >>> type(opt).__name__, type(opt.base_optimizer).__name__
+        ('Lookahead', 'TransformOptimizer')
+        >>> [g["weight_decay"] for g in opt.param_groups]
+        [0.0, 0.01]
+    """
     if isinstance(model_or_params, str) and not isinstance(name, str):
         model_or_params, name = name, model_or_params
     wrapper, factory = _resolve(name)

@@ -346,7 +346,7 @@ class _SyncWrapper(Optimizer):
 
 
 class Lookahead(_SyncWrapper):
-    """Lookahead (Zhang et al., 2019, "Lookahead Optimizer: k steps forward, 1 step
+    r"""Lookahead (Zhang et al., 2019, "Lookahead Optimizer: k steps forward, 1 step
     back") around any optimizer, with ``holocron.optim.Lookahead``'s signature.
 
     After every ``sync_period`` steps of a param (default 6), its slow weights move
@@ -367,6 +367,30 @@ class Lookahead(_SyncWrapper):
     compiled step, use the transform instead:
     ``TransformOptimizer(params, lambda: holotx.lookahead(holotx.adamw(1e-3)), fused=True)``
     (:func:`holotx.scout` likewise).
+
+    Args:
+        base_optimizer: the optimizer to wrap: any ``torch.optim.Optimizer``.
+        sync_rate: :math:`\alpha \in [0, 1]`, the step of the slow weights (default ``0.5``).
+        sync_period: :math:`k`, steps between synchronisations (a positive int, default ``6``).
+        compat: ``None`` (default) or ``"holocron"`` for Holocron 0.3.0's rule.
+
+    Example:
+        >>> import torch
+        >>> from holotx.adapters import Lookahead
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = Lookahead(torch.optim.SGD([w], lr=1.0), sync_rate=0.5, sync_period=2)
+        >>> for _ in range(2):
+        ...     w.grad = torch.tensor([-1.0])
+        ...     opt.step()
+        >>> w  # two fast steps to 2, then halfway back to the slow weights
+        Parameter containing:
+        tensor([1.], requires_grad=True)
+        >>> sorted(opt.state_dict()["state"][0])
+        ['lookahead_count', 'lookahead_slow']
+
+    References:
+        Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+        NeurIPS 2019, https://arxiv.org/abs/1907.08610.
     """
 
     prefix = "lookahead"
@@ -388,6 +412,30 @@ class Scout(_SyncWrapper):
     ``compat="holocron"`` reproduces Holocron 0.3.0, NaN included (a NaN rate puts the
     params back on the slow weights without an outer step). Also see :class:`Lookahead`
     for counts, checkpoints and schedulers.
+
+    Args:
+        base_optimizer: the optimizer to wrap: any ``torch.optim.Optimizer``.
+        sync_rate: the lowest rate, in [0, 1] (default ``0.5``).
+        sync_period: :math:`k`, steps between synchronisations (a positive int, default ``6``).
+        compat: ``None`` (default) or ``"holocron"`` for pylocron 0.3.0's Scout.
+
+    Example:
+        >>> import torch
+        >>> from holotx.adapters import Scout
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = Scout(torch.optim.SGD([w], lr=1.0), sync_rate=0.0, sync_period=3)
+        >>> for g in ([-1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]):
+        ...     w.grad = torch.tensor(g)
+        ...     opt.step()
+        >>> w  # as holotx.scout's example: the rate is 1 - C
+        Parameter containing:
+        tensor([0.4019, 0.1340], requires_grad=True)
+
+    References:
+        Scout is Holocron's own wrapper (no paper): https://github.com/frgfm/Holocron
+        (``holocron.optim.wrapper.Scout``). It extends Lookahead:
+        Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+        NeurIPS 2019, https://arxiv.org/abs/1907.08610.
     """
 
     prefix = "scout"

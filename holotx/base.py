@@ -55,6 +55,24 @@ class GradientTransformation(NamedTuple):
     holotx's transforms take ``donate`` and ``donate_updates`` (see the module docstring).
     Every transform accepts and ignores extra keywords it does not know, so a chain can
     pass them on.
+
+    Args:
+        init: ``init(params) -> state``.
+        update: ``update(updates, state, params=None, **extra) -> (updates, state)``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> def init(params):
+        ...     return holotx.EmptyState()
+        >>> def update(updates, state, params=None, **extra):
+        ...     return holotx.tree.map(lambda u: 2 * u, updates), state
+        >>> double = holotx.GradientTransformation(init, update)  # a transform written as in optax
+        >>> tx = holotx.chain(double, holotx.sgd(lr=0.1))
+        >>> params = {"w": torch.ones(2)}
+        >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.2000, -0.2000])
     """
 
     init: TransformInitFn
@@ -62,7 +80,14 @@ class GradientTransformation(NamedTuple):
 
 
 class EmptyState(NamedTuple):
-    """The state of a stateless transform."""
+    """The state of a stateless transform.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> holotx.scale(2.0).init({"w": torch.zeros(2)})
+        EmptyState()
+    """
 
 
 def own_transform(init: TransformInitFn, update: TransformUpdateFn,
@@ -91,7 +116,19 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
 
 
 def identity() -> GradientTransformation:
-    """The transform that returns its updates unchanged."""
+    """The transform that returns its updates unchanged.
+
+    Returns:
+        A :class:`GradientTransformation` that keeps no state.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.identity()
+        >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init({"w": torch.zeros(2)}))
+        >>> updates
+        {'w': tensor([1., 1.])}
+    """
 
     def init(params: Params) -> EmptyState:
         del params
@@ -110,6 +147,23 @@ def stateless(
     """A transform from a function ``fn(updates, params) -> updates`` that keeps no state.
 
     ``fn`` must not modify its arguments; ``None`` leaves are its to handle.
+
+    Args:
+        fn: ``fn(updates, params) -> updates``; ``params`` is ``None`` when ``update`` is
+            called without them.
+
+    Returns:
+        A :class:`GradientTransformation` whose state is :class:`EmptyState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> def clamp(updates, params):
+        ...     return holotx.tree.map(lambda u: u.clamp(-1.0, 1.0), updates)
+        >>> clip_each = holotx.stateless(clamp)
+        >>> updates, _ = clip_each.update({"w": torch.tensor([-3.0, 0.5])}, clip_each.init(None))
+        >>> updates["w"]
+        tensor([-1.0000,  0.5000])
     """
 
     def init(params: Params) -> EmptyState:
@@ -134,6 +188,27 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     ``None`` updates leave their parameter as it is. With ``inplace=True`` the parameter
     tensors are updated in place (``p += u``, grouped multi-tensor) and ``params`` itself
     is returned; do this only outside autograd, e.g. under ``torch.no_grad()``.
+
+    Args:
+        params: the parameters, a pytree of tensors.
+        updates: the updates, with the structure of ``params``; a ``None`` update leaves its
+            parameter as it is.
+        inplace: add the updates into the parameter tensors themselves (``p += u``) and return
+            ``params`` (default ``False``: new tensors).
+        scale: a factor applied to the updates as they are added (default ``None``: 1).
+
+    Returns:
+        The new parameters (``params`` itself with ``inplace=True``), each in its
+        parameter's dtype.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, 2.0]), "frozen": torch.tensor([5.0])}
+        >>> holotx.apply_updates(params, {"w": torch.tensor([0.5, -0.5]), "frozen": None})
+        {'w': tensor([1.5000, 1.5000]), 'frozen': tensor([5.])}
+        >>> holotx.apply_updates(params, {"w": torch.tensor([0.5, -0.5]), "frozen": None}, scale=2.0)["w"]
+        tensor([2., 1.])
     """
     p_leaves, treespec = tree.flatten(params)
     u_leaves = tree.leaves_matching(updates, treespec, "updates", "params")

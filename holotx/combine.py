@@ -36,6 +36,26 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
     Extra keyword arguments given to ``update`` reach every transform.
+
+    Args:
+        *transforms: the transforms, applied first to last.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is the tuple of the
+        transforms' states.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.chain(holotx.clip_by_global_norm(1.0),
+        ...                   holotx.scale_by_adam(), holotx.scale_by_lr(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = tx.init(params)
+        >>> len(state), type(state[1]).__name__
+        (3, 'ScaleByAdamState')
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, -4.0])}, state, params)
+        >>> updates["w"]
+        tensor([-0.1000,  0.1000])
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -85,7 +105,22 @@ def _first_asked(transforms) -> int:
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
     """:func:`chain` whose state is a dict keyed by the given names, so a piece of the
-    state can be found (and logged, or restored) by name."""
+    state can be found (and logged, or restored) by name.
+
+    Args:
+        *transforms: ``(name, transform)`` pairs, applied first to last; the names must be unique.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is ``{name: state}``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.named_chain(("clip", holotx.clip_by_global_norm(1.0)), ("adam", holotx.adam(0.1)))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> sorted(state), state["adam"][0].count["w"]
+        (['adam', 'clip'], tensor(0))
+    """
     names = [n for n, _ in transforms]
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain names must be unique, got {names}")
@@ -153,6 +188,20 @@ def _routed_update(inner: GradientTransformation, keep: list[bool], spec, u_leav
 
 
 class MaskedState(NamedTuple):
+    """The state of :func:`masked` (and :func:`freeze`).
+
+    Args:
+        inner_state: the inner transform's state, over the masked-in leaves only.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.masked(holotx.adam(), {"w": True, "b": False})
+        >>> state = tx.init({"w": torch.zeros(2), "b": torch.zeros(1)})
+        >>> state.inner_state[0].mu
+        {'w': tensor([0., 0.]), 'b': None}
+    """
+
     inner_state: Any
 
 
@@ -163,6 +212,23 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
     False, "decoder": True}`` for nested dicts), or a function ``params -> mask`` (given
     the updates instead when ``update`` is called without params). The inner transform
     sees ``None`` at masked-out leaves, so keeps no state for them.
+
+    Args:
+        inner: the transform to apply where ``mask`` is True.
+        mask: a pytree of bools with the params' structure, a prefix of it, or a function
+            ``params -> mask``.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`MaskedState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.masked(holotx.scale(10.0), {"w": True, "b": False})
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> updates, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params), params)
+        >>> updates
+        {'w': tensor([10., 10.]), 'b': tensor([1.])}
     """
 
     def keep_of(like, leaves):
@@ -193,11 +259,44 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
 
 
 def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
-    """Zero the updates of the leaves where ``mask`` is True (those params stay fixed)."""
+    """Zero the updates of the leaves where ``mask`` is True (those params stay fixed).
+
+    Args:
+        mask: where to freeze: a pytree of bools with the params' structure, a prefix of it, or a
+            function ``params -> mask``.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`MaskedState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.chain(holotx.sgd(lr=0.1), holotx.freeze({"encoder": True, "head": False}))
+        >>> params = {"encoder": torch.ones(2), "head": torch.ones(1)}
+        >>> grads = {"encoder": torch.ones(2), "head": torch.ones(1)}
+        >>> updates, _ = tx.update(grads, tx.init(params), params)
+        >>> updates
+        {'encoder': tensor([0., 0.]), 'head': tensor([-0.1000])}
+    """
     return masked(set_to_zero(), mask)
 
 
 class PartitionState(NamedTuple):
+    """The state of :func:`partition`.
+
+    Args:
+        inner_states: ``{label: state}``, each transform's state over the leaves of its label.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> labels = {"w": "fast", "b": "slow"}
+        >>> tx = holotx.partition({"fast": holotx.sgd(0.1), "slow": holotx.sgd(0.01)}, labels)
+        >>> state = tx.init({"w": torch.zeros(2), "b": torch.zeros(1)})
+        >>> sorted(state.inner_states)
+        ['fast', 'slow']
+    """
+
     inner_states: dict[Hashable, Any]
 
 
@@ -211,6 +310,25 @@ def partition(
     when ``update`` is called without params). This is the
     functional form of torch's param groups: ``partition({"decay": adamw(1e-3, weight_decay=
     0.1), "no_decay": adamw(1e-3, weight_decay=0.0)}, labels)``.
+
+    Args:
+        transforms: ``{label: transform}``.
+        param_labels: a pytree of labels with the params' structure, a prefix of it, or a function
+            ``params -> labels``.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`PartitionState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> decay, no_decay = holotx.adamw(0.1, weight_decay=0.1), holotx.adamw(0.1, weight_decay=0.0)
+        >>> labels = {"weight": "decay", "bias": "no_decay"}
+        >>> tx = holotx.partition({"decay": decay, "no_decay": no_decay}, labels)
+        >>> params = {"weight": torch.ones(2), "bias": torch.ones(1)}
+        >>> updates, _ = tx.update({"weight": torch.ones(2), "bias": torch.ones(1)}, tx.init(params), params)
+        >>> updates  # the weight also decays by lr * weight_decay * w
+        {'weight': tensor([-0.1100, -0.1100]), 'bias': tensor([-0.1000])}
     """
     transforms = dict(transforms)
 
@@ -272,6 +390,22 @@ def _all_finite(updates: Any) -> torch.Tensor:
 
 
 class ApplyIfFiniteState(NamedTuple):
+    """The state of :func:`apply_if_finite`.
+
+    Args:
+        notfinite_count: consecutive steps with non-finite updates so far (0-d int64).
+        last_finite: whether the last step's updates were all finite (0-d bool).
+        total_notfinite: steps with non-finite updates, in all (0-d int64).
+        inner_state: the inner transform's state.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.apply_if_finite(holotx.sgd(0.1), 3).init({"w": torch.zeros(2)})
+        >>> state.notfinite_count, state.last_finite, state.total_notfinite
+        (tensor(0), tensor(True), tensor(0))
+    """
+
     notfinite_count: torch.Tensor
     """Consecutive steps with non-finite updates so far."""
     last_finite: torch.Tensor
@@ -289,6 +423,24 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     step is applied anyway (as optax's ``apply_if_finite``). The decision is a 0-d tensor
     used by ``torch.where``: no host sync. The old inner state is read after the inner
     update, so the inner update is pure.
+
+    Args:
+        inner: the transform to run.
+        max_consecutive_errors: skips in a row after which a non-finite step is applied anyway
+            (an integer >= 0).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is an
+        :class:`ApplyIfFiniteState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.apply_if_finite(holotx.sgd(lr=0.1), max_consecutive_errors=3)
+        >>> params = {"w": torch.ones(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([1.0, float("nan")])}, tx.init(params), params)
+        >>> updates["w"], state.total_notfinite
+        (tensor([0., 0.]), tensor(1))
     """
     if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
             or max_consecutive_errors < 0:
@@ -317,6 +469,22 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
 
 
 class MultiStepsState(NamedTuple):
+    """The state of :func:`multi_steps`.
+
+    Args:
+        mini_step: micro-steps accumulated since the last real step (0-d int64).
+        gradient_step: real (inner) steps taken (0-d int64).
+        inner_state: the inner transform's state.
+        acc_grads: the running mean of the micro-steps' gradients.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.multi_steps(holotx.sgd(0.1), every_k=4).init({"w": torch.zeros(2)})
+        >>> state.mini_step, state.gradient_step, state.acc_grads
+        (tensor(0), tensor(0), {'w': tensor([0., 0.])})
+    """
+
     mini_step: torch.Tensor
     """Micro-steps accumulated since the last real step."""
     gradient_step: torch.Tensor
@@ -341,6 +509,26 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     leaf that has no gradient at a window's last micro-step is not stepped for that
     window, and the next window's first gradient replaces what it had accumulated. Give
     such a leaf zeros instead of ``None`` to keep its gradients in the window's mean.
+
+    Args:
+        inner: the transform applied to the accumulated gradients.
+        every_k: micro-steps per real step (a positive int).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`MultiStepsState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.multi_steps(holotx.sgd(lr=1.0), every_k=2)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([1.0])}, state, params)
+        >>> updates["w"]  # first micro-step: nothing applied
+        tensor([0.])
+        >>> updates, state = tx.update({"w": torch.tensor([3.0])}, state, params)
+        >>> updates["w"]  # second: the step on the mean gradient, 2
+        tensor([-2.])
     """
     _validate.positive_int("every_k", every_k)
 

@@ -53,6 +53,21 @@ CPU params (on a GPU, inductor's defaults are kept until measured there)."""
 
 
 class LeafSlot(NamedTuple):
+    """Where one leaf sits in a :class:`FlatLayout` (``layout.slots[i]``, ``None`` for a ``None`` leaf).
+
+    Args:
+        group: the index of the leaf's buffer in the layout's list of buffers.
+        offset: where the leaf starts in that buffer.
+        shape: the leaf's shape.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout
+        >>> layout = FlatLayout({"a": torch.zeros(2, 3), "b": torch.zeros(4)})
+        >>> layout.slots[1]
+        LeafSlot(group=0, offset=6, shape=torch.Size([4]))
+    """
+
     group: int
     """Index of the leaf's buffer in the layout's list of buffers."""
     offset: int
@@ -61,7 +76,22 @@ class LeafSlot(NamedTuple):
 
 class Segments(NamedTuple):
     """Where the tensors lie in one aligned flat buffer, for per-tensor reductions: the
-    buffer seen as ``(rows, width)``, each row belonging to one tensor."""
+    buffer seen as ``(rows, width)``, each row belonging to one tensor.
+
+    Args:
+        row_ids: for each row, the index of its tensor (0-based within the buffer), int64.
+        count: the number of tensors in the buffer.
+        width: values per row (the layout's ``align``).
+        numels: for each tensor, its number of values (the padding left out), int64 (default
+            ``None``).
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout
+        >>> (segments,) = FlatLayout({"a": torch.zeros(5), "b": torch.zeros(3)}, align=4).segments()
+        >>> segments.row_ids, segments.count, segments.width, segments.numels
+        (tensor([0, 0, 1]), 2, 4, tensor([5, 3]))
+    """
 
     row_ids: torch.Tensor
     """For each row, the index of its tensor (0-based within the buffer), int64."""
@@ -80,6 +110,28 @@ class FlatLayout:
     appearance; leaves are laid out in tree order inside their group. With ``align > 1``
     every leaf starts at a multiple of ``align`` and each buffer's length is one, the
     gaps filled with zeros (for :meth:`segments`).
+
+    Args:
+        params: the tree to lay out (its tensors' shapes, devices and dtypes; ``None`` leaves
+            allowed). DTensors are refused.
+        align: every leaf starts at a multiple of this many values (default ``1``: packed);
+            ``align > 1`` gives rows for :meth:`segments`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> from holotx.flat import FlatLayout
+        >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(3)}
+        >>> layout = FlatLayout(params)
+        >>> flat = layout.flatten(params)
+        >>> flat
+        [tensor([0., 0., 0., 1., 1., 1., 1.])]
+        >>> tx = holotx.adamw(lr=0.1)  # elementwise: runs on the flat buffer as on the tree
+        >>> flat_grads = layout.flatten({"w": torch.ones(2, 2), "b": torch.ones(3)})
+        >>> updates, state = tx.update(flat_grads, tx.init(flat), flat)
+        >>> layout.unflatten(holotx.apply_updates(flat, updates))["w"]
+        tensor([[0.8990, 0.8990],
+                [0.8990, 0.8990]])
     """
 
     def __init__(self, params: Params, *, align: int = 1) -> None:
@@ -112,7 +164,18 @@ class FlatLayout:
 
     def segments(self) -> list[Segments]:
         """One :class:`Segments` per buffer. Needs ``align > 1`` (rows of one value would
-        make the per-row sums a pass of their own)."""
+        make the per-row sums a pass of their own).
+
+        Returns:
+            The list of :class:`Segments`, one per buffer.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> layout = FlatLayout({"a": torch.zeros(5), "b": torch.zeros(2)}, align=4)
+            >>> [s.row_ids for s in layout.segments()]
+            [tensor([0, 0, 1])]
+        """
         if self.align == 1:
             raise ValueError("segments() needs a layout built with align > 1, "
                              "e.g. FlatLayout(params, align=256)")
@@ -144,7 +207,21 @@ class FlatLayout:
     def flatten(self, params: Params) -> list[torch.Tensor]:
         """New flat buffers holding the leaves' values (differentiable and vmappable:
         a batched leaf gives a batched buffer). An aligned layout's buffers carry their
-        :class:`Segments` (see :func:`holotx.tree.segments_of`)."""
+        :class:`Segments` (see :func:`holotx.tree.segments_of`).
+
+        Args:
+            params: a tree with the layout's structure.
+
+        Returns:
+            The new flat buffers, one per (device, dtype) group.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> layout = FlatLayout({"a": torch.zeros(3), "b": torch.zeros(2)}, align=4)
+            >>> layout.flatten({"a": torch.ones(3), "b": torch.full((2,), 2.0)})
+            [tensor([1., 1., 1., 0., 2., 2., 0., 0.])]
+        """
         leaves = tree.leaves_matching(params, self.treespec, "tree", "layout")
         parts: list[list[torch.Tensor]] = [[] for _ in self.groups]
         for leaf, slot in zip(leaves, self.slots):
@@ -156,7 +233,21 @@ class FlatLayout:
         return self._with_segments([torch.cat(p) if len(p) > 1 else p[0].clone() for p in parts])
 
     def unflatten(self, buffers: list[torch.Tensor]) -> Params:
-        """A tree of views into ``buffers``: writes to a view write the buffer."""
+        """A tree of views into ``buffers``: writes to a view write the buffer.
+
+        Args:
+            buffers: one flat buffer per group, of the layout's sizes.
+
+        Returns:
+            The tree of views.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> layout = FlatLayout({"a": torch.zeros(2), "b": torch.zeros(1)})
+            >>> layout.unflatten([torch.tensor([1.0, 2.0, 3.0])])
+            {'a': tensor([1., 2.]), 'b': tensor([3.])}
+        """
         if len(buffers) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} flat buffers, got {len(buffers)}")
         for i, (b, n) in enumerate(zip(buffers, self.sizes)):
@@ -167,6 +258,18 @@ class FlatLayout:
         return tree.unflatten(self.treespec, leaves)
 
     def zeros(self) -> list[torch.Tensor]:
+        """Zeroed flat buffers, one per group (carrying their segments when aligned).
+
+        Returns:
+            The buffers.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> FlatLayout({"a": torch.zeros(2), "b": torch.zeros(1, dtype=torch.float64)}).zeros()
+            [tensor([0., 0.]), tensor([0.], dtype=torch.float64)]
+        """
+
         return self._with_segments([torch.zeros(n, device=dev, dtype=dt)
                                     for (dev, dt), n in zip(self.groups, self.sizes)])
 
@@ -176,6 +279,22 @@ class FlatLayout:
         Afterwards each param (an ``nn.Parameter`` keeps its identity) is a view of its
         buffer, so an in-place step on the buffer is an in-place step on the params. This
         is for code that owns the params, e.g. an optimizer adapter.
+
+        Args:
+            params: the tree of tensors (``nn.Parameter`` objects) to move into the buffers.
+
+        Returns:
+            The flat buffers, now the params' storage.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> params = {"a": torch.ones(2), "b": torch.ones(1)}
+            >>> (buffer,) = FlatLayout(params).bind(params)
+            >>> buffer.mul_(3.0)
+            tensor([3., 3., 3.])
+            >>> params["a"]
+            tensor([3., 3.])
         """
         buffers = self.flatten(params)
         leaves = tree.leaves_matching(params, self.treespec, "params", "layout")
@@ -189,7 +308,23 @@ class FlatLayout:
     def bind_grads(self, params: Params) -> list[torch.Tensor]:
         """Give every param a ``.grad`` that is a view of a zeroed flat buffer, and return
         the buffers. Autograd accumulates into an existing ``.grad`` in place, so
-        backward passes fill the buffers (until ``zero_grad(set_to_none=True)``)."""
+        backward passes fill the buffers (until ``zero_grad(set_to_none=True)``).
+
+        Args:
+            params: the tree of ``nn.Parameter`` objects.
+
+        Returns:
+            The zeroed flat gradient buffers.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> (grads,) = FlatLayout({"w": w}).bind_grads({"w": w})
+            >>> (3 * w).sum().backward()
+            >>> grads
+            tensor([3., 3.])
+        """
         buffers = self.zeros()
         leaves = tree.leaves_matching(params, self.treespec, "params", "layout")
         for leaf, view in zip(leaves, tree.flatten(self.unflatten(buffers))[0]):
@@ -256,6 +391,30 @@ def make_step(
     objects are returned. Compiled, e.g. ``torch.compile(make_step(tx, donate=True))``
     over flat buffers, the update and its application fuse into one loop that reads and
     writes each buffer once: the memory-traffic floor.
+
+    Args:
+        tx: the transform to step with.
+        donate: step in place, overwriting state and grads (default ``False``: pure).
+
+    Returns:
+        The step function ``step(params, grads, state, **extra) -> (params, state)``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> from holotx.flat import FlatLayout, make_step
+        >>> w, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(1))
+        >>> params = {"w": w, "b": b}
+        >>> layout = FlatLayout(params)
+        >>> flat_params, flat_grads = layout.bind(params), layout.bind_grads(params)
+        >>> tx = holotx.sgd(lr=0.1)
+        >>> state = tx.init(flat_params)
+        >>> step = make_step(tx, donate=True)  # torch.compile(step) fuses it into one loop
+        >>> (w.sum() + 4 * b.sum()).backward()
+        >>> _, state = step(flat_params, flat_grads, state)
+        >>> b  # its gradient was 4: one in-place step of -0.4
+        Parameter containing:
+        tensor([-0.4000], requires_grad=True)
     """
 
     def step(params: Params, grads: Any, state: State, **extra: Any) -> tuple[Params, State]:
@@ -282,7 +441,27 @@ def make_step(
 
 def check_segments(segments: Any, buffers: list[Any], rule: str) -> list[Segments]:
     """``segments`` as a list, checked against the flat buffers they describe (one per
-    buffer, from the layout that made them) before any buffer is written."""
+    buffer, from the layout that made them) before any buffer is written.
+
+    Args:
+        segments: a list of :class:`Segments`, one per buffer (``layout.segments()``).
+        buffers: the flat buffers they describe (``None`` entries are skipped).
+        rule: the name of the transform checking, for the error message.
+
+    Returns:
+        ``segments`` as a list.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout, check_segments
+        >>> layout = FlatLayout({"a": torch.zeros(5)}, align=4)
+        >>> len(check_segments(layout.segments(), layout.zeros(), "my_rule"))
+        1
+        >>> check_segments(layout.segments(), [torch.zeros(3)], "my_rule")
+        Traceback (most recent call last):
+            ...
+        ValueError: my_rule: segments[0] describes 8 values in 1 tensors, but ...
+    """
     segments = list(segments)
     if len(segments) != len(buffers):
         raise ValueError(f"{rule}: segments has {len(segments)} entries for {len(buffers)} flat buffers: "
@@ -305,7 +484,24 @@ def segment_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = t
     vector: sums over rows (accumulated in ``x``'s dtype; a bool ``x`` is counted), then
     over each tensor's rows (a small scatter-add in ``out_dtype``). The padding is zero
     in every buffer a layout makes and adds nothing. A fusing compiler computes the row
-    sums in the loop that produces ``x``."""
+    sums in the loop that produces ``x``.
+
+    Args:
+        x: an aligned flat buffer (or a bool mask over one).
+        segments: the buffer's :class:`Segments`.
+        out_dtype: the dtype of the sums (default ``torch.float64``).
+
+    Returns:
+        The per-tensor sums, a ``(segments.count,)`` vector of ``out_dtype``.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout, segment_sums
+        >>> layout = FlatLayout({"a": torch.zeros(5), "b": torch.zeros(2)}, align=4)
+        >>> (buffer,) = layout.flatten({"a": torch.ones(5), "b": torch.full((2,), 10.0)})
+        >>> segment_sums(buffer, layout.segments()[0])
+        tensor([ 5., 20.], dtype=torch.float64)
+    """
     row_sums = x.reshape(-1, segments.width).sum(1).to(out_dtype)
     sums = torch.zeros(segments.count, dtype=out_dtype, device=x.device)
     return sums.index_add(0, segments.row_ids, row_sums)
@@ -315,5 +511,22 @@ def per_row(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     """``values``, one per tensor of an aligned flat buffer, as ``(rows, 1)``: each
     tensor's value on each of its rows, for :func:`holotx.ops.mul_rows` and
     :func:`holotx.ops.lerp_rows`. Stored once where compiled (:func:`holotx.ops.in_memory`),
-    so the loop over the elements loads it instead of computing it again."""
+    so the loop over the elements loads it instead of computing it again.
+
+    Args:
+        values: one value per tensor of the buffer, a ``(count,)`` vector.
+        segments: the buffer's :class:`Segments`.
+
+    Returns:
+        A ``(rows, 1)`` tensor: each row's tensor's value.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout, per_row
+        >>> (segments,) = FlatLayout({"a": torch.zeros(5), "b": torch.zeros(2)}, align=4).segments()
+        >>> per_row(torch.tensor([1.0, 2.0]), segments)
+        tensor([[1.],
+                [1.],
+                [2.]])
+    """
     return ops.in_memory(values)[segments.row_ids].unsqueeze(1)

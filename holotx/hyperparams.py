@@ -24,6 +24,24 @@ __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
 
 class InjectHyperparamsState(NamedTuple):
+    """The state of a transform built by :func:`inject_hyperparams`.
+
+    Args:
+        count: steps taken (0-d int64); schedules are evaluated at this value.
+        hyperparams: each injected hyperparameter: a 0-d tensor, or a tuple of them (``betas``).
+        inner_state: the state of the transform the factory builds.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.inject_hyperparams(holotx.adam)(lr=0.1, betas=(0.9, 0.99))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> state.hyperparams["lr"]
+        tensor(0.1000, dtype=torch.float64)
+        >>> state.hyperparams["betas"][1]
+        tensor(0.9900, dtype=torch.float64)
+    """
+
     count: torch.Tensor
     """Steps taken; schedules are evaluated at this value."""
     hyperparams: dict[str, Any]
@@ -62,6 +80,30 @@ def inject_hyperparams(
     accept 0-d tensors for those arguments (every holotx factory does) and must not make
     structural decisions on their values. Extra keywords of ``update`` reach the inner
     transform.
+
+    Args:
+        factory: a function returning a :class:`~holotx.GradientTransformation` (``holotx.adam``,
+            ...), taking its hyperparameters as arguments.
+        static_args: names of arguments kept static (not injected), e.g. ``("sync_period",)``
+            (default ``()``).
+        hyperparam_dtype: the dtype of the injected tensors (default ``None``: float64, float32 on
+            MPS).
+
+    Returns:
+        A function taking the factory's arguments and returning the transform, whose state
+        is an :class:`InjectHyperparamsState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.inject_hyperparams(holotx.sgd)(lr=0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> new_lr = torch.tensor(0.5, dtype=torch.float64)
+        >>> state = state._replace(hyperparams={**state.hyperparams, "lr": new_lr})
+        >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> updates["w"]  # the new learning rate, without rebuilding the transform
+        tensor([-0.5000, -0.5000])
     """
     static = set(static_args)
     signature = inspect.signature(factory)

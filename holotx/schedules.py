@@ -143,6 +143,16 @@ def constant_schedule(value: float) -> Schedule:
 
     Args:
         value: the constant value (finite real number).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.constant_schedule(0.1)
+        >>> schedule(0), schedule(1000)
+        (0.1, 0.1)
     """
     v = _check_real("value", value)
 
@@ -181,6 +191,16 @@ def polynomial_schedule(
             ``<= 0`` means constant ``init_value``).
         transition_begin: number of steps during which the value is held at
             ``init_value`` before the transition starts (integer ``>= 0``).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.polynomial_schedule(1.0, 0.0, power=2, transition_steps=4)
+        >>> [schedule(t) for t in range(6)]
+        [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
     """
     init = _check_real("init_value", init_value)
     end = _check_real("end_value", end_value)
@@ -222,6 +242,19 @@ def linear_schedule(
             ``<= 0`` means constant ``init_value``).
         transition_begin: number of steps held at ``init_value`` first
             (integer ``>= 0``).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> schedule = holotx.linear_schedule(1.0, 0.0, transition_steps=4, transition_begin=1)
+        >>> [schedule(t) for t in range(7)]
+        [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+        >>> schedule(torch.tensor(3))
+        tensor(0.5000, dtype=torch.float64)
     """
     return polynomial_schedule(
         init_value=init_value,
@@ -269,6 +302,20 @@ def cosine_decay_schedule(
         decay_steps: number of steps over which to decay (integer ``> 0``).
         alpha: final value as a fraction of ``init_value`` (finite real).
         exponent: power applied to the cosine factor ``c`` (finite, ``> 0``).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.cosine_decay_schedule(1.0, decay_steps=4, alpha=0.1)
+        >>> [round(schedule(t), 4) for t in range(6)]
+        [1.0, 0.8682, 0.55, 0.2318, 0.1, 0.1]
+
+    References:
+        Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR
+        2017, https://arxiv.org/abs/1608.03983 (the cosine annealing).
     """
     init = _check_real("init_value", init_value)
     steps = _check_int("decay_steps", decay_steps, minimum=1)
@@ -307,6 +354,16 @@ def exponential_decay(
         staircase: if ``True``, decay in discrete jumps every
             ``transition_steps`` steps.
         end_value: optional bound on the value (see above).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.exponential_decay(1.0, transition_steps=2, decay_rate=0.5, staircase=True)
+        >>> [schedule(t) for t in range(6)]
+        [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
     """
     init = _check_real("init_value", init_value)
     steps = _check_int("transition_steps", transition_steps, minimum=1)
@@ -349,6 +406,16 @@ def piecewise_constant_schedule(
         init_value: value before the first boundary.
         boundaries_and_scales: mapping ``{boundary_step: scale}``; boundaries
             are integers ``>= 0``, scales finite reals ``>= 0``.
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.piecewise_constant_schedule(0.1, {2: 0.5, 4: 0.1})
+        >>> [round(schedule(t), 6) for t in range(6)]
+        [0.1, 0.1, 0.05, 0.05, 0.005, 0.005]
     """
     init = _check_real("init_value", init_value)
     items: list[tuple[int, float]] = []
@@ -400,6 +467,18 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     Args:
         schedules: non-empty sequence of ``n`` schedules.
         boundaries: ``n - 1`` non-decreasing integers ``>= 0``.
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> warmup = holotx.linear_schedule(0.0, 1.0, transition_steps=2)
+        >>> decay = holotx.linear_schedule(1.0, 0.0, transition_steps=2)
+        >>> schedule = holotx.join_schedules([warmup, decay], boundaries=[2])
+        >>> [schedule(t) for t in range(6)]
+        [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
     """
     scheds = list(schedules)
     if not scheds:
@@ -456,6 +535,24 @@ def warmup_cosine_decay_schedule(
             ``> warmup_steps``).
         end_value: final value.
         exponent: power applied to the cosine factor (finite, ``> 0``).
+
+    Returns:
+        A :data:`Schedule`, whose ``schedule(count)`` is a Python float for an ``int`` count
+        and a float64 tensor on the count's device for a tensor count.
+
+    Example:
+        >>> import holotx
+        >>> schedule = holotx.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=6)
+        >>> [round(schedule(t), 4) for t in range(8)]
+        [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
+        >>> tx = holotx.adamw(lr=schedule)
+
+    References:
+        Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR
+        2017, https://arxiv.org/abs/1608.03983 (the cosine annealing).
+
+        Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017,
+        https://arxiv.org/abs/1706.02677 (the linear warm-up).
     """
     init = _check_real("init_value", init_value)
     peak = _check_real("peak_value", peak_value)

@@ -33,7 +33,23 @@ __all__ = [
 
 
 def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
-    """Leaves (``None`` included) and the structure of ``tree``."""
+    """Leaves (``None`` included) and the structure of ``tree``.
+
+    Args:
+        tree: a pytree (dicts, lists, tuples, NamedTuples).
+
+    Returns:
+        ``(leaves, treespec)``: the leaves in order, ``None`` included, and the structure.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> leaves, spec = holotx.tree.flatten({"b": torch.zeros(1), "a": None})
+        >>> leaves
+        [None, tensor([0.])]
+        >>> holotx.tree.path_strings(spec)
+        ["['a']", "['b']"]
+    """
     if torch.compiler.is_compiling():
         leaves, spec = optree.tree_flatten(_box_constants(tree), none_is_leaf=True)
         return [x.value if isinstance(x, _Boxed) else x for x in leaves], spec
@@ -41,10 +57,40 @@ def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
 
 
 def structure(tree: Any) -> PyTreeSpec:
+    """The structure of ``tree`` (``None`` leaves included), as :func:`flatten` gives it.
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        Its :class:`PyTreeSpec`.
+
+    Example:
+        >>> import holotx
+        >>> holotx.tree.structure({"w": 1, "b": [2, None]}).num_leaves
+        3
+    """
+
     return flatten(tree)[1]
 
 
 def unflatten(treespec: PyTreeSpec, leaves: Sequence[Any]) -> Any:
+    """The tree of structure ``treespec`` with the given leaves (the inverse of :func:`flatten`).
+
+    Args:
+        treespec: the structure, from :func:`flatten` or :func:`structure`.
+        leaves: one value per leaf, in order.
+
+    Returns:
+        The tree.
+
+    Example:
+        >>> import holotx
+        >>> leaves, spec = holotx.tree.flatten({"w": 1, "b": [2, None]})
+        >>> holotx.tree.unflatten(spec, [10 * x if x is not None else None for x in leaves])
+        {'w': 10, 'b': [20, None]}
+    """
+
     if torch.compiler.is_compiling() and not all(isinstance(x, torch.Tensor) for x in leaves):
         boxed = [x if isinstance(x, torch.Tensor) else _Boxed(x) for x in leaves]
         return _unbox(optree.tree_unflatten(treespec, boxed))
@@ -89,7 +135,19 @@ def _unbox(tree: Any) -> Any:
 
 
 def path_strings(treespec: PyTreeSpec) -> list[str]:
-    """Each leaf's path as Python would index it, e.g. ``['layer'][0].weight``."""
+    """Each leaf's path as Python would index it, e.g. ``['layer'][0].weight``.
+
+    Args:
+        treespec: a structure.
+
+    Returns:
+        One string per leaf, ``<root>`` for a tree that is a single leaf.
+
+    Example:
+        >>> import holotx
+        >>> holotx.tree.path_strings(holotx.tree.structure({"layer": [{"weight": 0}, 1]}))
+        ["['layer'][0]['weight']", "['layer'][1]"]
+    """
     return [a.codify("") or "<root>" for a in treespec.accessors()]
 
 
@@ -140,7 +198,28 @@ def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_na
 
 
 def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -> list[Any]:
-    """Leaves of ``tree``, which must have exactly the structure ``treespec``."""
+    """Leaves of ``tree``, which must have exactly the structure ``treespec``.
+
+    Args:
+        tree: the tree whose leaves are wanted.
+        treespec: the structure it must have.
+        name: what ``tree`` is, for the error message.
+        ref_name: what ``treespec`` describes, for the error message.
+
+    Returns:
+        The leaves of ``tree``; ``ValueError`` naming the first differing path if the
+        structure differs.
+
+    Example:
+        >>> import holotx
+        >>> spec = holotx.tree.structure({"w": 0, "b": 0})
+        >>> holotx.tree.leaves_matching({"w": 1, "b": 2}, spec, "grads", "params")
+        [2, 1]
+        >>> holotx.tree.leaves_matching({"w": 1}, spec, "grads", "params")
+        Traceback (most recent call last):
+            ...
+        ValueError: grads does not match the structure of params: grads lacks ...
+    """
     leaves, spec = flatten(tree)
     if spec != treespec:
         raise ValueError(_describe_mismatch(treespec, tree, ref_name, name))
@@ -160,7 +239,31 @@ def check_leaves(
 ) -> None:
     """Raise ``ValueError`` naming the first path whose leaves differ in shape (with
     ``shape=True``), device (with ``device=True``) or dtype (with ``dtype=True``). ``None``
-    on either side is not compared."""
+    on either side is not compared.
+
+    Args:
+        ref: the reference leaves.
+        other: the leaves to check, one per reference leaf.
+        treespec: their common structure (for the paths in the message).
+        ref_name: what ``ref`` is, for the message.
+        other_name: what ``other`` is, for the message.
+        dtype: compare dtypes (default ``True``).
+        shape: compare shapes (default ``True``).
+        device: compare devices (default ``True``).
+
+    Returns:
+        ``None``; raises ``ValueError`` at the first difference.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.zeros(3)}
+        >>> leaves, spec = holotx.tree.flatten(params)
+        >>> holotx.tree.check_leaves(leaves, [torch.zeros(4)], spec, "params", "grads")
+        Traceback (most recent call last):
+            ...
+        ValueError: grads at ['w'] has shape (4,) where params has (3,)
+    """
     for i, (a, b) in enumerate(zip(ref, other)):
         if a is None or b is None:
             continue
@@ -243,7 +346,23 @@ def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> Non
 
 
 def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """``fn`` applied leafwise; a ``None`` leaf in ``tree`` stays ``None``."""
+    """``fn`` applied leafwise; a ``None`` leaf in ``tree`` stays ``None``.
+
+    Args:
+        fn: the function, called with one leaf of ``tree`` and the matching leaves of ``rest``.
+        tree: the tree whose structure the result takes.
+        *rest: more trees of the same structure.
+
+    Returns:
+        The tree of ``fn``'s results.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params, grads = {"w": torch.ones(2), "b": None}, {"w": torch.ones(2), "b": None}
+        >>> holotx.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+        {'w': tensor([0.5000, 0.5000]), 'b': None}
+    """
     leaves, spec = flatten(tree)
     others = [leaves_matching(r, spec, f"tree {k + 1}", "tree 0") for k, r in enumerate(rest)]
     out = [None if x is None else fn(x, *(o[i] for o in others)) for i, x in enumerate(leaves)]
@@ -254,7 +373,27 @@ def batch_dims(tree: Any, dim: int = 0) -> Any:
     """``dim`` at every tensor leaf of ``tree``, ``None`` elsewhere: the ``in_dims`` or
     ``out_dims`` for a batch of optimizer states under ``torch.func.vmap``, e.g.
     ``vmap(tx.init, out_dims=batch_dims(tx.init(one_member)))``. vmap refuses a plain
-    ``0`` for a state holding ``None`` (Adam's ``nu_max`` without AMSGrad)."""
+    ``0`` for a state holding ``None`` (Adam's ``nu_max`` without AMSGrad).
+
+    Args:
+        tree: a tree (an optimizer state).
+        dim: the batch dimension (default ``0``).
+
+    Returns:
+        A tree of ``dim`` and ``None``, for ``in_dims``/``out_dims``.
+
+    Example:
+        >>> import torch
+        >>> from torch.func import vmap
+        >>> import holotx
+        >>> tx = holotx.adam(lr=0.1)
+        >>> one = tx.init({"w": torch.zeros(3)})
+        >>> holotx.tree.batch_dims(one)[0]
+        ScaleByAdamState(count={'w': 0}, mu={'w': 0}, nu={'w': 0}, nu_max=None)
+        >>> states = vmap(tx.init, out_dims=holotx.tree.batch_dims(one))({"w": torch.zeros(4, 3)})
+        >>> states[0].mu["w"].shape
+        torch.Size([4, 3])
+    """
     return map(lambda x: dim if isinstance(x, torch.Tensor) else None, tree)
 
 
@@ -262,17 +401,59 @@ def detach(tree: Any) -> Any:
     """``tree`` with every tensor leaf detached (non-tensor leaves as they are): between
     steps of a differentiated loop, ``state = holotx.tree.detach(state)`` stops gradients
     through the optimizer's history (first-order MAML), while the step itself stays
-    differentiable. Works under ``torch.func`` transforms too."""
+    differentiable. Works under ``torch.func`` transforms too.
+
+    Args:
+        tree: the tree (a state, say).
+
+    Returns:
+        The tree, tensors detached.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> state = {"mu": lr * torch.ones(2), "count": 3}
+        >>> holotx.tree.detach(state)["mu"].requires_grad
+        False
+    """
     return map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def zeros_like(tree: Any, dtype: torch.dtype | None = None) -> Any:
-    """Zeros shaped like each tensor leaf (``None`` stays ``None``)."""
+    """Zeros shaped like each tensor leaf (``None`` stays ``None``).
+
+    Args:
+        tree: the tree.
+        dtype: the zeros' dtype (default ``None``: each leaf's own).
+
+    Returns:
+        The tree of zeros.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> holotx.tree.zeros_like({"w": torch.ones(2), "b": None}, dtype=torch.float64)
+        {'w': tensor([0., 0.], dtype=torch.float64), 'b': None}
+    """
     return map(lambda x: torch.zeros_like(x, dtype=dtype, memory_format=torch.preserve_format), tree)
 
 
 def first_device(tree: Any) -> torch.device:
-    """The device of the first tensor leaf, CPU if there is none."""
+    """The device of the first tensor leaf, CPU if there is none.
+
+    Args:
+        tree: the tree.
+
+    Returns:
+        A ``torch.device``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> holotx.tree.first_device({"a": None, "b": torch.zeros(1)}), holotx.tree.first_device({})
+        (device(type='cpu'), device(type='cpu'))
+    """
     for x in flatten(tree)[0]:
         if isinstance(x, torch.Tensor):
             return x.device
@@ -285,7 +466,23 @@ def find_states(state: Any, cls: type) -> list[Any]:
     """Every sub-state of type ``cls`` inside a (nested) state: the states of one kind of
     block in a chain, e.g. ``find_states(state, holotx.ScaleByAdamState)`` to read or log
     the moments of an optimizer built by ``chain``. Searches tuples (NamedTuples included),
-    lists and dicts, depth first, in order."""
+    lists and dicts, depth first, in order.
+
+    Args:
+        state: the state to search.
+        cls: the state type to find (a NamedTuple class).
+
+    Returns:
+        The sub-states of type ``cls``, in order.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.chain(holotx.clip_by_global_norm(1.0), holotx.adamw(1e-3))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> [s.mu["w"] for s in holotx.tree.find_states(state, holotx.ScaleByAdamState)]
+        [tensor([0., 0.])]
+    """
     if isinstance(state, cls):
         return [state]
     if isinstance(state, dict):

@@ -41,6 +41,43 @@ def adabelief(
     it in), ignores ``maximize`` (holotx honours it in both modes), and after
     ``load_state_dict`` turns ``step`` into a float tensor, so its bias corrections drift
     after a resume (holotx's counts stay integers).
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the first and second moments
+            (default ``(0.9, 0.999)``).
+        eps: :math:`\epsilon`, added into :math:`s_t` and to the denominator (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda` (default ``0``): coupled L2 decay, or decoupled with
+            ``decoupled_weight_decay``.
+        amsgrad: divide by the running maximum of the second moment (AMSGrad; default
+            ``False``).
+        decoupled_weight_decay: decay the weights directly,
+            :math:`\theta \leftarrow \theta - \alpha\lambda\theta` (default ``False``).
+        compat: ``None`` (default) for the paper's math, ``"holocron"`` for Holocron
+            0.3.0's numerics (see the differences above).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.adabelief(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.8889, -2.1111,  3.1111])
+
+    References:
+        Zhuang et al., "AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed
+        Gradients", NeurIPS 2020, https://arxiv.org/abs/2010.07468.
     """
     holocron = holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)

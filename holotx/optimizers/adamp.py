@@ -47,6 +47,50 @@ def adamp(
     only, and projects 1-D parameters too; its docstring's :math:`m_0 = g_0` and
     :math:`\sqrt{\hat v + \epsilon}` are not in its code (nor here). Holocron's ``step``
     becomes a float tensor after ``load_state_dict``; holotx's stays an integer.
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the first and second moments
+            (default ``(0.9, 0.999)``).
+        eps: :math:`\epsilon`, added to the denominator for numerical stability (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda` (default ``0``): coupled L2 decay, or the official
+            decoupled decay with ``decoupled_weight_decay``.
+        amsgrad: divide by the running maximum of the second moment (AMSGrad; default
+            ``False``).
+        delta: :math:`\delta`, the cosine threshold :math:`\delta/\sqrt{\dim}` below which
+            a weight counts as scale-invariant (default ``0.1``).
+        wd_ratio: :math:`\rho`, the factor of the decoupled weight decay on projected
+            tensors (default ``0.1``).
+        nesterov: use :math:`\beta_1 m_t + (1-\beta_1) g_t` in the numerator (default
+            ``False``).
+        decoupled_weight_decay: the official decoupled decay instead of coupled L2
+            (default ``False``).
+        compat: ``None`` (default) for the paper's math, ``"holocron"`` for Holocron
+            0.3.0's numerics (see the differences above).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.eye(2)}
+        >>> tx = holotx.adamp(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([[ 1.0000, -0.1000],
+                [-0.1000,  1.0000]])
+
+    References:
+        Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+        Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217.
     """
     holocron = holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)

@@ -59,6 +59,39 @@ def adan(
     \lambda\theta`) and then proximally. Its docstring's :math:`m_0 = g_0`,
     :math:`n_0 = g_0^2` and :math:`\sqrt{\hat n + \epsilon}` are in neither its code nor
     the official one.
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2, \beta_3)`, the decay rates of the gradient's, the
+            gradient difference's and the squared moments (default ``(0.98, 0.92, 0.99)``).
+        eps: :math:`\epsilon`, added to the denominator for numerical stability (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda`, the proximal weight decay (default ``0``).
+        amsgrad: divide by the running maximum of :math:`n_t` (default ``False``).
+        compat: ``None`` (default) for the paper's math, ``"holocron"`` for Holocron
+            0.3.0's numerics (see the differences above).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.adan(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.9000, -2.1000,  3.1000])
+
+    References:
+        Xie et al., "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
+        Models", 2022, https://arxiv.org/abs/2208.06677.
     """
     holocron = holocron_mode(compat)
     b1, b2, b3 = _validate.betas("betas", betas, 3)

@@ -42,6 +42,43 @@ def ademamix(
     neither the warm-up nor the decoupled decay. Its docstring's :math:`s_t` is
     AdaBelief's; its code, the paper and holotx use :math:`\nu_t`, the EMA of
     :math:`g_t^2`.
+
+    Args:
+        lr: the learning rate :math:`\alpha_{lr}` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2, \beta_3)`, the decay rates of the fast EMA, the
+            second moment and the slow EMA (default ``(0.9, 0.999, 0.9999)``).
+        alpha: :math:`\alpha`, the weight of the slow EMA (default ``5``).
+        eps: :math:`\epsilon`, added to the denominator for numerical stability (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda` (default ``0``): coupled L2 decay (:math:`\lambda\theta`
+            added to the gradient), or decoupled with ``decoupled_weight_decay``.
+        t_alpha_beta3: :math:`T_{\alpha,\beta_3}`, the length of the warm-up of
+            :math:`\alpha` and :math:`\beta_3`, in steps (default ``None``: no warm-up).
+        decoupled_weight_decay: the paper's decoupled decay,
+            :math:`\theta \leftarrow \theta - \alpha_{lr}\lambda\theta` (default ``False``).
+        compat: ``None`` (default) or ``"holocron"``; both compute the same rule.
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.ademamix(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.9000, -2.1000,  3.1000])
+
+    References:
+        Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older",
+        2024, https://arxiv.org/abs/2409.03137.
     """
     holocron_mode(compat)
     b1, b2, b3 = _validate.betas("betas", betas, 3)

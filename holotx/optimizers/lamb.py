@@ -53,6 +53,46 @@ def lamb(
     Differences from Holocron 0.3.0 (``compat="holocron"`` reproduces it): Holocron does
     not bias-correct the moments (:math:`r_t = m_t/(\sqrt{v_t}+\epsilon)`, so its first
     step is about :math:`3.16\,\mathrm{sign}(g)`), although its docstring does.
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the first and second moments
+            (default ``(0.9, 0.999)``).
+        eps: :math:`\epsilon`, added to the denominator for numerical stability (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda`, added to the Adam direction inside the trust ratio
+            (default ``0``).
+        scale_clip: ``(low, high)``, the clamp :math:`\phi` of the weight norm in the
+            trust ratio (default ``None``, meaning ``(0, 10)``).
+        trust_ratio_mask: a pytree of bools with the params' structure, a prefix of it,
+            or a function ``params -> mask``; leaves marked ``False`` keep a trust ratio of 1
+            (default ``None``: every leaf adapts).
+        always_adapt: ``True`` (default) adapts every tensor; ``False`` gives a trust
+            ratio of 1 wherever ``weight_decay`` is a Python 0 (apex's and timm's convention).
+        compat: ``None`` (default) for the paper's math, ``"holocron"`` for Holocron
+            0.3.0's numerics (see the differences above).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.lamb(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.7840, -2.2160,  3.2160])
+
+    References:
+        You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+        minutes", ICLR 2020, https://arxiv.org/abs/1904.00962.
     """
     holocron = holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)

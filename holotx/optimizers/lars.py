@@ -62,6 +62,48 @@ def lars(
     weight decay into ``p.grad``, which holotx never does in either mode. Holocron's
     docstring schedule :math:`\alpha(1-t/T)^2` is
     ``lr=holotx.polynomial_schedule(lr, 0, 2, T)``.
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        momentum: :math:`\mu`, the momentum factor (default ``0``: no momentum buffer).
+        dampening: :math:`\tau`, the dampening of the direction entering the buffer
+            (default ``0``).
+        weight_decay: :math:`\lambda`, added to the gradient and to the trust ratio's
+            denominator (default ``0``).
+        nesterov: Nesterov momentum (default ``False``).
+        scale_clip: ``(low, high)``, the clamp :math:`\phi` of the weight norm in the
+            trust ratio (default ``None``, meaning ``(0, 10)``).
+        trust_coefficient: :math:`\eta`, the trust ratio's coefficient (default ``1``;
+            Holocron has none).
+        trust_ratio_mask: a pytree of bools with the params' structure, a prefix of it,
+            or a function ``params -> mask``; leaves marked ``False`` keep a trust ratio of 1
+            (default ``None``: every leaf adapts).
+        always_adapt: ``True`` (default) adapts every tensor; ``False`` gives a trust
+            ratio of 1 wherever ``weight_decay`` is a Python 0 (apex's and timm's convention).
+        compat: ``None`` (default) for the paper's math, ``"holocron"`` for Holocron
+            0.3.0's numerics (see the differences above).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.lars(lr=0.1, momentum=0.9)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.8472, -2.1528,  3.3055])
+
+    References:
+        You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017,
+        https://arxiv.org/abs/1708.03888.
     """
     holocron = holocron_mode(compat)
     _validate.scale_clip("scale_clip", scale_clip)  # checked in both modes, though Holocron ignores it

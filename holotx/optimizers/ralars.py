@@ -56,6 +56,50 @@ def ralars(
     Holocron 0.3.0 computes exactly this; ``compat="holocron"`` is accepted and changes
     nothing. After the trust ratio, :math:`\tilde r_t` only matters relative to the weight
     decay term.
+
+    Args:
+        lr: the learning rate :math:`\alpha` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr`` (:mod:`holotx.schedules`).
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the first and second moments
+            (default ``(0.9, 0.999)``).
+        eps: :math:`\epsilon`, added to the denominator for numerical stability (default
+            ``1e-8``).
+        weight_decay: :math:`\lambda`, added to the rectified direction inside the trust
+            ratio (default ``0``).
+        force_adaptive_momentum: take the adaptive step (without the rectifier) where
+            :math:`\rho_t \le 4`, instead of the momentum step (default ``False``).
+        scale_clip: ``(low, high)``, the clamp :math:`\phi` of the weight norm in the
+            trust ratio (default ``None``, meaning ``(0, 10)``).
+        trust_ratio_mask: a pytree of bools with the params' structure, a prefix of it,
+            or a function ``params -> mask``; leaves marked ``False`` keep a trust ratio of 1
+            (default ``None``: every leaf adapts).
+        always_adapt: ``True`` (default) adapts every tensor; ``False`` gives a trust
+            ratio of 1 wherever ``weight_decay`` is a Python 0 (apex's and timm's convention).
+        compat: ``None`` (default) or ``"holocron"``; both compute the same rule.
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.ralars(lr=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.8472, -2.1528,  3.3055])
+
+    References:
+        Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020,
+        https://arxiv.org/abs/1908.03265.
+
+        You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+        minutes", ICLR 2020, https://arxiv.org/abs/1904.00962.
     """
     holocron_mode(compat)
     b1, b2 = _validate.betas("betas", betas)

@@ -31,6 +31,39 @@ def sgd(
 
     Hyperparameter names and defaults are ``torch.optim.SGD``'s, and it matches torch
     step for step: ``chain(add_decayed_weights, trace, scale_by_lr)``.
+
+    Args:
+        lr: the learning rate :math:`\eta` (default ``1e-3``): a number, a 0-d tensor or a
+            schedule ``count -> lr``.
+        momentum: :math:`\mu`, the momentum factor (default ``0``: no momentum buffer).
+        dampening: :math:`\tau`, the dampening of the gradient entering the buffer
+            (default ``0``).
+        weight_decay: :math:`\lambda`, coupled L2 weight decay (default ``0``).
+        nesterov: Nesterov momentum, :math:`g + \mu b_t` (default ``False``; needs
+            ``momentum > 0`` and ``dampening == 0``).
+        maximize: ascend the objective instead of descending it (torch.optim's
+            ``maximize``; default ``False``).
+
+    Returns:
+        The optimizer, a :class:`~holotx.GradientTransformation` (a ``chain`` of building
+        blocks).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.sgd(lr=0.1, momentum=0.9)
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        ...     params = holotx.apply_updates(params, updates)
+        >>> params["w"]
+        tensor([ 0.8550, -2.1450,  3.2900])
+
+    References:
+        Sutskever et al., "On the importance of initialization and momentum in deep
+        learning", ICML 2013, https://proceedings.mlr.press/v28/sutskever13.html (Nesterov
+        momentum as torch.optim.SGD writes it).
     """
     _validate.non_negative("momentum", momentum)
     _validate.non_negative("weight_decay", weight_decay)

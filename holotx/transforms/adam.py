@@ -26,6 +26,23 @@ __all__ = [
 
 
 class ScaleByAdamState(NamedTuple):
+    """The state of :func:`scale_by_adam` (also kept by AdamP, RAdam, LAMB and RaLars).
+
+    Args:
+        count: steps taken by each leaf: a tree of 0-d int64 tensors (torch's per-parameter
+            ``step``).
+        mu: the first moment (``exp_avg`` in torch.optim).
+        nu: the second moment (``exp_avg_sq``).
+        nu_max: the running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_adam().init({"w": torch.zeros(2)})
+        >>> state.count["w"], state.mu["w"], state.nu_max
+        (tensor(0), tensor([0., 0.]), None)
+    """
+
     count: object
     """Steps taken by each leaf: a tree of 0-d int64 tensors (torch's per-parameter ``step``)."""
     mu: object
@@ -42,10 +59,27 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 
 
 def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
-    """``1 - beta**count``, elementwise in float64 on the count's device.
+    r"""``1 - beta**count``, elementwise in float64 on the count's device.
 
     Computed from the step tensor, never ``.item()``, so it traces under compile and vmap;
     in float64 it equals torch.optim's Python-float ``1 - beta ** step`` bit for bit.
+
+    Args:
+        beta: :math:`\beta`, a decay rate (a number or a 0-d tensor).
+        count: the step :math:`t`, an integer tensor (any shape: one step per leaf, say).
+
+    Returns:
+        ``1 - beta**count``, a float64 tensor on ``count``'s device.
+
+    Example:
+        >>> import torch
+        >>> from holotx.transforms import bias_correction
+        >>> bias_correction(0.9, torch.tensor([1, 2]))
+        tensor([0.1000, 0.1900], dtype=torch.float64)
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+        https://arxiv.org/abs/1412.6980 (Algorithm 1's bias corrections).
     """
     t = count.to(scalar_dtype(count.device))
     return 1 - torch.pow(beta, t)
@@ -133,6 +167,31 @@ def scale_by_adam(
     1e-8)``. ``bias_correction=False`` leaves the moments uncorrected,
     :math:`u_t = m_t / (\sqrt{v_t} + \epsilon)` (Holocron's LAMB). State:
     :class:`ScaleByAdamState`.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        eps: :math:`\epsilon`, added to :math:`\sqrt{v_t}/\sqrt{1-\beta_2^t}` (default ``1e-8``).
+        amsgrad: use :math:`\hat v_t`, the running maximum of :math:`v_t` (AMSGrad; default ``False``).
+        bias_correction: divide the moments by :math:`1-\beta^t` (default ``True``; ``False`` is
+            Holocron's LAMB).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByAdamState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_adam()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 1.0000,  1.0000, -1.0000])
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+        https://arxiv.org/abs/1412.6980.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)

@@ -59,6 +59,32 @@ def projection_coefficients(
     ``"holocron"`` (Holocron 0.3.0): every tensor, whole-tensor view only, and the
     *signed* cosine (an anti-aligned gradient is projected too), its ``eps`` fixed at
     1e-8. ``c`` broadcasts against ``p``; ``projected`` is a 0-d bool tensor.
+
+    Args:
+        p: the weight :math:`\theta`.
+        g: the incoming gradient, on which the cosine test is made.
+        direction: the update to project (Adam's step).
+        delta: :math:`\delta`, the cosine threshold is :math:`\delta/\sqrt{\dim}`.
+        eps: :math:`\epsilon`, added to the norms.
+        projection: ``"official"`` (default) or ``"holocron"``, as above.
+
+    Returns:
+        ``(c, projected)``: the coefficient ``c`` (broadcasting against ``p``) and a 0-d bool
+        tensor, whether the update was projected.
+
+    Example:
+        >>> import torch
+        >>> from holotx.transforms import projection_coefficients
+        >>> p = torch.eye(2)
+        >>> g = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # orthogonal to each row of p
+        >>> c, projected = projection_coefficients(p, g, torch.ones(2, 2), 0.1, 1e-8)
+        >>> bool(projected), torch.ones(2, 2) - c * p  # the radial part of each row removed
+        (True, tensor([[0., 1.],
+                [1., 0.]]))
+
+    References:
+        Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+        Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217.
     """
     if (projection == "official" and p.ndim <= 1) or p.numel() == 0:
         never = torch.zeros((), dtype=torch.bool, device=p.device)
@@ -123,6 +149,37 @@ def scale_by_adamp(
     :class:`~holotx.transforms.ScaleByAdamState`. With ``projection="holocron"`` it runs
     over aligned flat buffers given ``segments=`` (:mod:`holotx.flat`); the official
     projection, per output channel, refuses them.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        eps: :math:`\epsilon`, added to the denominator (default ``1e-8``).
+        delta: :math:`\delta`, the cosine threshold :math:`\delta/\sqrt{\dim}` (default ``0.1``).
+        nesterov: use :math:`\beta_1 m_t + (1-\beta_1) g_t` in the numerator (default ``False``).
+        amsgrad: divide by the running maximum of the second moment (default ``False``).
+        weight_decay: :math:`\lambda`, the decoupled weight decay (default ``0``).
+        wd_ratio: :math:`\rho`, the weight decay's factor on projected tensors (default ``0.1``).
+        projection: ``"official"`` (default: per output channel, then per tensor, tensors of two or
+            more dimensions) or ``"holocron"`` (whole tensor, signed cosine); see
+            :func:`projection_coefficients`.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByAdamState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.eye(2)}
+        >>> tx = holotx.scale_by_adamp()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, state, params)
+        >>> updates["w"]
+        tensor([[0.0000, 1.0000],
+                [1.0000, 0.0000]])
+
+    References:
+        Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+        Scale-invariant Weights", ICLR 2021, https://arxiv.org/abs/2006.08217.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)

@@ -17,6 +17,24 @@ __all__ = ["ScaleByAdanState", "scale_by_adan"]
 
 
 class ScaleByAdanState(NamedTuple):
+    r"""The state of :func:`scale_by_adan`.
+
+    Args:
+        count: steps taken by each leaf, a tree of 0-d int64 tensors.
+        mu: the EMA of the gradient, :math:`m_t` (Holocron's ``exp_avg``).
+        diff_avg: the EMA of the gradient difference, :math:`v_t` (Holocron's ``exp_avg_sq``).
+        nu: the EMA of :math:`(g_t + \beta_2 \Delta_t)^2`, :math:`n_t` (Holocron's ``exp_avg_delta``).
+        nu_max: the running max of ``nu`` with ``amsgrad``, else ``None``.
+        prev_grad: the previous gradient, or ``None`` when it is not tracked (Holocron mode).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_adan().init({"w": torch.zeros(2)})
+        >>> state.prev_grad["w"], state.nu_max
+        (tensor([0., 0.]), None)
+    """
+
     count: object
     """Steps taken by each leaf, a tree of 0-d int64 tensors."""
     mu: object
@@ -58,6 +76,32 @@ def scale_by_adan(
     stores the previous gradient, so that :math:`\Delta_t = g_t` at every step. Weight
     decay is not part of this block (Adan's is proximal, see :func:`holotx.adan`).
     Defaults ``(0.98, 0.92, 0.99, 1e-8)``. State: :class:`ScaleByAdanState`.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the gradient's EMA (default ``0.98``).
+        b2: :math:`\beta_2`, the decay rate of the gradient difference's EMA (default ``0.92``).
+        b3: :math:`\beta_3`, the decay rate of the squared moment's EMA (default ``0.99``).
+        eps: :math:`\epsilon`, added to the denominator (default ``1e-8``).
+        amsgrad: divide by :math:`\max_{s\le t} n_s` (default ``False``).
+        track_previous_grad: store :math:`g_{t-1}` (default ``True``); ``False`` takes
+            :math:`\Delta_t = g_t` (Holocron 0.3.0).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByAdanState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_adan()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 1.0000,  1.0000, -1.0000])
+
+    References:
+        Xie et al., "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
+        Models", 2022, https://arxiv.org/abs/2208.06677.
     """
     for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
         _validate.in_unit_interval(name, beta)

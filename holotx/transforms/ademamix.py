@@ -25,6 +25,22 @@ __all__ = ["ScaleByAdEMAMixState", "ademamix_warmup", "scale_by_ademamix"]
 
 
 class ScaleByAdEMAMixState(NamedTuple):
+    r"""The state of :func:`scale_by_ademamix`.
+
+    Args:
+        count: steps taken by each leaf, a tree of 0-d int64 tensors.
+        mu: the fast EMA of the gradient, :math:`m_1` (``exp_avg``).
+        nu: the EMA of the squared gradient, :math:`\nu` (``exp_avg_sq``).
+        mu_slow: the slow EMA of the gradient, :math:`m_2` (``exp_avg_slow``).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_ademamix().init({"w": torch.zeros(2)})
+        >>> state.mu_slow["w"]
+        tensor([0., 0.])
+    """
+
     count: object
     """Steps taken by each leaf, a tree of 0-d int64 tensors."""
     mu: object
@@ -56,6 +72,29 @@ def ademamix_warmup(
     with :math:`f(\beta) = \ln 0.5 / \ln \beta - 1` (a half-life) and
     :math:`f^{-1}(x) = 0.5^{1/(x+1)}`: :math:`\beta_3` grows from :math:`\beta_1` with a
     half-life linear in :math:`t`, so the slow EMA starts as fast as the fast one.
+
+    Args:
+        alpha: :math:`\alpha`, the final weight of the slow EMA.
+        b1: :math:`\beta_1`, where :math:`\beta_3` starts.
+        b3: :math:`\beta_3`, its final value.
+        count: the step :math:`t`, an integer tensor (any shape: one step per leaf, say).
+        t_alpha_beta3: :math:`T`, the length of the warm-up in steps (a Python int).
+
+    Returns:
+        ``(alpha_t, beta3_t)``, float64 tensors shaped like ``count``.
+
+    Example:
+        >>> import torch
+        >>> from holotx.transforms import ademamix_warmup
+        >>> alpha_t, beta3_t = ademamix_warmup(5.0, 0.9, 0.9999, torch.tensor([0, 50, 100]), 100)
+        >>> alpha_t
+        tensor([0.0000, 2.5000, 5.0000], dtype=torch.float64)
+        >>> beta3_t
+        tensor([0.9000, 0.9998, 0.9999], dtype=torch.float64)
+
+    References:
+        Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older",
+        2024, https://arxiv.org/abs/2409.03137 (its warm-up of alpha and beta_3).
     """
     t = count.to(scalar_dtype(count.device))
     frac = t / t_alpha_beta3
@@ -92,6 +131,32 @@ def scale_by_ademamix(
     :math:`\beta_3`. Defaults ``(0.9, 0.999, 0.9999)``, ``alpha=5`` (Holocron's; the
     paper's experiments use 5 to 8, the official code's default is 2), ``eps=1e-8``.
     State: :class:`ScaleByAdEMAMixState`.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the fast EMA (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        b3: :math:`\beta_3`, the decay rate of the slow EMA (default ``0.9999``).
+        alpha: :math:`\alpha`, the slow EMA's weight (default ``5``).
+        eps: :math:`\epsilon`, added to the denominator (default ``1e-8``).
+        t_alpha_beta3: :math:`T`, the warm-up of :math:`\alpha` and :math:`\beta_3` in steps
+            (default ``None``: no warm-up).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByAdEMAMixState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_ademamix()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 1.0005,  1.0005, -1.0005])
+
+    References:
+        Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older",
+        2024, https://arxiv.org/abs/2409.03137.
     """
     for name, beta in (("b1", b1), ("b2", b2), ("b3", b3)):
         _validate.in_unit_interval(name, beta)

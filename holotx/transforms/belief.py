@@ -17,6 +17,22 @@ __all__ = ["ScaleByBeliefState", "scale_by_belief"]
 
 
 class ScaleByBeliefState(NamedTuple):
+    """The state of :func:`scale_by_belief`.
+
+    Args:
+        count: steps taken by each leaf, a tree of 0-d int64 tensors.
+        mu: the EMA of the gradient (``exp_avg``).
+        nu: the EMA of the squared deviation of the gradient from ``mu``, :math:`s_t` (``exp_avg_sq``).
+        nu_max: the running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_belief(amsgrad=True).init({"w": torch.zeros(2)})
+        >>> state.nu_max["w"]
+        tensor([0., 0.])
+    """
+
     count: object
     """Steps taken by each leaf, a tree of 0-d int64 tensors."""
     mu: object
@@ -49,6 +65,31 @@ def scale_by_belief(
     moment. :math:`\epsilon` is added into :math:`s_t` at every step, as in the paper's
     Algorithm 2 and the official code; ``eps_in_variance=False`` leaves it out (Holocron
     0.3.0). Defaults ``(0.9, 0.999, 1e-8)``. State: :class:`ScaleByBeliefState`.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        eps: :math:`\epsilon`, added into :math:`s_t` and to the denominator (default ``1e-8``).
+        amsgrad: use :math:`\hat s_t`, the running maximum of :math:`s_t` (default ``False``).
+        eps_in_variance: add :math:`\epsilon` into :math:`s_t` at every step (default ``True``;
+            ``False`` is Holocron 0.3.0).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByBeliefState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_belief()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 1.1111,  1.1111, -1.1111])
+
+    References:
+        Zhuang et al., "AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed
+        Gradients", NeurIPS 2020, https://arxiv.org/abs/2010.07468.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)

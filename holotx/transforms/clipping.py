@@ -16,7 +16,21 @@ __all__ = ["clip_by_global_norm", "clip_factor", "global_norm"]
 
 def global_norm(updates) -> torch.Tensor:
     """The L2 norm of all leaves together, a 0-d tensor (float64 if any leaf is float64,
-    else float32), computed without a host sync."""
+    else float32), computed without a host sync.
+
+    Args:
+        updates: a pytree of tensors (``None`` leaves are left out).
+
+    Returns:
+        The norm, a 0-d tensor (float64 if any leaf is float64, else float32; 0 for a tree
+        with no tensor).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> holotx.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "c": None})
+        tensor(5.)
+    """
     leaves = [x for x in tree.flatten(updates)[0] if x is not None]
     if not leaves:
         return torch.zeros(())
@@ -49,8 +63,22 @@ def clip_by_global_norm(max_norm: Scalar, *,
             param group the norm over every group, so that the groups are clipped together
             as one.
 
+    Returns:
+        A :class:`~holotx.GradientTransformation` that keeps no state.
+
     Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.clip_by_global_norm(1.0)
+        >>> grads = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}  # norm 5
+        >>> updates, _ = tx.update(grads, tx.init(grads))
+        >>> updates
+        {'a': tensor([0.6000]), 'b': tensor([0.8000])}
         >>> tx = holotx.chain(holotx.clip_by_global_norm(1.0), holotx.adamw(1e-3))
+
+    References:
+        Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural
+        networks", ICML 2013, https://arxiv.org/abs/1211.5063 (clipping by the norm).
     """
     _validate.positive("max_norm", max_norm, finite=False)  # inf: no clipping
     if norm is not None and not callable(norm):

@@ -17,6 +17,21 @@ __all__ = ["TraceState", "trace"]
 
 
 class TraceState(NamedTuple):
+    """The state of :func:`trace`.
+
+    Args:
+        count: steps taken by each leaf, a tree of 0-d int64 tensors (its first step seeds
+            its buffer undampened); ``None`` without dampening, where it is not needed.
+        trace: the momentum buffer (``momentum_buffer`` in torch.optim.SGD).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.trace(0.9).init({"w": torch.zeros(2)})
+        >>> state.trace["w"], state.count
+        (tensor([0., 0.]), None)
+    """
+
     count: object
     """Steps taken by each leaf, a tree of 0-d int64 tensors (its first step seeds its
     buffer undampened); ``None`` without dampening, where it is not needed."""
@@ -36,6 +51,30 @@ def trace(
     The first buffer is the first gradient itself, undampened (torch's SGD; Holocron's
     LARS does the same). ``momentum`` :math:`\mu` (default 0.9), ``dampening``
     :math:`\tau` (default 0). Nesterov needs ``momentum > 0`` and ``dampening == 0``.
+
+    Args:
+        momentum: :math:`\mu`, the momentum factor (default ``0.9``).
+        dampening: :math:`\tau`, the dampening of the gradient entering the buffer (default ``0``).
+        nesterov: return :math:`g_t + \mu b_t` instead of :math:`b_t` (default ``False``).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`TraceState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.trace(0.9)
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.9500,  0.9500, -1.9000])
+
+    References:
+        Sutskever et al., "On the importance of initialization and momentum in deep
+        learning", ICML 2013, https://proceedings.mlr.press/v28/sutskever13.html (Nesterov
+        momentum as torch.optim.SGD writes it).
     """
     _validate.non_negative("momentum", momentum)
     _validate.in_unit_interval("dampening", dampening, include_one=True)

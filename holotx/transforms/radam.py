@@ -36,6 +36,29 @@ def rectification(
 
     ``active`` is ``rho_t > threshold``. Where inactive, ``r_t`` is evaluated at
     ``rho_inf`` instead so that no NaN enters a gradient through ``torch.where``.
+
+    Args:
+        b2: :math:`\beta_2`, the second moment's decay rate.
+        count: the step :math:`t`, an integer tensor (any shape: one step per leaf, say).
+        bc2: :math:`1-\beta_2^t`, the second moment's bias correction at ``count`` (a float tensor,
+            see :func:`bias_correction`).
+        threshold: rectify where :math:`\rho_t` exceeds it (torch's RAdam: 5; the paper: 4).
+
+    Returns:
+        ``(active, r_t)``: a bool tensor, whether :math:`\rho_t > \text{threshold}`, and the
+        rectifier :math:`r_t`, both shaped like ``count``.
+
+    Example:
+        >>> import torch
+        >>> from holotx.transforms import bias_correction, rectification
+        >>> t = torch.tensor([5, 6, 100])
+        >>> active, r = rectification(0.999, t, bias_correction(0.999, t), 5.0)
+        >>> active, r
+        (tensor([False,  True,  True]), tensor([1.0000, 0.0258, 0.2153], dtype=torch.float64))
+
+    References:
+        Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020,
+        https://arxiv.org/abs/1908.03265.
     """
     t = bc2.new_tensor(0) + count
     rho_inf = 2 / (1 - b2) - 1
@@ -103,6 +126,33 @@ def scale_by_radam(
     Holocron's RaLars do: :math:`r_t \hat m_t / (\sqrt{v_t / (1-\beta_2^t)} + \epsilon)`.
     The branch is chosen with ``torch.where`` on 0-d tensors, so the transform traces.
     State: :class:`~holotx.transforms.ScaleByAdamState`.
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        eps: :math:`\epsilon`, added to the denominator (default ``1e-8``).
+        threshold: rectify where :math:`\rho_t` exceeds it (default ``5``, torch's; the paper's is 4).
+        force_adaptive: take the adaptive step without the rectifier where the variance is not
+            tractable, instead of the momentum step (default ``False``).
+        eps_after_correction: add :math:`\epsilon` after the bias correction of
+            :math:`\sqrt{v_t}` (default ``False``: before, as torch).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByAdamState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_radam()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.5000,  0.5000, -1.0000])
+
+    References:
+        Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", ICLR 2020,
+        https://arxiv.org/abs/1908.03265.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)

@@ -34,6 +34,20 @@ ScalarOrSchedule = Union[Scalar, Callable[[torch.Tensor], Scalar]]
 
 
 class ScaleByScheduleState(NamedTuple):
+    """The state of :func:`scale_by_schedule` (and of :func:`scale_by_lr` given a schedule).
+
+    Args:
+        count: updates made so far (a 0-d int64 tensor); the schedule is evaluated at
+            this value before it is incremented.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_schedule(holotx.linear_schedule(1.0, 0.0, 10)).init({"w": torch.zeros(2)})
+        >>> state
+        ScaleByScheduleState(count=tensor(0))
+    """
+
     count: torch.Tensor
     """Updates made so far; the schedule is evaluated at this value before incrementing."""
 
@@ -49,7 +63,24 @@ def _scaled(updates, factor: Scalar):
 
 
 def scale(step_size: Scalar) -> GradientTransformation:
-    """Multiply every update by ``step_size``."""
+    """Multiply every update by ``step_size``.
+
+    Args:
+        step_size: the factor: a number or a 0-d tensor.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. It keeps no state (:class:`~holotx.EmptyState`).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale(0.5)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.2500,  0.2500, -0.5000])
+    """
 
     def init(params):
         del params
@@ -64,7 +95,25 @@ def scale(step_size: Scalar) -> GradientTransformation:
 
 def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTransformation:
     """Multiply updates by ``schedule(count)``, ``count`` being the updates made so far
-    (so the first update uses ``schedule(0)``)."""
+    (so the first update uses ``schedule(0)``).
+
+    Args:
+        schedule: a function of the step count (see :mod:`holotx.schedules`).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByScheduleState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_schedule(holotx.linear_schedule(1.0, 0.0, 4))
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.3750,  0.3750, -0.7500])
+    """
     if not callable(schedule):
         raise ValueError(f"schedule must be callable, got {schedule!r}")
 
@@ -87,6 +136,23 @@ def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:
 
     ``lr`` (:math:`\eta`, must be >= 0) is a number, a 0-d tensor, or a schedule
     ``count -> lr``; with a schedule the state counts the steps.
+
+    Args:
+        lr: :math:`\eta`: a number, a 0-d tensor or a schedule ``count -> lr``.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByScheduleState`
+        with a schedule, else :class:`~holotx.EmptyState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_lr(0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([-0.0500, -0.0500,  0.1000])
     """
     if callable(lr):
         def negated(count):
@@ -100,7 +166,21 @@ def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:
 
 
 def set_to_zero() -> GradientTransformation:
-    """Replace every update by zeros (used by :func:`holotx.freeze`)."""
+    """Replace every update by zeros (used by :func:`holotx.freeze`).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. It keeps no state.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.set_to_zero()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([0., 0., 0.])
+    """
     zeros = stateless(lambda updates, params: tree_map(torch.zeros_like, updates))
     return own_transform(zeros.init, zeros.update)  # fresh zeros: nothing shared
 
@@ -114,6 +194,24 @@ def add_decayed_weights(
     ``Adam(weight_decay=...)``); placed after it and before :func:`scale_by_lr` it is
     decoupled decay (AdamW). ``mask`` (a pytree of bools, a prefix of one, or a function
     ``params -> mask``) limits it to some leaves, via :func:`holotx.masked`.
+
+    Args:
+        weight_decay: :math:`\lambda`: a number or a 0-d tensor (default ``0``).
+        mask: where to decay: a pytree of bools, a prefix of one, or a function ``params -> mask``
+            (default ``None``: every leaf).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. It needs ``params``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.add_decayed_weights(0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.6000,  0.3000, -0.7000])
     """
     _validate.non_negative("weight_decay", weight_decay)
 

@@ -24,6 +24,24 @@ __all__ = ["ScaleByTAdamState", "scale_by_tadam"]
 
 
 class ScaleByTAdamState(NamedTuple):
+    """The state of :func:`scale_by_tadam`.
+
+    Args:
+        count: steps taken by each leaf, a tree of 0-d int64 tensors.
+        mu: the robust first moment (``exp_avg``).
+        nu: the EMA of the squared gradient (``exp_avg_sq``).
+        nu_max: the running max of ``nu`` with ``amsgrad`` (``max_exp_avg_sq``), else ``None``.
+        weight_sum: :math:`W_t`, the decayed sum of the Student-t weights: one 0-d float64 tensor
+            per leaf (one per tensor over an aligned flat buffer).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_tadam().init({"w": torch.zeros(2)})
+        >>> state.weight_sum["w"]
+        tensor(9.0000, dtype=torch.float64)
+    """
+
     count: object
     """Steps taken by each leaf, a tree of 0-d int64 tensors."""
     mu: object
@@ -70,6 +88,32 @@ def scale_by_tadam(
     Over aligned flat buffers (:mod:`holotx.flat`) pass ``segments=layout.segments()`` to
     ``update``: the sums are taken per tensor, and ``weight_sum`` holds one value per
     tensor of each buffer (init over the layout's own buffers, which carry their segments).
+
+    Args:
+        b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
+        b2: :math:`\beta_2`, the decay rate of the second moment (default ``0.999``).
+        eps: :math:`\epsilon`, added to the denominator (default ``1e-8``).
+        amsgrad: divide by the running maximum of the second moment (default ``False``).
+        dof: :math:`\nu`, the Student-t degrees of freedom (default ``None``: each tensor's
+            number of elements).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`ScaleByTAdamState`.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+        >>> tx = holotx.scale_by_tadam()
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([0.5, 0.5, -1.0])}, state, params)
+        >>> updates["w"]
+        tensor([ 0.0013,  0.0013, -0.0013])
+
+    References:
+        Ilboudo, Kobayashi & Sugimoto, "TAdam: A Robust Stochastic Gradient Optimizer", 2020,
+        https://arxiv.org/abs/2003.00179.
     """
     _validate.in_unit_interval("b1", b1)
     _validate.in_unit_interval("b2", b2)

@@ -19,6 +19,20 @@ __all__ = ["TrustRatioState", "scale_by_trust_ratio", "trust_ratios"]
 
 
 class TrustRatioState(NamedTuple):
+    """The state of :func:`scale_by_trust_ratio`.
+
+    Args:
+        inner: the state of the transform the ratio is applied after (``EmptyState()``
+            without one).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scale_by_trust_ratio(inner=holotx.trace(0.9)).init({"w": torch.zeros(2)})
+        >>> state.inner.trace["w"]
+        tensor([0., 0.])
+    """
+
     inner: Any
     """The state of the transform the ratio is applied after (``EmptyState()`` without one)."""
 
@@ -44,6 +58,30 @@ def trust_ratios(
     1 (not :math:`\eta`) where a norm vanishes, as in Holocron and optax, so a zero
     parameter or a zero update is neither blown up nor frozen. The division is guarded so
     that the unused branch puts no NaN into a gradient.
+
+    Args:
+        param_norms: :math:`\lVert\theta\rVert`, one per tensor (1-D).
+        update_norms: :math:`\lVert u\rVert`, one per tensor (1-D).
+        trust_coefficient: :math:`\eta` (default ``1``).
+        scale_clip: ``(low, high)``, the clamp :math:`\phi` (default ``None``: no clamp).
+        weight_decay: :math:`\lambda` (default ``0``).
+
+    Returns:
+        The ratios, a float64 vector with one entry per tensor.
+
+    Example:
+        >>> import torch
+        >>> from holotx.transforms import trust_ratios
+        >>> param_norms, update_norms = torch.tensor([5.0, 0.0, 20.0]), torch.tensor([0.5, 1.0, 1.0])
+        >>> trust_ratios(param_norms, update_norms, scale_clip=(0.0, 10.0))
+        tensor([10.,  1., 10.], dtype=torch.float64)
+
+    References:
+        You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017,
+        https://arxiv.org/abs/1708.03888.
+
+        You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+        minutes", ICLR 2020, https://arxiv.org/abs/1904.00962.
     """
     pn = param_norms.to(scalar_dtype(param_norms.device))
     phi = pn if scale_clip is None else pn.clamp(*scale_clip)
@@ -86,6 +124,38 @@ def scale_by_trust_ratio(
     the leaves marked ``False`` at ratio 1 (biases and norm weights, usually); ``inner``
     still runs on them. ``trust_coefficient`` :math:`\eta` defaults to 1 (Holocron has
     none). Needs ``params``. State: :class:`TrustRatioState`.
+
+    Args:
+        trust_coefficient: :math:`\eta` (default ``1``).
+        scale_clip: ``(low, high)``, the clamp :math:`\phi` of the weight norm (default ``None``: no
+            clamp).
+        weight_decay: :math:`\lambda`, added to the updates and to the ratio's denominator
+            (default ``0``).
+        inner: a transform run on the decayed updates, whose output the ratio scales (default
+            ``None``: none).
+        mask: leaves marked ``False`` keep a ratio of 1: a pytree of bools, a prefix of one, or a
+            function ``params -> mask`` (default ``None``: every leaf adapts).
+
+    Returns:
+        A :class:`~holotx.GradientTransformation`. Its state is a :class:`TrustRatioState`; it
+        needs ``params``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> params = {"w": torch.tensor([3.0, 4.0])}
+        >>> tx = holotx.scale_by_trust_ratio()
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([0.0, 0.5])}, state, params)
+        >>> updates["w"]
+        tensor([0., 5.])
+
+    References:
+        You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017,
+        https://arxiv.org/abs/1708.03888.
+
+        You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+        minutes", ICLR 2020, https://arxiv.org/abs/1904.00962.
     """
     _validate.non_negative("trust_coefficient", trust_coefficient)
     _validate.non_negative("weight_decay", weight_decay)

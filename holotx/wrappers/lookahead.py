@@ -24,6 +24,23 @@ __all__ = ["LookaheadState", "lookahead"]
 
 
 class LookaheadState(NamedTuple):
+    r"""The state of :func:`lookahead`.
+
+    Args:
+        count: fast steps taken by each leaf, a tree of 0-d int64 tensors on the CPU; a leaf
+            is synchronised when its count reaches a multiple of ``sync_period``.
+        slow: the slow weights :math:`\phi`, in the params' dtypes (a copy of the params at
+            ``init``).
+        inner_state: the wrapped transform's state, kept across synchronisations.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.lookahead(holotx.sgd(0.1)).init({"w": torch.ones(2)})
+        >>> state.count["w"], state.slow["w"]
+        (tensor(0), tensor([1., 1.]))
+    """
+
     count: Any
     """Fast steps taken by each leaf, a tree of 0-d int64 tensors on the CPU (Holocron's
     ``fast_steps``, kept per leaf as torch.optim keeps ``step``): a leaf is synchronised
@@ -77,6 +94,34 @@ def lookahead(
     that did not move it: its count advances, and its update is a tensor (zero, or the
     move onto the slow weights at a sync), so it needs its params. What Holocron's class
     gets wrong (its ``state_dict``, schedulers) is the adapter's business, not the math's.
+
+    Args:
+        inner: the transform that moves the params (the fast weights), a chain included.
+        sync_rate: :math:`\alpha \in [0, 1]`, the step of the slow weights towards the fast ones
+            (default ``0.5``): a number or a 0-d tensor.
+        sync_period: :math:`k`, the fast steps between synchronisations (a positive Python int,
+            default ``6``).
+        compat: ``None`` (default) or ``"holocron"`` for Holocron 0.3.0's rule, as above.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`LookaheadState`;
+        it needs ``params``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.lookahead(holotx.sgd(lr=1.0), sync_rate=0.5, sync_period=2)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([-1.0])}, state, params)
+        ...     params = holotx.apply_updates(params, updates)
+        >>> params["w"], state.slow["w"]  # two fast steps to 2, then halfway back: 1
+        (tensor([1.]), tensor([1.]))
+
+    References:
+        Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+        NeurIPS 2019, https://arxiv.org/abs/1907.08610.
     """
     holocron = holocron_mode(compat)
     validate_sync(sync_rate, sync_period)

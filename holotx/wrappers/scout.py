@@ -30,6 +30,27 @@ __all__ = ["ScoutState", "coherence_rate", "scout"]
 
 
 class ScoutState(NamedTuple):
+    """The state of :func:`scout`.
+
+    Args:
+        count: fast steps taken by each leaf (see :class:`~holotx.LookaheadState`).
+        slow: the slow weights, in the params' dtypes.
+        update_mean: the running mean of the leaf's per-step updates over the current window
+            (Welford).
+        update_m2: the running sum of squared deviations of those updates from their mean.
+        update_min: the elementwise minimum of those updates (``+inf`` before the window's first
+            step).
+        update_max: the elementwise maximum of those updates (``-inf`` before it).
+        inner_state: the wrapped transform's state, kept across synchronisations.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> state = holotx.scout(holotx.sgd(0.1)).init({"w": torch.ones(2)})
+        >>> state.update_min["w"], state.update_max["w"]
+        (tensor([inf, inf]), tensor([-inf, -inf]))
+    """
+
     count: Any
     """Fast steps taken by each leaf (see :class:`~holotx.LookaheadState`)."""
     slow: Params
@@ -102,6 +123,36 @@ def scout(
     without a gradient still counts a step, with a change of zero (so a param that never
     gets one makes every rate NaN, as in Holocron). Everything else (per-leaf counts,
     ``sync_rate`` as a tensor) is as in :func:`~holotx.lookahead`.
+
+    Args:
+        inner: the transform that moves the params (the fast weights), a chain included.
+        sync_rate: :math:`\alpha \in [0, 1]`, the step of the slow weights towards the fast ones
+            (default ``0.5``): a number or a 0-d tensor.
+        sync_period: :math:`k`, the fast steps between synchronisations (a positive Python int,
+            default ``6``).
+        compat: ``None`` (default) or ``"holocron"`` for pylocron 0.3.0's Scout, NaN included.
+
+    Returns:
+        A :class:`~holotx.GradientTransformation` whose state is a :class:`ScoutState`; it
+        needs ``params``.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> tx = holotx.scout(holotx.sgd(lr=1.0), sync_rate=0.0, sync_period=3)
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = tx.init(params)
+        >>> for g in ([-1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]):  # one element steady, one erratic
+        ...     updates, state = tx.update({"w": torch.tensor(g)}, state, params)
+        ...     params = holotx.apply_updates(params, updates)
+        >>> params["w"]  # rate 1 - C, C = 0.866: the erratic element's ratio (the steady one left out)
+        tensor([0.4019, 0.1340])
+
+    References:
+        Scout is Holocron's own wrapper (no paper): https://github.com/frgfm/Holocron
+        (``holocron.optim.wrapper.Scout``). It extends Lookahead:
+        Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+        NeurIPS 2019, https://arxiv.org/abs/1907.08610.
     """
     holocron = holocron_mode(compat)
     validate_sync(sync_rate, sync_period)
@@ -244,7 +295,26 @@ def coherence_rate(sums: list[Any], flags: list[Any], sync_rate: Scalar, *, holo
     number; in Holocron mode ``(mean of rho over all elements, None)``. ``flags`` says,
     per leaf, whether its window ends (a bool or a 0-d bool tensor); only those leaves
     count. A Python float in plain eager mode on the CPU, else a 0-d tensor (no host
-    sync); ``None`` when no leaf takes part."""
+    sync); ``None`` when no leaf takes part.
+
+    Args:
+        sums: per leaf, ``None`` or ``(ratio_sums, counts)`` as above.
+        flags: per leaf, whether its window ends (a bool or a 0-d bool tensor).
+        sync_rate: the lower bound of the rate.
+        holocron: Holocron mode (``sums`` hold ``(mean, None)``; a 0/0 gives NaN).
+        device: where to make the rate when it is a tensor.
+
+    Returns:
+        The rate :math:`\max(1 - C, \text{sync\_rate})`: a float or a 0-d tensor, ``None``
+        when no leaf takes part.
+
+    Example:
+        >>> import torch
+        >>> from holotx.wrappers import coherence_rate
+        >>> sums = [(torch.tensor(1.2, dtype=torch.float64), torch.tensor(4)), None]  # mean rho 0.3
+        >>> coherence_rate(sums, [True, True], 0.5, holocron=False, device=torch.device("cpu"))
+        0.7
+    """
     taking_part = [i for i, s in enumerate(sums) if s is not None]
     if not taking_part:
         return None
