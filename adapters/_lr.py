@@ -439,7 +439,8 @@ def plain_group(group: dict[str, Any]) -> dict[str, Any]:
     out = dict(group)
     if is_schedule(out.get("lr_schedule")):
         out["lr_schedule"] = describe(out["lr_schedule"])
-    out["lr"] = as_float(out.get("lr"))
+    if isinstance(out.get("lr"), ScheduledLR):
+        out["lr"] = float(out["lr"])
     base = out.get("initial_lr")
     if isinstance(base, ScheduledLR):
         out["initial_lr"] = float(base)

@@ -302,8 +302,9 @@ class TransformOptimizer(Optimizer):
         # Every group's transform is built (its hyperparameters checked) before any group
         # steps: a bad value edited into group 1 raises with group 0 unchanged too.
         compiling = torch.compiler.is_compiling()
-        groups = self._settle_lrs(for_step=True)
+        scheduled = self._settle_lrs(for_step=True)
         fused, handled = self._plan_fused() if self._fused and not compiling else ([], frozenset())
+        groups = self.param_groups if scheduled is None else scheduled
         planned = [(group, *self._plan(group, compiling)) for group in groups
                    if id(group) not in handled and _has_grads(group)]
         with torch.no_grad():
@@ -325,8 +326,8 @@ class TransformOptimizer(Optimizer):
         steps. A number group given a schedule as ``lr`` becomes a schedule group, at count
         0. ``for_step``: the groups' lrs are left plain floats for the step (which reads
         the groups outside the graph, for torch.compile: dynamo takes an optimizer's
-        param groups apart, and would guard a float subclass as a constant). Returns the
-        groups."""
+        param groups apart, and would guard their changing count and a float subclass as
+        constants). Returns the groups if one is a schedule group, else ``None``."""
         this = weakref.ref(self)
         for i, group in enumerate(self.param_groups):
             if _lr.is_schedule_group(group):
@@ -338,7 +339,7 @@ class TransformOptimizer(Optimizer):
             else:
                 continue
             self._lr_published[id(group)] = (group, published)
-        return list(self.param_groups)
+        return list(self.param_groups) if self._lr_published else None
 
     def _published_lr(self, group: dict[str, Any]) -> _lr.ScheduledLR | None:
         entry = self._lr_published.get(id(group))
