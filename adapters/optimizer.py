@@ -6,6 +6,7 @@ import inspect
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from numbers import Number
@@ -20,7 +21,7 @@ from holotx.base import GradientTransformation, apply_updates
 from holotx.combine import chain
 from holotx.transforms import clip_by_global_norm, global_norm, scale
 
-from . import _formats
+from . import _formats, _lr
 from ._fused import FusedGroup, FusionRefused
 from ._layout import StateLayout
 
@@ -56,6 +57,49 @@ class TransformOptimizer(Optimizer):
     transform's steps), and ``maximize``. Hyperparameters inside the transform are fixed;
     to vary them per group or over time, pass a factory (``functools.partial`` works) or
     build the transform with :func:`holotx.inject_hyperparams`.
+
+    ``lr`` may be a holotx **schedule** (``lr=holotx.warmup_cosine_decay_schedule(...)``, or
+    any callable ``count -> lr``), for either kind, as the default or per group. Such a group
+    keeps the schedule in ``group["lr_schedule"]``, the number of steps it has taken in
+    ``group["lr_count"]`` (0) and a multiplier in ``group["lr_scale"]`` (1), and
+    ``group["lr"]`` is always the float its next step uses:
+
+    .. math::
+
+        \text{lr} = \text{lr\_schedule}(\text{lr\_count}) \cdot \text{lr\_scale}
+
+    so a monitor that logs ``group["lr"]`` (Lightning's ``LearningRateMonitor``) logs what is
+    used; the first step uses ``schedule(0)``, as :func:`holotx.adamw` with the same schedule
+    does (bit for bit). A torch LR scheduler on top composes with the schedule instead of
+    replacing it: what it writes into ``group["lr"]`` sets ``lr_scale``. A multiple of
+    ``group["lr"]`` (``StepLR``, ``ExponentialLR``, ...) or of the ``initial_lr`` it took from
+    it (``LambdaLR``, Hugging Face's schedulers) carries its multiple of the schedule, even
+    where the schedule's value is 0, so ``LambdaLR(opt, lambda epoch: 1)`` changes nothing
+    and ``StepLR(opt, 10, gamma=0.5)`` halves the schedule's values every 10 epochs; a plain
+    number (``ReduceLROnPlateau``, ``CyclicLR``, ``OneCycleLR``, one set by hand) is the next
+    step's lr, the schedule going on from it (``lr_scale`` becomes the number over the
+    schedule's value). A schedule assigned to ``group["lr"]`` replaces the group's (the count
+    and the scale go on; a number group starts one at count 0). Between steps
+    ``group["lr"]`` is a float subclass that carries its scale (``adapters/_lr.py`` has the
+    details); during the step, a plain float.
+
+    :meth:`state_dict` keeps such a group's ``lr`` (a float), ``lr_count`` and ``lr_scale``,
+    and describes the schedule (``lr_schedule``: its ``repr``, a string) rather than saving
+    it: the checkpoint holds only tensors, numbers and strings, and loads with
+    ``torch.load(weights_only=True)``. :meth:`load_state_dict` keeps this optimizer's own
+    schedule and resumes the run bit for bit; it raises ``ValueError`` for a checkpoint whose
+    lr is a number where this optimizer's is a schedule, or the reverse (loading it would
+    replace one by the other). holotx's schedules pickle, so ``torch.save(opt)`` and
+    ``copy.deepcopy(opt)`` work too. For example::
+
+        opt = TransformOptimizer(model.parameters(), holotx.adamw, weight_decay=0.01,
+                                 lr=holotx.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 10_000))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5_000, gamma=0.1)
+        for batch in loader:
+            ...
+            opt.step()       # uses opt.param_groups[0]["lr"], then sets it to the next lr
+            sched.step()     # from step 5000 on: 0.1 times the schedule's values
+        torch.save(opt.state_dict(), "opt.pt")    # lr, lr_count, lr_scale; not the schedule
 
     As in torch.optim:
 
@@ -209,21 +253,36 @@ class TransformOptimizer(Optimizer):
         self._fused_groups: dict[int, tuple[list[torch.Tensor], FusedGroup | str]] = {}
         self._runtimes: dict[int, _GroupRuntime] = {}
         self._built: dict[int, tuple[Any, GradientTransformation]] = {}
+        # Per schedule group (by id): the group and the lr last published in it.
+        self._lr_published: dict[int, tuple[dict[str, Any], _lr.ScheduledLR]] = {}
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_plain_schedule_groups, prepend=True)
+        _lr.register(self)
 
     # -- groups ---------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as torch.optim does; its hyperparameters are checked first (by
         building its transform), so a bad value raises ``ValueError`` naming the argument
-        and the optimizer is left as it was."""
+        and the optimizer is left as it was. A group whose ``lr`` (its own, or the
+        optimizer's default) is a schedule gets ``lr_schedule``, ``lr_count`` (0) and
+        ``lr_scale`` (1), and ``lr`` its value (see the class docstring)."""
         if isinstance(param_group, dict):
-            candidate = dict(param_group)
+            lr = param_group.get("lr", self.defaults.get("lr"))
+            scheduled, published = dict(param_group), None
+            if _lr.is_schedule(lr) or _lr.is_schedule_group(param_group):
+                published = _lr.schedule_group(scheduled, lr, (weakref.ref(self), len(self.param_groups)))
+            candidate = dict(scheduled)
             for name, default in self.defaults.items():
                 if default is not required:
                     candidate.setdefault(name, default)
             if all(name in candidate for name in self._factory_args):
                 self._check_group(candidate)
+            param_group.update(scheduled)
+            super().add_param_group(param_group)
+            if published is not None:
+                self._lr_published[id(param_group)] = (param_group, published)
+            return
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -245,7 +304,7 @@ class TransformOptimizer(Optimizer):
         self._build(group)
 
     def _values(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {name: group[name] for name in self._factory_args}
+        return {name: _lr.as_float(group[name]) for name in self._factory_args}
 
     def _build(self, group: dict[str, Any]) -> GradientTransformation:
         """The group's transform, from the numbers in its dict."""
@@ -291,11 +350,13 @@ class TransformOptimizer(Optimizer):
         # Every group's transform is built (its hyperparameters checked) before any group
         # steps: a bad value edited into group 1 raises with group 0 unchanged too.
         compiling = torch.compiler.is_compiling()
+        scheduled = self._settle_lrs(for_step=True)
         if self._max_grad_norm is not None:
             with torch.no_grad():  # (before any group steps: donated grads become scratch)
                 self._grad_norm.value = self._global_grad_norm()
         fused, handled = self._plan_fused() if self._fused and not compiling else ([], frozenset())
-        planned = [(group, *self._plan(group, compiling)) for group in self.param_groups
+        groups = self.param_groups if scheduled is None else scheduled
+        planned = [(group, *self._plan(group, compiling)) for group in groups
                    if id(group) not in handled and _has_grads(group)]
         with torch.no_grad():
             # Every group's step is begun (its schedules evaluated) before any is finished.
@@ -304,6 +365,7 @@ class TransformOptimizer(Optimizer):
                 self._fused_step(binding, group, values, lr)
             for (group, _, lr), step in zip(planned, begun):
                 self._finish_group(group, lr, step)
+        self._advance_lrs({id(group) for _, group, _, _ in fused} | {id(group) for group, _, _ in planned})
         return loss
 
     def _global_grad_norm(self) -> torch.Tensor:
@@ -314,6 +376,51 @@ class TransformOptimizer(Optimizer):
         grads = [p.grad.to(sd) if _upcast(p, sd) else p.grad
                  for group in self.param_groups for p in group["params"] if p.grad is not None]
         return global_norm(grads)
+
+    # -- a schedule as lr -----------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def _settle_lrs(self, for_step: bool = False) -> list[dict[str, Any]]:
+        """Every schedule group's ``lr`` read (what a scheduler or the user wrote, see
+        ``adapters/_lr.py``) and checked: ``ValueError`` naming the key before any group
+        steps. A number group given a schedule as ``lr`` becomes a schedule group, at count
+        0. ``for_step``: the groups' lrs are left plain floats for the step (which reads
+        the groups outside the graph, for torch.compile: dynamo takes an optimizer's
+        param groups apart, and would guard their changing count and a float subclass as
+        constants). Returns the groups if one is a schedule group, else ``None``."""
+        this = weakref.ref(self)
+        for i, group in enumerate(self.param_groups):
+            if _lr.is_schedule_group(group):
+                published = _lr.settle(group, (this, i), self._published_lr(group), for_step=for_step)
+            elif _lr.is_schedule(group.get("lr")):
+                published = _lr.schedule_group(group, group["lr"], (this, i), restart=True)
+                if for_step:
+                    group["lr"] = float(published)
+            else:
+                continue
+            self._lr_published[id(group)] = (group, published)
+        return list(self.param_groups) if self._lr_published else None
+
+    def _published_lr(self, group: dict[str, Any]) -> _lr.ScheduledLR | None:
+        entry = self._lr_published.get(id(group))
+        return entry[1] if entry is not None and entry[0] is group else None
+
+    @torch._disable_dynamo
+    def _advance_lrs(self, stepped: set[int]) -> None:
+        """After the step: each schedule group that stepped counts it, and its ``lr`` is
+        the schedule's value at the new count times its scale (the next step's); the
+        others' lr is published again as it is."""
+        this = weakref.ref(self)
+        for i, group in enumerate(self.param_groups):
+            if not _lr.is_schedule_group(group):
+                continue
+            if id(group) in stepped:
+                published = _lr.advance(group, (this, i))
+            elif group["lr"] is not self._published_lr(group):
+                published = _lr.republish(group, (this, i))
+            else:
+                continue
+            self._lr_published[id(group)] = (group, published)
 
     # -- fused groups ---------------------------------------------------------------------
 
@@ -473,7 +580,7 @@ class TransformOptimizer(Optimizer):
         torch.compile the non-zero numbers become 0-d tensors here, so the graph takes them
         as inputs and a new value (a scheduler's) needs no recompile."""
         values = self._values(group)
-        lr = group.get("lr")
+        lr = _lr.as_float(group.get("lr"))
         if compiling:
             device = group["params"][0].device
             for name, value in values.items():
@@ -521,10 +628,16 @@ class TransformOptimizer(Optimizer):
         loads and continues; ``format="holocron"`` in pylocron 0.3.0's (Holocron's eight,
         to be continued by Holocron's class from a ``compat="holocron"`` run). Both are
         read back by :meth:`load_state_dict` (see ``adapters/_formats.py``)."""
+        self._settle_lrs()
         if format is None:
             return super().state_dict()
         if format not in ("torch", "holocron"):
             raise ValueError(f"format must be None, 'torch' or 'holocron', got {format!r}")
+        scheduled = [g for g, group in enumerate(self.param_groups) if _lr.is_schedule_group(group)]
+        if scheduled:
+            library = "torch.optim" if format == "torch" else "Holocron"
+            raise ValueError(f"format={format!r}: the lr of param group {scheduled[0]} is a holotx schedule, "
+                             f"which {library}'s optimizer cannot go on with (give it its own scheduler)")
         keys = _formats.TORCH_KEYS if format == "torch" else _formats.HOLOCRON_KEYS
         if self._factory not in keys:
             twins = ", ".join(_name(f) for f in keys)
@@ -562,6 +675,7 @@ class TransformOptimizer(Optimizer):
                              f"{len(self.param_groups)}")
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         new_groups = []
+        new_published: dict[int, tuple[dict[str, Any], _lr.ScheduledLR]] = {}
         for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {g} has {len(saved['params'])} params in the checkpoint, "
@@ -569,6 +683,9 @@ class TransformOptimizer(Optimizer):
             candidate = {**saved, "params": group["params"]}
             if "param_names" in group and "param_names" not in saved:
                 candidate["param_names"] = group["param_names"]
+            candidate, published = _lr_from_checkpoint(g, group, candidate, (weakref.ref(self), g))
+            if published is not None:
+                new_published[id(candidate)] = (candidate, published)
             # A checkpoint from before an argument existed takes its default (torch.optim's
             # rule for flags added later); a checkpoint of another algorithm is told by its
             # state keys below.
@@ -592,6 +709,8 @@ class TransformOptimizer(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self.param_groups = new_groups
+        self._lr_published = new_published
+        _lr.register(self)
         self._runtimes = {}
         self._built = {}
         for group in self.param_groups:
@@ -619,6 +738,16 @@ class TransformOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.register_state_dict_post_hook(_plain_schedule_groups, prepend=True)
+        _lr.register(self)
+        this = weakref.ref(self)
+        self._lr_published = {}
+        for i, group in enumerate(self.param_groups):  # a copy's lrs are bound to the copy
+            if _lr.is_schedule_group(group):
+                self._lr_published[id(group)] = (group, _lr.republish(group, (this, i)))
+            base = group.get("initial_lr")
+            if isinstance(base, _lr.ScheduledLR) and base._binding is None:
+                base._binding = (this, i)
         self._fused = state.get("_fused", False)
         self._max_grad_norm = state.get("_max_grad_norm")
         self._grad_norm = _GradNorm()
@@ -868,7 +997,51 @@ def _validate_lr(lr: Any) -> None:
             raise ValueError(f"lr as a tensor must have one element, got shape {tuple(lr.shape)}")
         return
     if isinstance(lr, bool) or not isinstance(lr, Number) or not lr >= 0:
-        raise ValueError(f"lr must be a number >= 0 or a 0-d tensor, got {lr!r}")
+        raise ValueError(f"lr must be a number >= 0, a 0-d tensor or a schedule, got {lr!r}")
+
+
+def _plain_schedule_groups(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """State-dict post-hook, run before any other: each schedule group as a checkpoint
+    holds it (:func:`adapters._lr.plain_group`: the schedule described, not saved), so that
+    the checkpoint loads with ``torch.load(weights_only=True)``."""
+    state_dict["param_groups"] = [_lr.plain_group(g) for g in state_dict["param_groups"]]
+
+
+def _lr_from_checkpoint(g: int, group: dict[str, Any], candidate: dict[str, Any],
+                        binding: _lr.Binding) -> tuple[dict[str, Any], _lr.ScheduledLR | None]:
+    """The checkpoint's param group ``candidate`` for this optimizer's ``group``, its lr
+    checked against this group's: a schedule group takes the checkpoint's count, scale and
+    lr and keeps its own schedule; a checkpoint whose kind of lr (schedule or number)
+    contradicts the group's raises ``ValueError`` (loading it would replace one by the
+    other). Returns the group and its published lr (``None`` for a number group)."""
+    saved_lr, saved_schedule = candidate.get("lr"), candidate.get("lr_schedule")
+    for value in (saved_lr, saved_schedule):
+        if _lr.is_schedule(value):
+            raise ValueError(f"param group {g} of the checkpoint holds a schedule object ({value!r}) "
+                             "where a checkpoint keeps the schedule's count and scale (lr_count, lr_scale) "
+                             "and describes it in lr_schedule: it cannot be resumed")
+    own = group.get("lr_schedule") if _lr.is_schedule_group(group) else None
+    if own is None and saved_schedule is None:
+        return candidate, None
+    if own is None:
+        raise ValueError(
+            f"param group {g}: the checkpoint's lr is a schedule ({saved_schedule}, at lr_count "
+            f"{candidate.get('lr_count')!r}) and this optimizer's is a number ({group.get('lr')!r}); a "
+            "checkpoint keeps a schedule's count and scale, not the schedule: build the optimizer with the "
+            "schedule as lr to resume it (or drop lr_schedule, lr_count and lr_scale from the checkpoint's "
+            "group to go on with its lr as a number)")
+    if saved_schedule is None:
+        raise ValueError(
+            f"param group {g}: the checkpoint's lr is a number ({saved_lr!r}) and this optimizer's is a "
+            f"schedule ({_lr.describe(own)}); loading it would replace the schedule: load it into an "
+            "optimizer whose lr is a number (then assign a schedule to group['lr'] to start one at count 0)")
+    if not isinstance(saved_schedule, str):
+        raise ValueError(f"param group {g} of the checkpoint: lr_schedule must be the description of a "
+                         f"schedule (a string), got {saved_schedule!r}")
+    try:
+        return _lr.restored_group(candidate, own, saved_schedule == _lr.describe(own), binding)
+    except ValueError as err:
+        raise ValueError(f"param group {g} of the checkpoint does not fit this optimizer: {err}") from err
 
 
 def _as_tensor(value: Any, device: torch.device) -> Any:

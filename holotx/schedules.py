@@ -21,6 +21,12 @@ schedule's math is written once, as its tensor formula: an ``int`` count is
 evaluated as a 0-d int64 tensor on the CPU, so both kinds of count give the same
 float64 value.
 
+Every schedule built here is an instance of a module-level class (its math in a
+``formula`` method, its hyperparameters in attributes), so it pickles and deep-copies, and
+its ``repr`` is the call that built it (``holotx.cosine_decay_schedule(init_value=0.1,
+decay_steps=100, alpha=0.0, exponent=1.0)``): an optimizer holding one can be saved with
+:func:`torch.save` or ``copy.deepcopy``.
+
 Hyperparameters are plain Python numbers, validated when the schedule is
 built: a bad value raises :class:`ValueError` whose message names the argument
 and the value. Step-like hyperparameters (``transition_steps``,
@@ -121,16 +127,107 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
-def _from_tensor_formula(formula: Callable[[torch.Tensor], torch.Tensor]) -> Schedule:
+class _FormulaSchedule:
     """A schedule from its tensor formula, the one implementation of its math: a Python
-    int count is evaluated as a 0-d int64 tensor and the value returned as a float."""
+    int count is evaluated as a 0-d int64 tensor and the value returned as a float.
 
-    def schedule(count: int | torch.Tensor) -> float | torch.Tensor:
+    Subclasses keep their validated hyperparameters as attributes and implement
+    :meth:`formula`; the public function that builds one names it (:meth:`_named`), which
+    is its ``repr``. A module-level class (not a closure), so a schedule pickles."""
+
+    _call = ""
+
+    def __call__(self, count: int | torch.Tensor) -> float | torch.Tensor:
         if isinstance(count, torch.Tensor):
-            return formula(count)
-        return float(formula(torch.tensor(_int_count(count), dtype=torch.int64)))
+            return self.formula(count)
+        return float(self.formula(torch.tensor(_int_count(count), dtype=torch.int64)))
 
-    return schedule
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _named(self, name: str, **arguments: object) -> _FormulaSchedule:
+        self._call = f"holotx.{name}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
+        return self
+
+    def __repr__(self) -> str:
+        return self._call or f"<{type(self).__name__}>"
+
+
+class _Constant(_FormulaSchedule):
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        # full_like keeps the result tied to ``count`` (device, vmap batching).
+        return torch.full_like(count, self.value, dtype=_float_dtype(count))
+
+
+class _Polynomial(_FormulaSchedule):
+    def __init__(self, delta: float, end: float, power: float, steps: int, begin: int) -> None:
+        self.delta, self.end, self.power, self.steps, self.begin = delta, end, power, steps, begin
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count) - self.begin, 0.0, float(self.steps))
+        return self.delta * torch.pow(1.0 - t / self.steps, self.power) + self.end
+
+
+class _Cosine(_FormulaSchedule):
+    """``scale * c ** exponent + offset`` with ``c = (1 + cos(pi * t / steps)) / 2``.
+
+    ``t = clip(count, 0, steps)``; ``steps > 0`` and ``exponent > 0`` are
+    assumed to be validated by the caller.
+    """
+
+    def __init__(self, scale: float, offset: float, steps: int, exponent: float) -> None:
+        self.scale, self.offset, self.steps, self.exponent = scale, offset, steps, exponent
+        self.omega = math.pi / steps
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count), 0.0, float(self.steps))
+        c = 0.5 * (1.0 + torch.cos(t * self.omega))
+        return self.scale * torch.pow(c, self.exponent) + self.offset
+
+
+class _Exponential(_FormulaSchedule):
+    def __init__(self, init: float, steps: int, rate: float, begin: int, staircase: bool,
+                 end: float | None) -> None:
+        self.init, self.steps, self.rate, self.begin = init, steps, rate, begin
+        self.staircase, self.end = staircase, end
+        self.lower_bound = rate < 1.0
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_tensor_count(count) - self.begin, min=0.0)
+        e = t / self.steps
+        if self.staircase:
+            e = torch.floor(e)
+        value = self.init * torch.pow(self.rate, e)
+        if self.end is not None:
+            value = (torch.clamp(value, min=self.end) if self.lower_bound
+                     else torch.clamp(value, max=self.end))
+        return value
+
+
+class _Piecewise(_FormulaSchedule):
+    def __init__(self, init: float, boundaries: list[int], values: list[float]) -> None:
+        # values[i] is the value on [boundaries[i-1], boundaries[i]); values[0] = init.
+        self.init, self.boundaries, self.values = init, boundaries, values
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        value = torch.full_like(count, self.init, dtype=_float_dtype(count))
+        for b, v in zip(self.boundaries, self.values[1:]):
+            value = torch.where(count >= b, v, value)
+        return value
+
+
+class _Join(_FormulaSchedule):
+    def __init__(self, schedules: list[Schedule], boundaries: list[int]) -> None:
+        self.schedules, self.boundaries = schedules, boundaries
+
+    def formula(self, count: torch.Tensor) -> torch.Tensor:
+        value = self.schedules[0](count)
+        for b, s in zip(self.boundaries, self.schedules[1:]):
+            value = torch.where(count >= b, s(count - b), value)
+        return value
 
 
 # ---------------------------------------------------------------------------
@@ -155,9 +252,7 @@ def constant_schedule(value: float) -> Schedule:
         (0.1, 0.1)
     """
     v = _check_real("value", value)
-
-    # full_like keeps the result tied to ``count`` (device, vmap batching).
-    return _from_tensor_formula(lambda count: torch.full_like(count, v, dtype=_float_dtype(count)))
+    return _Constant(v)._named("constant_schedule", value=v)
 
 
 def polynomial_schedule(
@@ -209,15 +304,9 @@ def polynomial_schedule(
         raise ValueError(f"power must be a non-negative finite number, got {power!r}")
     steps = _check_int("transition_steps", transition_steps)
     begin = _check_int("transition_begin", transition_begin, minimum=0)
-    if steps <= 0:
-        return constant_schedule(init)
-    delta = init - end
-
-    def formula(count: torch.Tensor) -> torch.Tensor:
-        t = torch.clamp(_tensor_count(count) - begin, 0.0, float(steps))
-        return delta * torch.pow(1.0 - t / steps, p) + end
-
-    return _from_tensor_formula(formula)
+    schedule = _Constant(init) if steps <= 0 else _Polynomial(init - end, end, p, steps, begin)
+    return schedule._named("polynomial_schedule", init_value=init, end_value=end, power=p,
+                           transition_steps=steps, transition_begin=begin)
 
 
 def linear_schedule(
@@ -256,29 +345,15 @@ def linear_schedule(
         >>> schedule(torch.tensor(3))
         tensor(0.5000, dtype=torch.float64)
     """
-    return polynomial_schedule(
+    schedule = polynomial_schedule(
         init_value=init_value,
         end_value=end_value,
         power=1,
         transition_steps=transition_steps,
         transition_begin=transition_begin,
     )
-
-
-def _cosine_schedule(scale: float, offset: float, steps: int, exponent: float) -> Schedule:
-    """``scale * c ** exponent + offset`` with ``c = (1 + cos(pi * t / steps)) / 2``.
-
-    ``t = clip(count, 0, steps)``; ``steps > 0`` and ``exponent > 0`` are
-    assumed to be validated by the caller.
-    """
-    omega = math.pi / steps
-
-    def formula(count: torch.Tensor) -> torch.Tensor:
-        t = torch.clamp(_tensor_count(count), 0.0, float(steps))
-        c = 0.5 * (1.0 + torch.cos(t * omega))
-        return scale * torch.pow(c, exponent) + offset
-
-    return _from_tensor_formula(formula)
+    return schedule._named("linear_schedule", init_value=float(init_value), end_value=float(end_value),
+                           transition_steps=int(transition_steps), transition_begin=int(transition_begin))
 
 
 def cosine_decay_schedule(
@@ -321,7 +396,8 @@ def cosine_decay_schedule(
     steps = _check_int("decay_steps", decay_steps, minimum=1)
     a = _check_real("alpha", alpha)
     e = _check_positive_real("exponent", exponent)
-    return _cosine_schedule(init * (1.0 - a), init * a, steps, e)
+    return _Cosine(init * (1.0 - a), init * a, steps, e)._named(
+        "cosine_decay_schedule", init_value=init, decay_steps=steps, alpha=a, exponent=e)
 
 
 def exponential_decay(
@@ -373,19 +449,9 @@ def exponential_decay(
         # Contract: every invalid hyperparameter raises ValueError.
         raise ValueError(f"staircase must be a bool, got {staircase!r}")
     end = None if end_value is None else _check_real("end_value", end_value)
-    lower_bound = rate < 1.0
-
-    def formula(count: torch.Tensor) -> torch.Tensor:
-        t = torch.clamp(_tensor_count(count) - begin, min=0.0)
-        e = t / steps
-        if staircase:
-            e = torch.floor(e)
-        value = init * torch.pow(rate, e)
-        if end is not None:
-            value = torch.clamp(value, min=end) if lower_bound else torch.clamp(value, max=end)
-        return value
-
-    return _from_tensor_formula(formula)
+    return _Exponential(init, steps, rate, begin, staircase, end)._named(
+        "exponential_decay", init_value=init, transition_steps=steps, decay_rate=rate,
+        transition_begin=begin, staircase=staircase, end_value=end)
 
 
 def piecewise_constant_schedule(
@@ -439,14 +505,8 @@ def piecewise_constant_schedule(
     values = [init]
     for _, scale in items:
         values.append(values[-1] * scale)
-
-    def formula(count: torch.Tensor) -> torch.Tensor:
-        value = torch.full_like(count, init, dtype=_float_dtype(count))
-        for b, v in zip(boundaries, values[1:]):
-            value = torch.where(count >= b, v, value)
-        return value
-
-    return _from_tensor_formula(formula)
+    return _Piecewise(init, boundaries, values)._named(
+        "piecewise_constant_schedule", init_value=init, boundaries_and_scales=dict(items))
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -496,13 +556,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if any(b1 < b0 for b0, b1 in itertools.pairwise(bounds)):
         raise ValueError(f"boundaries must be non-decreasing, got {list(boundaries)!r}")
 
-    def formula(count: torch.Tensor) -> torch.Tensor:
-        value = scheds[0](count)
-        for b, s in zip(bounds, scheds[1:]):
-            value = torch.where(count >= b, s(count - b), value)
-        return value
-
-    return _from_tensor_formula(formula)
+    return _Join(scheds, bounds)._named("join_schedules", schedules=scheds, boundaries=bounds)
 
 
 def warmup_cosine_decay_schedule(
@@ -564,10 +618,12 @@ def warmup_cosine_decay_schedule(
         )
     end = _check_real("end_value", end_value)
     e = _check_positive_real("exponent", exponent)
-    return join_schedules(
+    schedule = join_schedules(
         [
             linear_schedule(init, peak, warmup),
-            _cosine_schedule(peak - end, end, total - warmup, e),
+            _Cosine(peak - end, end, total - warmup, e),
         ],
         [warmup],
     )
+    return schedule._named("warmup_cosine_decay_schedule", init_value=init, peak_value=peak,
+                           warmup_steps=warmup, decay_steps=total, end_value=end, exponent=e)
