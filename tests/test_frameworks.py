@@ -182,10 +182,12 @@ class _Rows(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def _hf_run(hf, tmp_path, optimizer_factory, max_steps, *, resume_from=None, save_steps=None):
+def _hf_run(hf, tmp_path, optimizer_factory, max_steps, *, resume_from=None, save_steps=None,
+            own_scheduler=True):
     model = _Regression()
     opt = optimizer_factory(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    # Without a scheduler of ours, the Trainer makes its own (linear decay to 0).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)) if own_scheduler else None
     args = hf.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
@@ -217,3 +219,23 @@ def test_hf_trainer_resume_mid_run_is_bit_for_bit(hf, tmp_path, name):
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 7)  # the scheduler stepped 6 times
+
+
+def test_hf_trainer_with_a_holotx_schedule_as_lr(hf, tmp_path):
+    """A holotx schedule as lr under the Trainer's own linear scheduler: the two compose
+    (the step's lr is the schedule's value times the Trainer's factor), and a run resumed
+    from its checkpoint ends exactly where an uninterrupted one does."""
+    schedule = holotx.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 6)
+
+    def factory(ps):
+        return TransformOptimizer(ps, holotx.adamw, lr=schedule, weight_decay=0.01)
+
+    whole, opt = _hf_run(hf, tmp_path / "whole", factory, 6, own_scheduler=False)
+    _hf_run(hf, tmp_path / "first", factory, 6, save_steps=3, own_scheduler=False)
+    resumed, _ = _hf_run(hf, tmp_path / "second", factory, 6, own_scheduler=False,
+                         resume_from=str(tmp_path / "first" / "checkpoint-3"))
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # After 6 steps the Trainer's linear factor is 0: the lr the next step would use.
+    assert float(opt.param_groups[0]["lr"]) == 0.0
+    assert isinstance(opt.param_groups[0]["lr"], float)
