@@ -80,6 +80,12 @@ class TransformOptimizer(Optimizer):
     A group's state keys are the field names of the transform's state (``"count"``,
     ``"mu"``, ``"nu"`` for Adam; ``"slow"``, ``"inner_state.mu"`` under Lookahead); a
     group-wide leaf (a schedule's step count) is stored under every param of the group.
+    Unlike torch.optim, every param of a group that has stepped has an entry in
+    ``self.state``, empty for a rule that keeps no state (SGD without momentum): the state
+    is one tree over the group's params. This, and the other differences that PyTorch's
+    own optimizer tests find (a transform's groups refuse hyperparameters they do not
+    read; ``fused=True`` does not take part in ``GradScaler``'s fused protocol; meta params
+    step unfused), are listed in README.md, "torch's own optimizer tests".
 
     The step is the donated one of DESIGN.md: the optimizer owns its state, so the
     transform updates it in place, and the learning rate is applied as the params are
