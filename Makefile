@@ -13,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.holotx-installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean torch-suite
 
 venv: $(STAMP)
 
@@ -39,6 +39,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2
+
+# Opt-in: PyTorch's own optimizer tests (TestOptimRenewed) run on holotx's classes. Needs
+# torch's test/test_optim.py from a pytorch checkout at the installed tag (v2.13.0), which
+# the wheel does not ship: make torch-suite TORCH_TEST_OPTIM=/path/to/pytorch/test/test_optim.py
+torch-suite: $(STAMP)
+	@test -n "$(TORCH_TEST_OPTIM)" || { echo "set TORCH_TEST_OPTIM=/path/to/pytorch/test/test_optim.py"; exit 2; }
+	$(PY) .ci/torch_optim_suite.py $(TORCH_TEST_OPTIM)
 
 bench: $(STAMP)
 	$(PY) examples/benchmark.py $(ARGS)

@@ -17,7 +17,9 @@ torch.optim's semantics are kept by falling back to the unfused step on the same
   cleared and that backward did not reach since has, for the step, no gradient. A step
   in which some params of a group have a gradient and others do not is run unfused, as
   torch.optim would run it (the others skipped); the group's step counts then differ
-  between params, and it stays unfused (it says so once).
+  between params, and it stays unfused (it says so once). A param that does not require
+  grad (its gradient set by hand) holds its view only while it has a gradient: backward
+  never reaches it to say so.
 - A gradient that is not the view (the user's own tensor, DDP's bucket view) is copied
   into the buffer first.
 - Hyperparameters reach the compiled step as 0-d tensors: a scheduler's new ``lr``,
@@ -80,9 +82,16 @@ class FusedGroup:
         # A view whose param has, for torch.optim's rules, no gradient: zero_grad() cleared it
         # and backward has not accumulated into it since.
         self.cleared = [p.grad is None for p in params]
-        for p, view in zip(params, self.grad_views):
-            p.grad = view
-        self.hooks = [p.register_post_accumulate_grad_hook(self._touched(i)) for i, p in enumerate(params)]
+        # Backward reaches only params that require grad, which get a hook to say so. One that
+        # does not (grads set by hand, as torch's fused tests do; a frozen param) cannot have
+        # a hook: it holds its view only while it has a gradient, and None otherwise, so that
+        # any later gradient is a tensor of its own, copied in at the step.
+        self.hooked = [p.requires_grad for p in params]
+        for i, (p, view) in enumerate(zip(params, self.grad_views)):
+            if self.hooked[i] or p.grad is not None:
+                p.grad = view
+        self.hooks = [p.register_post_accumulate_grad_hook(self._touched(i))
+                      for i, p in enumerate(params) if self.hooked[i]]
         for p in params:
             _BOUND[id(p)] = weakref.ref(p)
         self.per_param_layout = per_param_layout
@@ -195,7 +204,9 @@ class FusedGroup:
                 buffer.zero_()
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             if p.grad is None:
-                p.grad, self.cleared[i] = view, True
+                self.cleared[i] = True
+                if self.hooked[i]:
+                    p.grad = view
 
     def release(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
         """Stop being fused (the buffers stay: params, grads and state are views of them).
@@ -287,6 +298,8 @@ def _check_params(params: list[torch.Tensor]) -> None:
                                 "params have no storage of their own to pack into a flat buffer")
         if not p.is_floating_point():
             raise FusionRefused(f"param {i} has dtype {p.dtype}: fused steps take floating-point params")
+        if p.device.type == "meta":
+            raise FusionRefused(f"param {i} is a meta tensor: it has no data to pack into a flat buffer")
         bound = _BOUND.get(id(p))
         if bound is not None and bound() is p:
             raise FusionRefused(f"param {i} is bound to the flat buffers of another fused optimizer")

@@ -105,6 +105,10 @@ class TransformOptimizer(Optimizer):
 
     - ``params`` is an iterable of tensors, of ``(name, tensor)`` pairs, or of group
       dicts; :meth:`add_param_group` works mid-run;
+    - hyperparameters are checked when the optimizer is made, before ``params`` is read: a
+      bad value raises ``ValueError`` naming it (``TypeError`` for a wrong type), with
+      ``params=None`` too; a tensor hyperparameter may have any shape with one element
+      (``torch.tensor([1e-3])``), the factory gets a 0-d view of it;
     - :meth:`step` takes an optional closure and returns its loss;
     - a param whose ``.grad`` is ``None`` is skipped: no update, no state change, its step
       count does not advance (a group none of whose params has a gradient is not stepped
@@ -120,6 +124,12 @@ class TransformOptimizer(Optimizer):
     A group's state keys are the field names of the transform's state (``"count"``,
     ``"mu"``, ``"nu"`` for Adam; ``"slow"``, ``"inner_state.mu"`` under Lookahead); a
     group-wide leaf (a schedule's step count) is stored under every param of the group.
+    Unlike torch.optim, every param of a group that has stepped has an entry in
+    ``self.state``, empty for a rule that keeps no state (SGD without momentum): the state
+    is one tree over the group's params. This, and the other differences that PyTorch's
+    own optimizer tests find (a transform's groups refuse hyperparameters they do not
+    read; ``fused=True`` does not take part in ``GradScaler``'s fused protocol; meta params
+    step unfused), are listed in README.md, "torch's own optimizer tests".
 
     The step is the donated one of the contract (``docs/contract.rst``, "Donation"): the
     optimizer owns its state, so the
@@ -255,6 +265,13 @@ class TransformOptimizer(Optimizer):
         self._built: dict[int, tuple[Any, GradientTransformation]] = {}
         # Per schedule group (by id): the group and the lr last published in it.
         self._lr_published: dict[int, tuple[dict[str, Any], _lr.ScheduledLR]] = {}
+        # The hyperparameters are checked before the params are read, as torch.optim's
+        # classes do: a bad value raises ValueError (TypeError for a wrong type) naming it,
+        # whatever the params (None included). A factory argument without a default is
+        # checked per group, where a group gives it.
+        given = {name: value for name, value in defaults.items() if value is not required}
+        if all(name in given for name in self._factory_args):
+            self._check_group(given)
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_plain_schedule_groups, prepend=True)
         _lr.register(self)
@@ -315,8 +332,7 @@ class TransformOptimizer(Optimizer):
             assert self._transform is not None
             tx = self._transform
         else:
-            tx = self._factory(**{k: tuple(v) if isinstance(v, list) and _is_numeric(v) else v
-                                  for k, v in values.items()})
+            tx = self._factory(**{k: _as_factory_value(v, k in self._tensor_args) for k, v in values.items()})
             if not isinstance(tx, GradientTransformation):
                 raise ValueError(f"{_name(self._factory)} returned {type(tx).__name__}, "
                                  "not a GradientTransformation")
@@ -1098,11 +1114,27 @@ def _admits_tensor(annotation: Any) -> bool:
 def _is_numeric(x: Any) -> bool:
     if isinstance(x, bool):
         return False
-    if isinstance(x, Number) or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point()):
+    if isinstance(x, Number) or (isinstance(x, torch.Tensor) and x.numel() == 1 and x.is_floating_point()):
         return True
     return isinstance(x, (tuple, list)) and len(x) > 0 and all(
-        (isinstance(v, Number) and not isinstance(v, bool)) or (isinstance(v, torch.Tensor) and v.dim() == 0)
+        (isinstance(v, Number) and not isinstance(v, bool))
+        or (isinstance(v, torch.Tensor) and v.numel() == 1)
         for v in x)
+
+
+def _as_factory_value(value: Any, tensor_arg: bool) -> Any:
+    """A group's value as a factory takes it: a list of numbers as a tuple (JSON and some
+    checkpoints turn betas into lists), and, for an argument that may be a tensor, a
+    one-element tensor of any shape (torch.optim takes ``torch.tensor([1e-3])`` as an lr)
+    as a 0-d view of it, which follows in-place changes (a scheduler's ``fill_``):
+    holotx's factories take 0-d tensors."""
+    if tensor_arg and isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == 1:
+        return value.reshape(())
+    if isinstance(value, list) and _is_numeric(value):
+        return tuple(_as_factory_value(v, tensor_arg) for v in value)
+    if tensor_arg and isinstance(value, tuple) and _is_numeric(value):
+        return tuple(_as_factory_value(v, tensor_arg) for v in value)
+    return value
 
 
 def _is_zero(x: Any) -> bool:

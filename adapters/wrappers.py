@@ -72,21 +72,29 @@ class _MergedEntry(MutableMapping):
 
 class _MergedState(MutableMapping):
     """The wrapper's ``state``: per param, a :class:`_MergedEntry` over the base
-    optimizer's state and the wrapper's (an entry for any param, as a defaultdict)."""
+    optimizer's state and the wrapper's (an entry for any param, as a defaultdict). A key
+    that is not a tensor (what a state-dict hook may store, ``state["note"] = 1``, which
+    torch.optim allows) is the base optimizer's, as it is: ``state_dict()`` then carries
+    it, as torch.optim's does."""
 
     def __init__(self, wrapper: _SyncWrapper) -> None:
         self._wrapper = wrapper
 
-    def __getitem__(self, param: torch.Tensor) -> _MergedEntry:
+    def __getitem__(self, param: Any) -> Any:
+        if not isinstance(param, torch.Tensor):
+            return self._wrapper.base_optimizer.state[param]
         return _MergedEntry(self._wrapper, param)
 
-    def __setitem__(self, param: torch.Tensor, entry: Mapping[str, Any]) -> None:
+    def __setitem__(self, param: Any, entry: Any) -> None:
+        if not isinstance(param, torch.Tensor):
+            self._wrapper.base_optimizer.state[param] = entry
+            return
         view = _MergedEntry(self._wrapper, param)
         for d in (self._wrapper.base_optimizer.state, self._wrapper._own):
             d.pop(param, None)
         view.update(entry)
 
-    def __delitem__(self, param: torch.Tensor) -> None:
+    def __delitem__(self, param: Any) -> None:
         if param not in self:
             raise KeyError(param)
         for d in (self._wrapper.base_optimizer.state, self._wrapper._own):
@@ -106,7 +114,7 @@ class _MergedState(MutableMapping):
         return len(self._params())
 
     def __repr__(self) -> str:
-        return repr({p: dict(self[p]) for p in self})
+        return repr({p: dict(self[p]) if isinstance(p, torch.Tensor) else self[p] for p in self})
 
 
 class _SyncWrapper(Optimizer):
@@ -172,21 +180,23 @@ class _SyncWrapper(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _init_param(self, p: torch.Tensor) -> None:
-        self._own[p] = {self._key("slow"): p.detach().clone(),
-                         self._key("count"): torch.zeros((), dtype=torch.int64)}
+    def _fresh_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A param's state at its first step: its slow weights (the param as it is) and count."""
+        return {self._key("slow"): p.detach().clone(), self._key("count"): torch.zeros((), dtype=torch.int64)}
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """The base optimizer's step, then the synchronisation of the params whose window
         ends. Returns the closure's loss."""
         params = self._params()
         with torch.no_grad():
-            for p in params:
-                if p not in self._own:
-                    self._init_param(p)
+            # A new param's slow weights are taken before the base step and kept once it
+            # has run: a base step that raises (a sparse gradient, a bad value edited into a
+            # group) leaves the wrapper's state as it was, as it leaves the base's.
+            fresh = {p: self._fresh_state(p) for p in params if p not in self._own}
             before = self._before(params)
         loss = self._base_step(closure)
         with torch.no_grad():
+            self._own.update(fresh)
             holocron = self.compat == "holocron"
             # A param without a gradient was not stepped by the base optimizer; Holocron's
             # wrappers count it all the same.
@@ -249,7 +259,7 @@ class _SyncWrapper(Optimizer):
             pre_hook(self)
         base = self.base_optimizer.state_dict()
         index = {id(p): i for i, p in enumerate(self._params())}
-        state = {k: dict(v) for k, v in base["state"].items()}
+        state = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base["state"].items()}
         for p, entry in self._own.items():
             state.setdefault(index[id(p)], {}).update(entry)
         groups = [{**g, self._key("sync_rate"): self.sync_rate, self._key("sync_period"): self.sync_period}
@@ -304,7 +314,7 @@ class _SyncWrapper(Optimizer):
                                  f"{sorted(ours)}")
             new_state[p] = {}
             for k, v in mine.items():
-                expected = p.shape if k != self._key("count") else torch.Size([])
+                expected = self._shape(k, p) if k != self._key("count") else torch.Size([])
                 if not isinstance(v, torch.Tensor) or v.shape != expected:
                     raise ValueError(f"param {i}, key {k!r}: expected a tensor of shape {tuple(expected)}")
                 if v.device.type == "meta":
@@ -325,6 +335,9 @@ class _SyncWrapper(Optimizer):
 
     def _dtype(self, key: str, p: torch.Tensor) -> torch.dtype:
         return p.dtype
+
+    def _shape(self, key: str, p: torch.Tensor) -> torch.Size:
+        return p.shape
 
     # -- copies and printing --------------------------------------------------------------
 
@@ -407,7 +420,8 @@ class Scout(_SyncWrapper):
 
     The changes are the params' realised ones, ``p_after - p_before`` around each base
     step, accumulated in O(1) memory per element (Welford's mean and M2, the minimum and
-    the maximum: float32 for half-precision params). By default, elements whose changes
+    the maximum: float32 for half-precision params; a complex param's over its real view,
+    ``(..., 2)``, as torch.optim steps it). By default, elements whose changes
     were constant over the window are left out, so the rate is never NaN;
     ``compat="holocron"`` reproduces Holocron 0.3.0, NaN included (a NaN rate puts the
     params back on the slow weights without an outer step). Also see :class:`Lookahead`
@@ -442,16 +456,23 @@ class Scout(_SyncWrapper):
     _stat_keys = ("mean", "m2", "min", "max")
 
     def _dtype(self, key: str, p: torch.Tensor) -> torch.dtype:
-        if key == self._key("slow") or self.compat == "holocron":
+        if key == self._key("slow"):
             return p.dtype
-        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        real = _real(p).dtype
+        if self.compat == "holocron":
+            return real
+        return torch.float32 if real in (torch.float16, torch.bfloat16) else real
 
-    def _init_param(self, p: torch.Tensor) -> None:
-        super()._init_param(p)
+    def _shape(self, key: str, p: torch.Tensor) -> torch.Size:
+        return p.shape if key == self._key("slow") else _real(p).shape
+
+    def _fresh_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = super()._fresh_state(p)
         dtype = self._dtype(self._key("mean"), p)
         for key, fill in (("mean", 0.0), ("m2", 0.0), ("min", math.inf), ("max", -math.inf)):
-            self._own[p][self._key(key)] = torch.full_like(p, fill, dtype=dtype,
-                                                            memory_format=torch.preserve_format)
+            state[self._key(key)] = torch.full_like(_real(p), fill, dtype=dtype,
+                                                    memory_format=torch.preserve_format)
+        return state
 
     def _before(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         # The params before the base step (with a closure, which params get a gradient is
@@ -473,7 +494,7 @@ class Scout(_SyncWrapper):
             st = [self._own[p] for p in ps]
             mean, m2, low, high = ([s[self._key(n)] for s in st] for n in self._stat_keys)
             dtype = mean[0].dtype
-            change = [(p.to(dtype) - previous[p].to(dtype)) for p in ps]
+            change = [(_real(p).to(dtype) - _real(previous[p]).to(dtype)) for p in ps]
             weight = [1.0 / ((int(s[self._key("count")]) - 1) % k + 1) for s in st]
             flags = [p in ending for p in ps]
             # The statistics are the wrapper's own: the math may write them in place.
@@ -491,3 +512,9 @@ class Scout(_SyncWrapper):
         rate = coherence_rate(sums, [True] * len(sums), self.sync_rate, holocron=holocron,
                               device=torch.device("cpu"))
         self._synchronize(ends, rate if not isinstance(rate, torch.Tensor) else rate.item())
+
+
+def _real(p: torch.Tensor) -> torch.Tensor:
+    """A complex param as its real view, whose numbers Scout's statistics follow one by
+    one (as :func:`holotx.scout` and torch.optim see a complex param); a real one as it is."""
+    return torch.view_as_real(p) if p.is_complex() else p

@@ -535,6 +535,52 @@ def test_construction_errors():
                            holotx.adam)
 
 
+def test_hyperparameters_are_checked_before_the_params():
+    """As torch.optim's classes do (torch's test_errors passes ``params=None``): a bad
+    value raises ValueError naming it, a wrong type TypeError, whatever the params;
+    good values with ``params=None`` get torch.optim's own TypeError."""
+    from holotx.adapters import LARS
+
+    bad = [(lambda: TransformOptimizer(None, holotx.adam, betas=(1.0, 0.9)), r"betas\[0\]"),
+           (lambda: TransformOptimizer(None, holotx.sgd, momentum=-0.5), "momentum"),
+           (lambda: TransformOptimizer(None, holotx.lamb, lr=torch.tensor([1e-3, 1e-3])), "lr"),
+           (lambda: TransformOptimizer(None, adam_chain(), lr=-1.0), "lr"),
+           (lambda: LARS(None, weight_decay=-1.0), "weight_decay")]
+    for build, arg in bad:
+        with pytest.raises(ValueError, match=arg):
+            build()
+    with pytest.raises(TypeError, match="amsgrad"):
+        TransformOptimizer(None, holotx.adam, amsgrad="no")
+    with pytest.raises(TypeError, match="iterable"):
+        TransformOptimizer(None, holotx.adam, lr=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)], ids=["(1,)", "(1,1)"])
+def test_one_element_tensor_hyperparameters_of_any_shape(shape):
+    """torch.optim takes ``lr=torch.tensor([1e-3])``; so does the adapter (the factory
+    gets a 0-d view): the float run's numbers, bit for bit, and an in-place change of the
+    tensor (a scheduler's ``fill_``) takes effect on the next step."""
+    base = make_params(torch.float64)
+    a, b = leafs(base), leafs(base)
+    lr = torch.full(shape, 0.01, dtype=torch.float64)
+    beta1 = torch.full(shape, 0.9, dtype=torch.float64)
+    opt_a = TransformOptimizer(a, holotx.adam, lr=lr, betas=(beta1, 0.999))
+    opt_b = TransformOptimizer(b, holotx.adam, lr=0.01, betas=(0.9, 0.999))
+    stream = grad_stream(8, torch.float64)
+    for k, grads in enumerate(stream):
+        if k == 4:
+            lr.fill_(0.001)
+            opt_b.param_groups[0]["lr"] = 0.001
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.step()
+        opt_b.step()
+        assert_params_equal(a, b, f"step {k}")
+    assert opt_a.param_groups[0]["lr"] is lr
+    with pytest.raises(ValueError, match="one element"):
+        TransformOptimizer(a, holotx.adam, lr=torch.full((2,), 0.01))
+
+
 def test_transform_constructor_rejects_negative_lr():
     with pytest.raises(ValueError, match="lr"):
         TransformOptimizer(leafs(make_params()), adam_chain(), lr=-1.0)

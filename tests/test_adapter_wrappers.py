@@ -114,3 +114,71 @@ def test_step_hooks_fire_once_per_step(wrapper):
     name = WRAPPERS[wrapper].__name__
     assert seen == [("global pre", name), ("base pre", "TransformOptimizer"),
                     ("base post", "TransformOptimizer"), ("global post", name)]
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_key_that_is_not_a_param_is_kept_as_torch_keeps_it(wrapper):
+    """torch.optim's state takes any key (a state-dict hook may store ``state["note"] = 1``)
+    and its ``state_dict()`` carries it: so does the wrapper's, in the base's state."""
+    _, base, opt = _setup(wrapper)
+
+    def hook(optimizer):
+        optimizer.state["note"] = 1
+
+    opt.register_state_dict_pre_hook(hook)
+    saved = opt.state_dict()
+    assert saved["state"]["note"] == 1
+    assert opt.state["note"] == 1
+    assert base.state["note"] == 1
+    assert "note" in opt.state
+    assert "note" in repr(opt.state)
+    opt.state["flag"] = True
+    assert opt.state["flag"] is True
+    del opt.state["flag"]
+    assert "flag" not in opt.state
+    assert "flag" not in base.state
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_base_step_that_raises_leaves_the_wrappers_state(wrapper):
+    """The slow weights are taken at a param's first step that runs: a base step that
+    raises (a sparse gradient) creates no state, and a param changed before the next
+    step starts its slow weights from there."""
+    params, _, opt = _setup(wrapper)
+    for p, x in zip(params, _grads(1)[0]):
+        p.grad = x
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert not opt.state_dict()["state"]
+    with torch.no_grad():
+        params[0].mul_(2.0)
+    start = params[0].detach().clone()
+    params[1].grad = params[1].grad.to_dense()
+    opt.step()
+    assert torch.equal(opt.state[params[0]][f"{wrapper}_slow"], start)
+
+
+@pytest.mark.parametrize("compat", [None, "holocron"])
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_complex_param_steps_as_its_real_view(wrapper, compat):
+    """As torch.optim steps a complex param (and holotx.scout does): bit for bit the run
+    on its real view, Scout's statistics kept per real number; the state dict loads back."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(4, 3, generator=gen, dtype=torch.complex128, requires_grad=True)
+    r = torch.view_as_real(c).detach().clone().requires_grad_()
+    opts = [WRAPPERS[wrapper](TransformOptimizer([x], holotx.sgd, lr=0.1, momentum=0.9), sync_period=2,
+                              compat=compat) for x in (c, r)]
+    for _ in range(5):
+        g = torch.randn(4, 3, 2, generator=gen, dtype=F64)
+        c.grad, r.grad = torch.view_as_complex(g.clone()), g.clone()
+        for opt in opts:
+            opt.step()
+        assert torch.equal(torch.view_as_real(c.detach()), r.detach())
+    saved = opts[0].state_dict()
+    again = WRAPPERS[wrapper](TransformOptimizer([c], holotx.sgd, lr=0.1, momentum=0.9), sync_period=2,
+                              compat=compat)
+    again.load_state_dict(saved)
+    for key, value in saved["state"][0].items():
+        assert torch.equal(again.state[c][key], value), key

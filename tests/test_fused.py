@@ -435,3 +435,65 @@ def test_params_bound_by_another_fused_optimizer(eager_backend):
 def test_fused_must_be_a_bool():
     with pytest.raises(ValueError, match="fused must be a bool"):
         TransformOptimizer(model().parameters(), holotx.adam, fused="yes")
+
+
+def test_params_that_do_not_require_grad(eager_backend):
+    """Grads set by hand on params that do not require grad (torch's fused tests do so):
+    the group fuses (no hook can be put on such a param; it holds its view only while it
+    has a gradient) and steps as the unfused one, zero_grad() and a skipped step included."""
+    runs = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen,
+                                                                                      dtype=torch.float64)]
+        opt = TransformOptimizer(params, holotx.adamw, lr=1e-2, fused=fused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for step in range(5):
+                if step != 2:
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                opt.step()
+                opt.zero_grad()
+                assert all(p.grad is None for p in params)
+        if fused:
+            assert isinstance(opt._fused_groups[id(opt.param_groups[0]["params"])][1], _fused.FusedGroup)
+        runs.append((params, opt))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, rtol=ROUNDING, atol=ROUNDING)
+    assert {runs[0][1].state[p]["count"].item() for p in runs[0][0]} == {4}
+
+
+def test_a_frozen_param_in_a_fused_group(eager_backend):
+    """A param that does not require grad and never has one (a frozen layer) does not stop
+    the optimizer: the group steps unfused, as for any param without a gradient, says so,
+    and equals the unfused run."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        m[0].requires_grad_(False)
+        opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                opt.zero_grad()
+                backward(m, step)
+                opt.step()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == (1 if fused else 0), messages
+        assert m[0].weight.grad is None
+        runs.append((m, opt))
+    assert_same(*runs[0], *runs[1], "a frozen layer")
+
+
+def test_meta_params_run_unfused_and_say_so(eager_backend):
+    """Meta tensors have no data to pack: the group runs unfused (computing nothing), and
+    the warning says why, instead of a failed compile."""
+    with torch.device("meta"):
+        m = torch.nn.Linear(3, 2)
+        opt = TransformOptimizer(m.parameters(), holotx.adamw, fused=True)
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    with pytest.warns(RuntimeWarning, match="param 0 is a meta tensor"):
+        opt.step()
+    assert not eager_backend
