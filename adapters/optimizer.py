@@ -270,6 +270,8 @@ class TransformOptimizer(Optimizer):
         # whatever the params (None included). A factory argument without a default is
         # checked per group, where a group gives it.
         given = {name: value for name, value in defaults.items() if value is not required}
+        if _lr.is_schedule(given.get("lr")):
+            given["lr"] = 1.0  # (a schedule is checked with its group, in add_param_group)
         if all(name in given for name in self._factory_args):
             self._check_group(given)
         super().__init__(params, defaults)
