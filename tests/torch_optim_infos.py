@@ -174,40 +174,40 @@ def _both_modes(cases: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict
     return [*cases, *((f"{desc}, holocron", {**kw, "compat": "holocron"}) for desc, kw in cases)]
 
 
-def sgd_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(
+def _rule_inputs(*own: tuple[str, dict[str, Any]], decay: float = 0.1) -> list[tuple[str, dict[str, Any]]]:
+    """What every single rule runs: its defaults, a float lr and a 0-d tensor lr, then its
+    own cases, then maximize with weight decay ``decay``."""
+    return [
         ("default", {}),
         ("lr 1e-2", {"lr": 1e-2}),
         ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+        *own,
+        ("maximize, weight decay", {"maximize": True, "weight_decay": decay}),
+    ]
+
+
+def sgd_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
+    return _inputs(*_rule_inputs(
         ("weight decay", {"weight_decay": 0.3}),
         ("momentum", {"momentum": 0.9}),
         ("momentum, dampening", {"momentum": 0.8, "dampening": 0.3}),
         ("nesterov, weight decay", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    )
+    ))
 
 
 def adam_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_rule_inputs(
         ("betas, eps", {"betas": (0.8, 0.99), "eps": 1e-6}),
         ("weight decay", {"weight_decay": 0.1}),
         ("amsgrad, weight decay", {"amsgrad": True, "weight_decay": 0.05}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    )
+    ))
 
 
 def radam_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("decoupled weight decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    )
+    ))
 
 
 def chain_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
@@ -220,102 +220,71 @@ def chain_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
 
 
 def lars_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("momentum, dampening", {"momentum": 0.9, "dampening": 0.1}),
         ("nesterov, weight decay", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}),
         ("scale clip", {"scale_clip": (0.0, 10.0)}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def lamb_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("betas, eps", {"betas": (0.8, 0.99), "eps": 1e-6}),
         ("weight decay", {"weight_decay": 0.1}),
         ("scale clip", {"scale_clip": (0.0, 10.0)}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def ralars_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("adaptive momentum forced", {"force_adaptive_momentum": True}),
         ("scale clip", {"scale_clip": (0.0, 10.0)}),
         # A small decay: in the first rectified steps RAdam's rectifier is ~0.05, so after
         # the trust ratio a decay of 0.1 outweighs the (ascending) moment term and 20 steps
         # at a scheduled lr may end below the start, by RaLars's own math.
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.01}),
-    ]))
+        decay=0.01,
+    )))
 
 
 def tadam_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("amsgrad", {"amsgrad": True}),
         ("degrees of freedom", {"dof": 3.0}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def adabelief_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("decoupled weight decay", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
         ("amsgrad", {"amsgrad": True}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def adamp_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("weight decay", {"weight_decay": 0.1}),
         ("amsgrad", {"amsgrad": True}),
         ("delta", {"delta": 0.5}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def adan_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("betas", {"betas": (0.9, 0.9, 0.95)}),
         ("weight decay", {"weight_decay": 0.1}),
         ("amsgrad", {"amsgrad": True}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def ademamix_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
-    return _inputs(*_both_modes([
-        ("default", {}),
-        ("lr 1e-2", {"lr": 1e-2}),
-        ("0-d tensor lr", {"lr": torch.tensor(1e-3)}),
+    return _inputs(*_both_modes(_rule_inputs(
         ("alpha, betas", {"alpha": 2.0, "betas": (0.8, 0.99, 0.999)}),
         ("weight decay", {"weight_decay": 0.1}),
-        ("maximize, weight decay", {"maximize": True, "weight_decay": 0.1}),
-    ]))
+    )))
 
 
 def lookahead_adamw_inputs(device: Any = None, dtype: Any = None) -> list[OptimizerInput]:
