@@ -1010,12 +1010,14 @@ _INTERNAL_ROOTS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
 
 
 def _validate_lr(lr: Any) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr as a tensor must have one element, got shape {tuple(lr.shape)}")
+    """The lr of a group whose transform was given built, checked as a factory checks its
+    own: a finite number ``>= 0`` or a one-element tensor holding one (its value read where
+    that costs nothing), or a schedule (checked where the group takes it)."""
+    if _lr.is_schedule(lr):
         return
-    if isinstance(lr, bool) or not isinstance(lr, Number) or not lr >= 0:
-        raise ValueError(f"lr must be a number >= 0, a 0-d tensor or a schedule, got {lr!r}")
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.reshape(())
+    _validate.non_negative("lr", lr)
 
 
 def _plain_schedule_groups(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 
 import pytest
@@ -584,6 +585,46 @@ def test_one_element_tensor_hyperparameters_of_any_shape(shape):
 def test_transform_constructor_rejects_negative_lr():
     with pytest.raises(ValueError, match="lr"):
         TransformOptimizer(leafs(make_params()), adam_chain(), lr=-1.0)
+
+
+@pytest.mark.parametrize(("lr", "message"), [
+    (math.inf, "lr must be finite"),
+    (-math.inf, "lr must be finite"),
+    (math.nan, "lr must not be NaN"),
+    (-1.0, "lr must be >= 0"),
+    (torch.tensor(math.inf), "lr must be finite"),
+    (torch.tensor([-1.0]), "lr must be >= 0"),
+    (torch.tensor([[-0.5]]), "lr must be >= 0"),
+    ("0.1", "lr must be a number"),
+    (True, "lr must be a number"),
+], ids=["inf", "-inf", "nan", "negative", "inf-tensor", "negative-1-element", "negative-1x1", "string",
+        "bool"])
+@pytest.mark.parametrize("path", ["factory", "transform"])
+def test_both_kinds_refuse_the_same_bad_lr(lr, message, path):
+    """A transform given built checks its groups' lr as a factory checks its own (an
+    infinite or negative tensor lr once stepped every param to -inf)."""
+    params = leafs(make_params())
+    tx = holotx.adam if path == "factory" else adam_chain()
+    with pytest.raises(ValueError, match=message):
+        TransformOptimizer(params, tx, lr=lr)
+    opt = TransformOptimizer([{"params": params[:2], "lr": 0.1}], tx)
+    before = groups_view(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": params[2:], "lr": lr})
+    assert groups_view(opt) == before
+
+
+@pytest.mark.parametrize("lr", [torch.tensor([0.01]), torch.tensor([[0.01]])], ids=["1", "1x1"])
+def test_transform_built_takes_a_one_element_lr_tensor(lr):
+    params = leafs(make_params())
+    opt = TransformOptimizer(params, adam_chain(), lr=lr)
+    reference = TransformOptimizer(leafs(make_params()), adam_chain(), lr=0.01)
+    for o in (opt, reference):
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.step()
+    for p, q in zip(opt.param_groups[0]["params"], reference.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_transform_constructor_keywords_reach_the_groups():

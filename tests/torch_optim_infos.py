@@ -427,7 +427,7 @@ def chain_errors(device: Any, dtype: Any) -> list[ErrorOptimizerInput]:
                    if "lr" not in e.optimizer_error_input.kwargs]
     return [
         *torch_cases,
-        _bad({"lr": -1.0}, ValueError, "lr must be a number >= 0, a 0-d tensor or a schedule, got -1.0",
+        _bad({"lr": -1.0}, ValueError, "lr must be >= 0, got -1.0",
              params=[p], desc="negative lr"),
         _bad({"weight_decay": 0.1}, ValueError,
              "takes only lr and maximize as hyperparameters, got weight_decay", desc="a factory's keyword"),
