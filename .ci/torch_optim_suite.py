@@ -58,8 +58,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("test_fused_error_on_params_on_meta", "*"): _META,
 }
 """(test, class) -> why holotx differs from torch.optim there on purpose. ``*`` as the
-class matches every class. Also documented in README.md ("torch's own optimizer tests") and in the
-docstring of TransformOptimizer."""
+class matches every class. Also documented in docs/torch_optim.rst ("torch's own optimizer
+tests") and in the docstring of TransformOptimizer."""
 
 EXCLUDED_TESTS = {
     "test_adamw_serialization": "torch's AdamW and Adam only; no OptimizerInfo",

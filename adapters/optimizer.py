@@ -129,7 +129,7 @@ class TransformOptimizer(Optimizer):
     is one tree over the group's params. This, and the other differences that PyTorch's
     own optimizer tests find (a transform's groups refuse hyperparameters they do not
     read; ``fused=True`` does not take part in ``GradScaler``'s fused protocol; meta params
-    step unfused), are listed in README.md, "torch's own optimizer tests".
+    step unfused), are listed in ``docs/torch_optim.rst``, "torch's own optimizer tests".
 
     The step is the donated one of the contract (``docs/contract.rst``, "Donation"): the
     optimizer owns its state, so the

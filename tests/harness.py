@@ -2,7 +2,7 @@
 
 Each ``check_*`` function below takes a :class:`Case` (a name, a zero-argument factory
 returning a :class:`holotx.GradientTransformation`, and a few flags) and asserts one
-clause of the contract (``docs/contract.rst``; README.md's "The contract in brief"):
+clause of the contract (``docs/contract.rst``):
 
 * :func:`check_pure`: ``update`` never mutates grads, state or params; same in, same out.
 * :func:`check_structure`: updates keep the grads' structure, shapes and dtypes; the state
