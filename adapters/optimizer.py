@@ -281,11 +281,36 @@ class TransformOptimizer(Optimizer):
     # -- groups ---------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does; its hyperparameters are checked first (by
-        building its transform), so a bad value raises ``ValueError`` naming the argument
-        and the optimizer is left as it was. A group whose ``lr`` (its own, or the
-        optimizer's default) is a schedule gets ``lr_schedule``, ``lr_count`` (0) and
-        ``lr_scale`` (1), and ``lr`` its value (see the class docstring)."""
+        """Add a group, as torch.optim does (a layer unfrozen mid-run, say).
+
+        Its hyperparameters are checked first (by building its transform), so a bad value
+        raises ``ValueError`` naming the argument and the optimizer is left as it was. A
+        group whose ``lr`` (its own, or the optimizer's default) is a schedule gets
+        ``lr_schedule``, ``lr_count`` (0) and ``lr_scale`` (1), and ``lr`` its value (see
+        the class docstring). Its params start with no state: their first step is step 1.
+
+        Args:
+            param_group: ``{"params": [...], **hyperparameters}``; keys left out take the
+                optimizer's defaults. A :class:`TransformOptimizer` given a built transform
+                takes only ``lr`` and ``maximize`` per group.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> import holotx
+            >>> from holotx.adapters import TransformOptimizer
+            >>> body, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+            >>> opt = TransformOptimizer(body.parameters(), holotx.adamw, lr=1e-3)
+            >>> opt.add_param_group({"params": head.parameters(), "lr": 1e-2})
+            >>> [g["lr"] for g in opt.param_groups]
+            [0.001, 0.01]
+            >>> opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": -1.0})
+            Traceback (most recent call last):
+                ...
+            ValueError: lr must be >= 0, got -1.0
+        """
         if isinstance(param_group, dict):
             lr = param_group.get("lr", self.defaults.get("lr"))
             scheduled, published = dict(param_group), None
@@ -360,7 +385,39 @@ class TransformOptimizer(Optimizer):
     # -- the step -------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One step for every group; returns the closure's loss (``None`` without one)."""
+        """One step of every group whose params have gradients, as ``torch.optim`` steps.
+
+        Every group's hyperparameters and schedules are checked and evaluated before any
+        group steps, so a bad value raises with every param and state as it was. A param
+        whose ``grad`` is ``None`` is skipped: it does not move and its state (its count
+        included) stays. An exception raised by a transform's own math in the middle of a
+        step (an out-of-memory error, say) leaves the groups already stepped stepped, and
+        the group it stopped in possibly half written, as with torch.optim's in-place
+        kernels: restore a checkpoint to go on.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (with ``backward`` called
+                inside), as torch.optim's closures; run with gradients enabled.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+
+        Example:
+            >>> import torch
+            >>> import holotx
+            >>> from holotx.adapters import TransformOptimizer
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+            >>> opt = TransformOptimizer([w], holotx.sgd, lr=0.1)
+            >>> def closure():
+            ...     opt.zero_grad()
+            ...     loss = (w ** 2).sum()
+            ...     loss.backward()
+            ...     return loss
+            >>> opt.step(closure)
+            tensor(2., grad_fn=<SumBackward0>)
+            >>> w.data
+            tensor([ 0.8000, -0.8000])
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -527,8 +584,30 @@ class TransformOptimizer(Optimizer):
                       RuntimeWarning, stacklevel=_caller_stacklevel())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``; a fused group keeps its grad views (zeroed),
-        and with ``set_to_none`` a param of it has no gradient until backward reaches it."""
+        """Reset the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
+
+        A ``fused=True`` group keeps its gradients as views of one buffer, zeroed; with
+        ``set_to_none`` a param of it still reads ``grad is None`` until backward reaches
+        it, so it is skipped as torch.optim skips it.
+
+        Args:
+            set_to_none: set each ``grad`` to ``None`` (default ``True``) instead of
+                zeroing it.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> import holotx
+            >>> from holotx.adapters import TransformOptimizer
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = TransformOptimizer([w], holotx.adam, lr=1e-3)
+            >>> w.sum().backward()
+            >>> opt.zero_grad()
+            >>> w.grad is None
+            True
+        """
         super().zero_grad(set_to_none)
         for _, binding in self._fused_groups.values():
             if isinstance(binding, FusedGroup):
@@ -640,12 +719,37 @@ class TransformOptimizer(Optimizer):
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self, format: str | None = None) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict``. ``format="torch"`` writes it in the layout
-        of the torch.optim twin of this optimizer's factory (``holotx.sgd``, ``adam``,
-        ``adamw``, ``radam``: torch.optim's SGD, Adam, AdamW, RAdam), which that class
-        loads and continues; ``format="holocron"`` in pylocron 0.3.0's (Holocron's eight,
-        to be continued by Holocron's class from a ``compat="holocron"`` run). Both are
-        read back by :meth:`load_state_dict` (see ``adapters/_formats.py``)."""
+        """The optimizer's state and param groups, as ``torch.optim.Optimizer.state_dict``.
+
+        By default holotx's own layout: per param, the leaves of the transform's state at
+        that param (``count``, ``mu``, ``nu`` for AdamW), keyed by the param's index. A
+        schedule ``lr`` is saved as its description, ``lr_count`` and ``lr_scale``, never
+        the callable, so the result loads with ``torch.load(weights_only=True)``.
+
+        Args:
+            format: ``None`` (holotx's layout); ``"torch"``, the layout of the torch.optim
+                twin of this optimizer's factory (``holotx.sgd``, ``adam``, ``adamw``,
+                ``radam``: torch.optim's SGD, Adam, AdamW, RAdam), which that class loads
+                and continues; or ``"holocron"``, pylocron 0.3.0's layout (Holocron's eight,
+                to be continued by Holocron's class from a ``compat="holocron"`` run). Both
+                are read back by :meth:`load_state_dict`.
+
+        Returns:
+            ``{"state": {index: {key: tensor}}, "param_groups": [...]}``.
+
+        Example:
+            >>> import torch
+            >>> import holotx
+            >>> from holotx.adapters import TransformOptimizer
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = TransformOptimizer([w], holotx.adamw, lr=1e-3)
+            >>> w.grad = torch.ones(2)
+            >>> opt.step()
+            >>> sorted(opt.state_dict()["state"][0])
+            ['count', 'mu', 'nu']
+            >>> sorted(opt.state_dict(format="torch")["state"][0])
+            ['exp_avg', 'exp_avg_sq', 'step']
+        """
         self._settle_lrs()
         if format is None:
             return super().state_dict()
@@ -674,11 +778,34 @@ class TransformOptimizer(Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`. Everything is checked before anything changes: a
-        checkpoint of another algorithm or chain, other shapes, another number of groups
-        or params, missing or unexpected keys raise ``ValueError`` naming the group, the
-        param and the key, and leave the optimizer as it was. Tensors are moved to their
-        param's device; floating-point state takes the dtype this optimizer keeps."""
+        """Load a :meth:`state_dict` (holotx's, torch.optim's or Holocron's layout).
+
+        Everything is checked before anything changes: a checkpoint of another algorithm
+        or chain, other shapes, another number of groups or params, missing or unexpected
+        keys raise ``ValueError`` naming the group, the param and the key, and leave the
+        optimizer as it was. Tensors are moved to their param's device; floating-point
+        state takes the dtype this optimizer keeps.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (any ``format``), or a
+                torch.optim SGD/Adam/AdamW/RAdam or pylocron 0.3.0 optimizer's state dict.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> import holotx
+            >>> from holotx.adapters import TransformOptimizer
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> torch_opt = torch.optim.AdamW([w], lr=1e-3)
+            >>> w.grad = torch.ones(2)
+            >>> torch_opt.step()
+            >>> opt = TransformOptimizer([w], holotx.adamw, lr=1e-3)
+            >>> opt.load_state_dict(torch_opt.state_dict())
+            >>> opt.state_dict()["state"][0]["count"]
+            tensor(1)
+        """
         check_state_dict(state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

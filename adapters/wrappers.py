@@ -168,10 +168,45 @@ class _SyncWrapper(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its params get their slow weights at their
-        first step."""
+        first step (their window starts then).
+
+        Args:
+            param_group: ``{"params": [...], **hyperparameters}``, as the base optimizer's
+                ``add_param_group`` takes it (and checks it).
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> from holotx.adapters import Lookahead
+            >>> opt = Lookahead(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+            >>> opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01})
+            >>> [g["lr"] for g in opt.base_optimizer.param_groups]
+            [0.1, 0.01]
+        """
         self.base_optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``.
+
+        Args:
+            set_to_none: set each ``grad`` to ``None`` (default ``True``) instead of
+                zeroing it.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> from holotx.adapters import Scout
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = Scout(torch.optim.SGD([w], lr=0.1))
+            >>> w.grad = torch.ones(2)
+            >>> opt.zero_grad()
+            >>> w.grad is None
+            True
+        """
         self.base_optimizer.zero_grad(set_to_none)
 
     def _key(self, name: str) -> str:
@@ -186,7 +221,26 @@ class _SyncWrapper(Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """The base optimizer's step, then the synchronisation of the params whose window
-        ends. Returns the closure's loss."""
+        of ``sync_period`` steps ends (each param counts its own steps).
+
+        Args:
+            closure: re-evaluates the model and returns the loss, passed to the base
+                optimizer's ``step``.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+
+        Example:
+            >>> import torch
+            >>> from holotx.adapters import Lookahead
+            >>> w = torch.nn.Parameter(torch.zeros(1))
+            >>> opt = Lookahead(torch.optim.SGD([w], lr=1.0), sync_rate=0.5, sync_period=2)
+            >>> for _ in range(2):
+            ...     w.grad = -torch.ones(1)
+            ...     opt.step()
+            >>> w.data  # two fast steps to 2, then halfway back to the slow weights at 0
+            tensor([1.])
+        """
         params = self._params()
         with torch.no_grad():
             # A new param's slow weights are taken before the base step and kept once it
@@ -254,7 +308,21 @@ class _SyncWrapper(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, each param's entry holding the wrapper's state
         too (``lookahead_slow``, ``lookahead_count``, ...), each group recording
-        ``sync_rate`` and ``sync_period``."""
+        ``sync_rate`` and ``sync_period``.
+
+        Returns:
+            ``{"state": {index: {key: value}}, "param_groups": [...]}``, as torch.optim's.
+
+        Example:
+            >>> import torch
+            >>> from holotx.adapters import Lookahead
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = Lookahead(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+            >>> w.grad = torch.ones(2)
+            >>> opt.step()
+            >>> sorted(opt.state_dict()["state"][0])
+            ['lookahead_count', 'lookahead_slow', 'momentum_buffer']
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         base = self.base_optimizer.state_dict()
@@ -274,7 +342,27 @@ class _SyncWrapper(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapper's state and the base optimizer's. The wrapper's part is
         checked first (its keys, shapes, ``sync_period``), then the base optimizer loads
-        its own; if either fails, nothing has changed."""
+        its own; if either fails, nothing has changed.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, from a wrapper of the same kind
+                and ``sync_period`` around the same base optimizer.
+
+        Returns:
+            ``None``.
+
+        Example:
+            >>> import torch
+            >>> from holotx.adapters import Lookahead
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = Lookahead(torch.optim.SGD([w], lr=0.1))
+            >>> w.grad = torch.ones(2)
+            >>> opt.step()
+            >>> again = Lookahead(torch.optim.SGD([w], lr=0.1))
+            >>> again.load_state_dict(opt.state_dict())
+            >>> again.state[w]["lookahead_count"]
+            tensor(1)
+        """
         check_state_dict(state_dict)
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

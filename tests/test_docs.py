@@ -157,6 +157,52 @@ def test_public_docstring_has_args_returns_and_example(path):
     assert not problems, f"{path}: {'; '.join(problems)}"
 
 
+def checked_methods() -> dict[str, object]:
+    """The public methods of the classes of :func:`checked_objects` that holotx defines,
+    inherited ones from a private holotx base included (``Lookahead.step`` is
+    ``_SyncWrapper.step``): ``{"class path.method": function}``, each function once."""
+    classes = {id(obj): path for path, obj in checked_objects().items() if inspect.isclass(obj)}
+    found: dict[int, tuple[str, object]] = {}
+    for cls_id, path in classes.items():
+        for owner in next(o for o in checked_objects().values() if id(o) == cls_id).__mro__:
+            if not getattr(owner, "__module__", "").startswith("holotx"):
+                continue
+            where = classes.get(id(owner), path)  # a public base names its own methods
+            for name, attr in vars(owner).items():
+                fn = getattr(attr, "__func__", attr)  # static and class methods
+                if not name.startswith("_") and inspect.isfunction(fn):
+                    found.setdefault(id(fn), (f"{where}.{name}", fn))
+    return dict(found.values())
+
+
+def test_there_are_public_methods_to_check():
+    methods = checked_methods()
+    for path in ("holotx.adapters.TransformOptimizer.step",
+                 "holotx.adapters.TransformOptimizer.load_state_dict",
+                 "holotx.adapters.Lookahead.step", "holotx.flat.FlatLayout.bind"):
+        assert path in methods, sorted(methods)
+
+
+@pytest.mark.parametrize("path", sorted(checked_methods()))
+def test_public_method_has_args_returns_and_example(path):
+    problems = docstring_problems(checked_methods()[path])
+    assert not problems, f"{path}: {'; '.join(problems)}"
+
+
+@pytest.mark.parametrize("path", sorted(p for p, fn in checked_methods().items()
+                                        if not fn.__qualname__.startswith(p.split(".")[-2] + ".")))
+def test_inherited_method_examples_run(path, keep_threads):
+    """The examples of methods a public class inherits from a private base (which
+    :func:`examples_of` does not reach through the class)."""
+    (test,) = doctest.DocTestFinder(exclude_empty=True).find(checked_methods()[path], name=path, globs={})
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    torch.manual_seed(0)
+    runner.run(test, clear_globs=True)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0
+    assert results.failed == 0, f"{path}: {results.failed} of {results.attempted} examples failed (above)"
+
+
 def test_docstring_check_can_fail():
     """The check finds what is missing (so a passing test above means something)."""
 
