@@ -52,6 +52,7 @@ __all__ = [
     "div",
     "div_",
     "div_into",
+    "dots",
     "fill",
     "fill_",
     "foreach_supported",
@@ -486,6 +487,33 @@ def norms(xs: TensorList, dtype: torch.dtype | None = None, ord: float = 2) -> T
     if current().foreach(xs):
         return list(torch._foreach_norm(xs, ord, dtype))
     return [torch.linalg.vector_norm(x, ord, dtype=dtype) for x in xs]
+
+
+def dots(xs: TensorList, ys: TensorList, dtype: torch.dtype | None = None) -> TensorList:
+    """The sum of ``x * y`` over each pair of tensors, as 0-d tensors (no host sync),
+    computed in ``dtype`` if given (each value upcast before the product, as a foreach norm
+    upcasts before squaring). One pass reading both and no product buffer: ``torch.dot``
+    over the flattened tensors, or over a ``DTensor``'s local shards, whose dots sum to the
+    whole tensor's (a partial result, as a norm's)."""
+    if dtype is not None:
+        xs, ys = [x.to(dtype) for x in xs], [y.to(dtype) for y in ys]
+    if is_wrapper(xs[0]):
+        return [_sharded_dot(x, y) for x, y in zip(xs, ys)]
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
+
+
+def _sharded_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``dot`` of two ``DTensor``s laid out alike: each rank's dot of its shards, pending a
+    sum over the sharded mesh dimensions (``Partial``), replicated over the others. Any
+    other pair (a partial operand, two layouts), the sum of the product."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if type(x) is not DTensor or type(y) is not DTensor or x.placements != y.placements \
+            or any(p.is_partial() for p in x.placements):
+        return (x * y).sum()
+    local = torch.dot(x.to_local().reshape(-1), y.to_local().reshape(-1))
+    placements = [Partial() if p.is_shard() else Replicate() for p in x.placements]
+    return DTensor.from_local(local, x.device_mesh, placements, run_check=False)
 
 
 def sums(xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:

@@ -143,21 +143,21 @@ def scale_by_tadam(
             count, t = step_counts(count)
             bc1 = bias_correction(b1, t)
             scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
-            # The Student-t weight, from the previous moments: sum (g - m)^2 / (v + eps), as the
-            # squared norm of (g - m) / sqrt(v + eps). Dividing before squaring keeps it finite
+            # The Student-t weight, from the previous moments: sum (g - m)^2 / (v + eps), as
+            # sum ((g - m) / (v + eps)) (g - m). Dividing before multiplying keeps it finite
             # where (g - m)^2 overflows (|g| > 1e19 in float32) and v, from the same overflow,
-            # is inf: inf / inf would be NaN. It accumulates in the tensors' dtype, as
-            # Holocron's, or float32 for half types (a float64 upcast would copy each tensor).
+            # is inf: inf / inf would be NaN (the quotient is 0 there, and so is its term).
+            # It accumulates in the tensors' dtype, as Holocron's, or float32 for half types
+            # (a float64 upcast would copy each tensor).
             deviation = ops.add(g, mu, alpha=-1)
-            spread = ops.sqrt_(ops.add_scalar(nu, eps))
-            deviation = ops.div_into(deviation, spread)
+            scaled = ops.div_into(deviation, ops.add_scalar(nu, eps))
             dtype = scalar_dtype(t.device)
             accumulate = ops.accumulation_dtype(g[0].dtype)
             if segs[0] is None:
                 # realize: W stays a plain tensor, as the count, on DTensor leaves too.
-                norms = ops.realize(torch.stack(ops.norms(deviation, accumulate)))
+                mahalanobis = ops.realize(torch.stack(ops.dots(scaled, deviation, accumulate)))
                 numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
-                w = _student_t_weight(norms.to(dtype) ** 2, numel, dof)
+                w = _student_t_weight(mahalanobis.to(dtype), numel, dof)
                 weights = torch.stack(weight_sum)
                 (mix,) = per_leaf(w / (weights + w))
                 mu = ops.lerp_(mu, g, mix)
@@ -166,9 +166,9 @@ def scale_by_tadam(
                 # Over aligned flat buffers: the sums per tensor (the zero padding adds
                 # nothing), and each tensor's weight spread over its rows.
                 mix, new_weights = [], []
-                for d, weights, seg in zip(deviation, weight_sum, segs):
-                    d = d if accumulate is None else d.to(accumulate)
-                    mahalanobis = segment_sums(d * d, seg, out_dtype=dtype)
+                for d, q, weights, seg in zip(deviation, scaled, weight_sum, segs):
+                    d, q = (d, q) if accumulate is None else (d.to(accumulate), q.to(accumulate))
+                    mahalanobis = segment_sums(q * d, seg, out_dtype=dtype)
                     w = _student_t_weight(mahalanobis, seg.numels.to(dtype), dof)
                     # In float32 for half types: their 8 or 11 bits would round the weight
                     # (the per-tensor path keeps it as a float).
