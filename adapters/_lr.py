@@ -267,14 +267,11 @@ def _checked_scale(value: Any, what: str = "lr_scale") -> float:
 
 
 def checked_lr(value: Any) -> float:
-    """A number written as ``lr``: a finite number >= 0 (a one-element tensor is read)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"lr must be a number >= 0 or a schedule, got a tensor of shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        value = value.item()
-    if not _real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"lr must be a finite number >= 0 or a schedule, got {value!r}")
+    """A number written as ``lr``, checked as every lr is (:func:`holotx._validate.non_negative`):
+    a finite number >= 0, or a one-element tensor holding one (read)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.reshape(())
+    _validate.non_negative("lr", value)
     return float(value)
 
 

@@ -702,6 +702,25 @@ def test_a_bad_value_written_raises_at_the_next_step_before_any_group_steps(key,
     assert opt.param_groups[0]["lr_count"] == 2
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    (math.inf, "lr must be finite"), (-1.0, "lr must be >= 0"), (math.nan, "lr must not be NaN"),
+    (torch.tensor([-1.0]), "lr must be >= 0"), (True, "lr must be a number"),
+], ids=["inf", "negative", "nan", "negative-tensor", "bool"])
+def test_a_bad_lr_number_written_over_a_schedule_is_refused_as_every_lr(value, message):
+    """A number written as a schedule group's lr is checked by the check every lr takes,
+    with its message, before any group steps."""
+    params = make_params()
+    opt = TransformOptimizer([{"params": params[:1]}, {"params": params[1:]}], holotx.adamw, lr=WARMUP_COSINE)
+    run(opt, params, None, range(2))
+    opt.param_groups[1]["lr"] = value
+    values, state = snapshot(params), state_view(opt)
+    set_grads(params, 2)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_same(snapshot(params), values)
+    assert_state_equal(opt, state)
+
+
 @pytest.mark.parametrize("format", ["torch", "holocron"])
 def test_foreign_formats_refuse_a_schedule(format):
     factory = holotx.adamw if format == "torch" else holotx.lamb
