@@ -20,6 +20,15 @@ torch.optim's semantics are kept by falling back to the unfused step on the same
   between params, and it stays unfused (it says so once). A param that does not require
   grad (its gradient set by hand) holds its view only while it has a gradient: backward
   never reaches it to say so.
+- A frozen param (it does not require grad and has no gradient when the group is bound)
+  is left out of the buffers: it keeps its storage and its state entries (their initial
+  values, as the unfused first step makes them for every param of its group), and takes
+  no step while it has no gradient, so the others fuse. Given one later (unfrozen, or by
+  hand), it joins the buffers: the group is bound again, everything copied unchanged into
+  new buffers, and its step compiles anew; unless its step count is not the others' (it
+  did not step with them), and the group then runs unfused (it says so once). A member
+  frozen since (no gradient, no longer requiring grad) leaves the buffers the same way,
+  with storage of its own; it does not join again (it skipped steps).
 - A gradient that is not the view (the user's own tensor, DDP's bucket view) is copied
   into the buffer first.
 - Hyperparameters reach the compiled step as 0-d tensors: a scheduler's new ``lr``,
@@ -59,46 +68,75 @@ class FusionRefused(Exception):
 
 
 class FusedGroup:
-    """One param group bound to flat buffers, with its compiled step."""
+    """One param group bound to flat buffers, with its compiled step. ``members`` says
+    which of its params are packed (default :func:`bound_members`: all but the frozen);
+    ``former``, which left an earlier binding of the group."""
 
     def __init__(self, params: list[torch.Tensor], per_param_layout: StateLayout,
-                 state: dict[torch.Tensor, dict[str, Any]], build: Callable[[], Any]) -> None:
-        _check_params(params)
+                 state: dict[torch.Tensor, dict[str, Any]], build: Callable[[], Any],
+                 members: list[bool] | None = None, former: list[bool] | None = None) -> None:
+        if members is None:
+            members = bound_members(params)
+        if not any(members):
+            raise ValueError("a fused group binds at least one param")
         self.params = params
-        self.layout = FlatLayout(params, align=ALIGN)
+        # The params packed into the flat buffers. The others (frozen: they did not require
+        # grad and had no gradient when the group was bound) keep their own storage and
+        # their own state, and take no step while they have no gradient, as unfused.
+        self.members = list(members)
+        # The params that were in an earlier binding of the group and left it (frozen since):
+        # having skipped steps, they do not join again.
+        self.former = [False] * len(params) if former is None else list(former)
+        _check_params(params, self.members)
+        packed = [p if m else None for p, m in zip(params, self.members)]
+        self.layout = FlatLayout(packed, align=ALIGN)
         self.segments = self.layout.segments()
         # Each param's index among the tensors of its buffer (its entry in a per-tensor vector).
         seen: dict[int, int] = {}
-        self.index_in_buffer = []
+        self.index_in_buffer: list[int | None] = []
         for slot in self.layout.slots:
+            if slot is None:
+                self.index_in_buffer.append(None)
+                continue
             self.index_in_buffer.append(seen.get(slot.group, 0))
             seen[slot.group] = self.index_in_buffer[-1] + 1
         _probe(build, self.layout, self.segments)
         with torch.no_grad():
-            self.param_buffers = _marked(self.layout.bind(params))
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            self.param_buffers = _marked(self.layout.bind(packed))
+            grads = [None if not m else p.grad if p.grad is not None else torch.zeros_like(p)
+                     for p, m in zip(params, self.members)]
             self.grad_buffers = self.layout.flatten(grads)
-        self.grad_views: list[torch.Tensor] = tree.flatten(self.layout.unflatten(self.grad_buffers))[0]
+        self.grad_views: list[torch.Tensor | None] = tree.flatten(self.layout.unflatten(self.grad_buffers))[0]
         # A view whose param has, for torch.optim's rules, no gradient: zero_grad() cleared it
         # and backward has not accumulated into it since.
         self.cleared = [p.grad is None for p in params]
         # Backward reaches only params that require grad, which get a hook to say so. One that
-        # does not (grads set by hand, as torch's fused tests do; a frozen param) cannot have
-        # a hook: it holds its view only while it has a gradient, and None otherwise, so that
-        # any later gradient is a tensor of its own, copied in at the step.
-        self.hooked = [p.requires_grad for p in params]
+        # does not (grads set by hand, as torch's fused tests do) cannot have a hook: it holds
+        # its view only while it has a gradient, and None otherwise, so that any later
+        # gradient is a tensor of its own, copied in at the step.
+        self.hooked = [m and p.requires_grad for p, m in zip(params, self.members)]
+        own_grads = [p.grad for p in params]
         for i, (p, view) in enumerate(zip(params, self.grad_views)):
-            if self.hooked[i] or p.grad is not None:
+            if self.members[i] and (self.hooked[i] or p.grad is not None):
                 p.grad = view
         self.hooks = [p.register_post_accumulate_grad_hook(self._touched(i))
                       for i, p in enumerate(params) if self.hooked[i]]
-        for p in params:
-            _BOUND[id(p)] = weakref.ref(p)
+        for p, m in zip(params, self.members):
+            if m:
+                _BOUND[id(p)] = weakref.ref(p)
         self.per_param_layout = per_param_layout
         self.flat_state: Any = None
         self.bindings: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         self.step_fn: Callable[..., Any] | None = None
-        self.sync_state(state, build)
+        try:
+            self.sync_state(state, build)
+        except FusionRefused:
+            # Nothing of the state was written: give the params their grads back, unbound
+            # (their values stay, in the new buffers), for the unfused step.
+            self._unhook()
+            for p, g in zip(params, own_grads):
+                p.grad = g
+            raise
 
     def _touched(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(_param: torch.Tensor) -> None:
@@ -113,7 +151,9 @@ class FusedGroup:
         A per-param tensor shaped like its param becomes its slot in the flat buffer; a
         0-d one (a step count) becomes the buffer's own, which needs every param of the
         buffer to hold the same value. A param without an entry (a group's first step)
-        takes the flat state's initial value."""
+        takes the flat state's initial value. A param left out of the buffers keeps its
+        own per-param entries (without one, it takes its own initial value, as the
+        unfused group's first step gives it) and shares the group-wide ones."""
         params, layout = self.params, self.per_param_layout
         with torch.no_grad():
             flat_state = build().init(self.param_buffers)
@@ -124,10 +164,12 @@ class FusedGroup:
             if key is not None:
                 flat_by_key[(key, owner)] = leaf
         wanted = {(k, None if o is None else self.layout.slots[o].group)
-                  for k, o in zip(layout.keys, layout.owners) if k is not None}
+                  for k, o in zip(layout.keys, layout.owners)
+                  if k is not None and (o is None or self.members[o])}
         if wanted != set(flat_by_key):
             raise FusionRefused("its transform keeps another state over flat buffers than over tensors "
                                 f"({sorted(k for k, _ in flat_by_key)} vs {sorted(k for k, _ in wanted)})")
+        own = self._own_entries(state, build)
         bindings = []
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, owner, expected in zip(layout.keys, layout.owners, layout.expected):
@@ -137,8 +179,10 @@ class FusedGroup:
             for i in owners:
                 p = params[i]
                 value = state.get(p, {}).get(key)
+                if owner is not None and not self.members[i]:
+                    continue  # its own entry, outside the buffers (kept, or made by _own_entries)
                 buffer = flat_by_key[(key, None if owner is None else self.layout.slots[i].group)]
-                target = self._slot_of(buffer, i, expected[0], value)
+                target = self._slot_of(buffer, i, expected[0], value, group_wide=owner is None)
                 if target is None:
                     raise FusionRefused(f"its state {key!r} has no place in the flat buffers "
                                         f"(shape {tuple(expected[0] if value is None else value.shape)} "
@@ -158,23 +202,109 @@ class FusedGroup:
             for target, value in copies:
                 if target is not value:
                     target.copy_(value)
+        for p, entries in own.items():
+            state.setdefault(p, {}).update(entries)
         for p, key, target in bindings:
             state.setdefault(p, {})[key] = target
         self.flat_state, self.bindings = flat_state, bindings
+        # The per-param scalars that a buffer's params share (step counts), by key and buffer.
+        self.scalars = {(key, *self.layout.groups[slot.group]): flat_by_key[(key, slot.group)]
+                        for key, owner in zip(layout.keys, layout.owners)
+                        if key is not None and owner is not None
+                        and (slot := self.layout.slots[owner]) is not None
+                        and flat_by_key[(key, slot.group)].dim() == 0}
 
-    def _slot_of(self, buffer: torch.Tensor, i: int, shape: torch.Size,
-                 value: torch.Tensor | None) -> torch.Tensor | None:
+    def clash(self, state: dict[torch.Tensor, dict[str, Any]], members: list[bool]) -> str | None:
+        """Why the params that ``members`` adds to the buffers cannot share them, read from
+        ``state`` before anything is bound: a per-param scalar that its buffer's params
+        share (a step count) and that such a param holds another value of (it was frozen
+        while they stepped). ``None`` where none differs."""
+        for p, was, m in zip(self.params, self.members, members):
+            if was or not m:
+                continue
+            for (key, device, dtype), shared in self.scalars.items():
+                value = state.get(p, {}).get(key)
+                if (p.device, p.dtype) == (device, dtype) and isinstance(value, torch.Tensor) and \
+                        value.shape == shared.shape and not torch.equal(value, shared):
+                    return (f"its {key!r} is {value.item()}, where the params it would share a flat buffer "
+                            f"with have {shared.item()}")
+        return None
+
+    def unpack(self, state: dict[torch.Tensor, dict[str, Any]], leaving: list[int]) -> None:
+        """After :meth:`release`: the params at ``leaving`` (frozen, to be left out of the
+        next binding) get their values and per-param state entries in storage of their
+        own, so that nothing of theirs keeps the old buffers alive."""
+        with torch.no_grad():
+            for i in leaving:
+                p = self.params[i]
+                p.data = p.data.clone()
+                entries = state.get(p, {})
+                for key, value in entries.items():
+                    if isinstance(value, torch.Tensor) and value._base is not None:
+                        entries[key] = value.clone()
+
+    def _own_entries(self, state: dict[torch.Tensor, dict[str, Any]],
+                     build: Any) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """The per-param entries that the params left out of the buffers lack (none, but on
+        the group's first step): their initial values, from the transform's ``init`` over
+        those params (over the whole group where that does not give each of them its keys,
+        shapes and dtypes), as the unfused first step gives every param of its group."""
+        layout = self.per_param_layout
+        lacking = sorted({o for k, o in zip(layout.keys, layout.owners)
+                          if k is not None and o is not None and not self.members[o]
+                          and k not in state.get(self.params[o], {})})
+        if not lacking:
+            return {}
+        found = self._initial_entries(build, lacking)
+        if found is None:
+            found = self._initial_entries(build, list(range(len(self.params))), lacking)
+        if found is None:
+            raise FusionRefused("its transform's init gives the params left out of the flat buffers "
+                                "(they do not require grad) another state than its layout")
+        return found
+
+    def _initial_entries(self, build: Any, indices: list[int], only: list[int] | None = None
+                         ) -> dict[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The per-param entries of ``init`` over the params at ``indices``, for those at
+        ``only`` (default: all of them); ``None`` where they do not fit the group's layout."""
+        layout = self.per_param_layout
+        sub = [self.params[i] for i in indices]
+        try:
+            with torch.no_grad():
+                init = build().init(sub)
+            sub_layout = StateLayout.of(init, sub)
+        except (ValueError, TypeError, RuntimeError):
+            return None
+        leaves, _ = tree.flatten(init)
+        by_key = {(k, indices[o]): leaf for k, o, leaf in zip(sub_layout.keys, sub_layout.owners, leaves)
+                  if k is not None and o is not None}
+        out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for key, owner, expected in zip(layout.keys, layout.owners, layout.expected):
+            if key is None or owner is None or owner not in (indices if only is None else only):
+                continue
+            leaf = by_key.get((key, owner))
+            if not isinstance(leaf, torch.Tensor) or expected is None or \
+                    (leaf.shape, leaf.dtype, leaf.device) != expected:
+                return None
+            out.setdefault(self.params[owner], {})[key] = leaf
+        return out
+
+    def _slot_of(self, buffer: torch.Tensor, i: int, shape: torch.Size, value: torch.Tensor | None,
+                 group_wide: bool = False) -> torch.Tensor | None:
         """Where param ``i``'s entry lives in ``buffer``, an entry of ``shape`` unfused
         (``value``, its current tensor, or ``None`` for a param without an entry yet):
 
         - shaped like the param: its slot of a param-sized buffer (moments);
         - 0-d, with a 0-d buffer: that buffer, shared by the params it packs (a count);
-        - 0-d, with one value per tensor of the buffer: the param's own (TAdam's weight sum).
+        - 0-d, with one value per tensor of the buffer: the param's own (TAdam's weight sum);
+        - for a param left out of the buffers, a ``group_wide`` entry: the buffer itself.
         """
         if value is not None and (value.dtype != buffer.dtype or value.device != buffer.device
                                   or value.shape != shape):
             return None
         slot = self.layout.slots[i]
+        if slot is None:
+            return buffer if group_wide and buffer.shape == shape else None
         if buffer.dim() == 0:
             return buffer if shape == () else None
         if shape == slot.shape and buffer.numel() == self.layout.sizes[slot.group]:
@@ -195,6 +325,14 @@ class FusedGroup:
         return [p.grad is not None and not (self.cleared[i] and p.grad is self.grad_views[i])
                 for i, p in enumerate(self.params)]
 
+    def members_for(self, present: list[bool]) -> list[bool]:
+        """The params a step with these gradients (:meth:`has_grad`) binds into the buffers:
+        every param with a gradient (a frozen one unfrozen, or given one by hand), and each
+        member without one that requires grad (that step then falls back, as torch.optim
+        skips it); a member without a gradient that no longer requires grad (frozen since)
+        is left out."""
+        return [h or (m and p.requires_grad) for p, m, h in zip(self.params, self.members, present)]
+
     def after_zero_grad(self) -> None:
         """After torch.optim's ``zero_grad``, put the grad views back: a param whose grad
         it set to ``None`` gets its view again, zeroed, and has no gradient until
@@ -203,7 +341,7 @@ class FusedGroup:
             for buffer in self.grad_buffers:
                 buffer.zero_()
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
-            if p.grad is None:
+            if p.grad is None and self.members[i]:
                 self.cleared[i] = True
                 if self.hooked[i]:
                     p.grad = view
@@ -217,21 +355,28 @@ class FusedGroup:
             for p, key, target in self.bindings:
                 if target.dim() == 0:
                     state[p][key] = target.clone()
+        self._unhook()
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            if self.members[i] and self.cleared[i] and p.grad is view:
+                p.grad = None
+
+    def _unhook(self) -> None:
         for handle in self.hooks:
             handle.remove()
-        for p in self.params:
-            _BOUND.pop(id(p), None)
-        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
-            if self.cleared[i] and p.grad is view:
-                p.grad = None
+        self.hooks = []
+        for p, m in zip(self.params, self.members):
+            if m:
+                _BOUND.pop(id(p), None)
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self, build: Callable[..., Any], values: dict[str, Any], maximize: bool, lr: Any,
              donate_grads: bool) -> None:
-        """One fused step; every param has a gradient (see :meth:`has_grad`)."""
+        """One fused step; every param in the buffers has a gradient, none of the others
+        (see :meth:`has_grad` and :func:`members_for`)."""
         with torch.no_grad():
-            outside = [(view, p.grad) for p, view in zip(self.params, self.grad_views) if p.grad is not view]
+            outside = [(view, p.grad) for p, view, m in zip(self.params, self.grad_views, self.members)
+                       if m and p.grad is not view]
             if outside:
                 torch._foreach_copy_([v for v, _ in outside], [g for _, g in outside])
             first = self.step_fn is None
@@ -285,14 +430,23 @@ def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
                               fn.__closure__)
 
 
+def bound_members(params: list[torch.Tensor]) -> list[bool]:
+    """Which params a group binds into its flat buffers when it is first bound: all but the
+    frozen ones, which neither require grad nor have a gradient (backward never reaches
+    them, so unfused they take no step: packing them would make every step a partial one)."""
+    return [p.requires_grad or p.grad is not None for p in params]
+
+
 def _marked(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
     for b in buffers:
         setattr(b, tree.FLAT_BUFFER_MARK, True)
     return buffers
 
 
-def _check_params(params: list[torch.Tensor]) -> None:
+def _check_params(params: list[torch.Tensor], members: list[bool]) -> None:
     for i, p in enumerate(params):
+        if not members[i]:
+            continue
         if executor.is_wrapper(p):
             raise FusionRefused(f"param {i} is a {type(p).__name__} (FSDP2, tensor parallel): sharded "
                                 "params have no storage of their own to pack into a flat buffer")

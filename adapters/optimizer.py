@@ -170,7 +170,14 @@ class TransformOptimizer(Optimizer):
     stay: ``zero_grad()`` keeps the grad views and zeroes them, a param that backward did
     not reach since has no gradient, and a step where only some params of a group have
     one runs unfused (torch skips the others); their step counts then differ, and the
-    group stays unfused, saying so once in a ``RuntimeWarning``. A group that cannot be
+    group stays unfused, saying so once in a ``RuntimeWarning``. Frozen params (that do
+    not require grad and have no gradient when the group first steps) are left out of the
+    buffers, so the others fuse; they keep their own state entries (initial, as unfused)
+    and take no step. One unfrozen later joins the buffers (the group is bound again and
+    its step compiles again) where its step count is the others' (SGD's momentum, say);
+    where not (Adam's count) the group runs unfused from then on, saying so: a layer to be
+    unfrozen mid-run fuses in a param group of its own. A param frozen mid-run leaves the
+    buffers the same way. A group that cannot be
     fused runs unfused with such a warning: DTensor (FSDP2) params, params bound by
     another fused optimizer, ``state_dtype`` upcasts, a rule with per-tensor reductions
     and no flat path (AdamP's official projection, whose cosines are per output channel;
@@ -510,14 +517,21 @@ class TransformOptimizer(Optimizer):
             if binding is None:
                 continue
             present = binding.has_grad()
-            if all(present):
+            if any(present):
+                missing = [i for i, (p, m, h) in enumerate(zip(group["params"], binding.members, present))
+                           if m and not h and p.requires_grad]
+                if missing:
+                    self._unfuse(group, binding, f"param {missing[0]} had no gradient at a step, and "
+                                 "torch.optim skips such a param: its state no longer moves with its group's")
+                    continue
+                members = binding.members_for(present)
+                if members != binding.members:
+                    binding = self._rebind(group, binding, members)
+                    if binding is None:
+                        continue
                 self._plan(group, False)  # checked as an unfused group is
                 values, lr = self._hyperparameters(group, True)
                 fused.append((binding, group, values, lr))
-            elif any(present):
-                self._unfuse(group, binding, f"param {present.index(False)} had no gradient at a step, and "
-                             "torch.optim skips such a param: its state no longer moves with its group's")
-                continue
             handled.add(id(group))
         return fused, frozenset(handled)
 
@@ -572,6 +586,44 @@ class TransformOptimizer(Optimizer):
             return None
         self._fused_groups[id(params)] = (params, binding)
         return binding
+
+    def _rebind(self, group: dict[str, Any], binding: FusedGroup, members: list[bool]) -> FusedGroup | None:
+        """The group bound again over other params (a param frozen since its binding leaves
+        it; one frozen before, which has a gradient now, joins it): its params, grads and
+        state copied, unchanged, into new buffers (its step compiles again). ``None`` where
+        a param that joins holds another step count than those it would share a buffer
+        with, or had left the buffers before (it skipped steps; so each param joins once
+        and leaves once, and a group re-binds a bounded number of times): the group then
+        runs unfused, saying why once."""
+        params = group["params"]
+        joined = [i for i, (was, m) in enumerate(zip(binding.members, members)) if m and not was]
+        left = [i for i, (was, m) in enumerate(zip(binding.members, members)) if was and not m]
+        back = [i for i in joined if binding.former[i]]
+        if back:
+            self._unfuse(group, binding, f"param {back[0]} was frozen after its group was bound and has a "
+                         "gradient again: it skipped its group's steps, and torch.optim skips such a param")
+            return None
+        clash = binding.clash(self.state, members)
+        if clash is None:
+            former = [f or (was and not m) for f, was, m in zip(binding.former, binding.members, members)]
+            binding.release(self.state)
+            binding.unpack(self.state, left)
+            try:
+                new = FusedGroup(params, self._runtime(group).layout, self.state, lambda: self._build(group),
+                                 members, former)
+            except FusionRefused as err:
+                clash, binding = str(err), None
+            else:
+                self._fused_groups[id(params)] = (params, new)
+                return new
+        if joined:
+            reason = (f"param {joined[0]}, left out of its flat buffers while frozen, has a gradient, and "
+                      f"the group cannot be bound again with it: {clash} (a layer to be unfrozen mid-run "
+                      "fuses in a param group of its own)")
+        else:
+            reason = f"param {left[0]} was frozen, and the group cannot be bound again without it: {clash}"
+        self._unfuse(group, binding, reason)
+        return None
 
     def _unfuse(self, group: dict[str, Any], binding: FusedGroup | None, reason: str) -> None:
         """Run the group unfused from now on, and say why once."""

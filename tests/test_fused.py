@@ -464,26 +464,235 @@ def test_params_that_do_not_require_grad(eager_backend):
     assert {runs[0][1].state[p]["count"].item() for p in runs[0][0]} == {4}
 
 
-def test_a_frozen_param_in_a_fused_group(eager_backend):
-    """A param that does not require grad and never has one (a frozen layer) does not stop
-    the optimizer: the group steps unfused, as for any param without a gradient, says so,
-    and equals the unfused run."""
+# -- frozen params: left out of the flat buffers ----------------------------------------
+
+TOLERANCE = {torch.float64: (ROUNDING, ROUNDING), torch.float32: (1e-5, 1e-6)}
+"""rtol, and atol relative to the values' scale: float64's rounding bound, and the float32
+one of :func:`test_float32_within_rounding`."""
+
+
+@pytest.fixture
+def fused_steps(monkeypatch):
+    """Counts the steps run over flat buffers (every fused group's, together)."""
+    calls = []
+    step = _fused.FusedGroup.step
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(_fused.FusedGroup, "step", counting)
+    return calls
+
+
+def frozen_runs(make, steps: int, events=(), dtype=torch.float64, frozen=(0,)):
+    """The fused and the unfused optimizer (``make(model, fused)``) on the same model, the
+    layers ``frozen`` frozen, stepped side by side and compared after every step;
+    ``events[step](model)`` runs in both before that step's backward. Returns
+    ``[(model, optimizer, [RuntimeWarning messages]), ...]``, the fused run first."""
     runs = []
     for fused in (True, False):
-        m = model()
-        m[0].requires_grad_(False)
-        opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, fused=fused)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for step in range(3):
+        m = model().to(dtype)
+        for layer in frozen:
+            m[layer].requires_grad_(False)
+        runs.append((m, make(m, fused), []))
+    rtol, atol = TOLERANCE[dtype]
+    for step in range(steps):
+        for m, opt, messages in runs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 opt.zero_grad()
+                if step in dict(events):
+                    dict(events)[step](m)
                 backward(m, step)
                 opt.step()
-        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        assert len(messages) == (1 if fused else 0), messages
-        assert m[0].weight.grad is None
-        runs.append((m, opt))
-    assert_same(*runs[0], *runs[1], "a frozen layer")
+            messages += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        (mf, of, _), (mp, op, _) = runs
+        for (name, a), b in zip(mf.named_parameters(), mp.parameters()):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()),
+                                       msg=lambda msg: f"step {step}, param {name}: {msg}")
+        sf, sp = of.state_dict()["state"], op.state_dict()["state"]
+        assert sf.keys() == sp.keys(), f"step {step}"
+        for i in sp:
+            assert sf[i].keys() == sp[i].keys(), f"step {step}, param {i}"
+            for key in sp[i]:
+                x, y = sf[i][key], sp[i][key]
+                assert (x.dtype, x.shape) == (y.dtype, y.shape), f"step {step}, param {i}, {key}"
+                scale = max(1.0, y.abs().max().item()) if y.numel() else 1.0
+                torch.testing.assert_close(x, y, rtol=rtol, atol=atol * scale,
+                                           msg=lambda msg: f"step {step}, param {i}, {key}: {msg}")
+    return runs
+
+
+def binding_of(opt, g: int = 0):
+    return opt._fused_groups[id(opt.param_groups[g]["params"])][1]
+
+
+def packed(binding, p) -> bool:
+    """Whether ``p`` is a view of one of the binding's param buffers."""
+    ptr = p.untyped_storage().data_ptr()
+    return any(ptr == b.untyped_storage().data_ptr() for b in binding.param_buffers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_frozen_layer_is_left_out_and_the_rest_fuses(eager_backend, fused_steps, dtype):
+    """A fine-tuned model's frozen layer (its params do not require grad and have no
+    gradient when the group is bound) is left out of the flat buffers: the rest of the
+    group steps fused at every step, with no warning and one graph, and equals the unfused
+    run after every step; the frozen params do not move and keep, bit for bit, the state
+    entries the unfused run gives them (initial values, count 0)."""
+    make = lambda m, fused: TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1,
+                                               fused=fused)
+    before = [p.detach().clone() for p in model().to(dtype)[0].parameters()]
+    runs = frozen_runs(make, 5, dtype=dtype)
+    (m, opt, messages), (m_plain, opt_plain, _) = runs
+    assert messages == []
+    assert len(fused_steps) == 5
+    assert len(eager_backend) == 1
+    binding = binding_of(opt)
+    assert isinstance(binding, _fused.FusedGroup)
+    assert binding.members == [False, False, True, True, True, True]
+    assert [packed(binding, p) for p in m.parameters()] == binding.members
+    for mm in (m, m_plain):
+        assert all(torch.equal(p, b) for p, b in zip(mm[0].parameters(), before))
+        assert all(p.grad is None for p in mm[0].parameters())
+    sf, sp = opt.state_dict()["state"], opt_plain.state_dict()["state"]
+    for i in (0, 1):
+        assert all(torch.equal(sf[i][key], sp[i][key]) for key in sp[i])
+        assert sf[i]["count"].item() == 0
+        assert not sf[i]["mu"].any()
+    assert {sf[i]["count"].item() for i in range(2, 6)} == {5}
+
+
+@pytest.mark.parametrize("how", ["sgd, requires_grad_", "sgd, grad by hand", "adamw, requires_grad_"])
+def test_a_frozen_layer_unfrozen_mid_run(eager_backend, fused_steps, how):
+    """A left-out param that gets a gradient (unfrozen, or its ``.grad`` set by hand) is
+    stepped as unfused: where its state can share the buffers (SGD's momentum) the group
+    is bound again with it and goes on fused, saying nothing, its step compiled anew;
+    where its step count is not the others' (AdamW's: it did not step with them) the group
+    runs unfused from then on, saying so once. Equal to the unfused run at every step."""
+    rule, event = how.split(", ")
+    if rule == "sgd":
+        make = lambda m, fused: TransformOptimizer(m.parameters(), holotx.sgd, lr=0.1, momentum=0.9,
+                                                   weight_decay=0.01, fused=fused)
+    else:
+        make = lambda m, fused: TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1,
+                                                   fused=fused)
+
+    def by_hand(m):
+        m[0].weight.grad = torch.randn(m[0].weight.shape, dtype=m[0].weight.dtype,
+                                       generator=torch.Generator().manual_seed(5))
+
+    events = ({3: lambda m: m[0].requires_grad_(True)} if event == "requires_grad_"
+              else {3: by_hand, 4: by_hand, 5: by_hand})
+    runs = frozen_runs(make, 6, events.items())
+    (m, opt, messages), _ = runs
+    if rule == "sgd":
+        assert messages == []
+        assert len(fused_steps) == 6
+        assert len(eager_backend) == 2, "bound again, compiled again"
+        binding = binding_of(opt)
+        assert binding.members == [True, event == "requires_grad_", True, True, True, True]
+        assert [packed(binding, p) for p in m.parameters()] == binding.members
+    else:
+        assert len(messages) == 1, messages
+        assert "runs unfused: param 0, left out of its flat buffers while frozen, has a gradient" \
+            in messages[0]
+        assert "'count' is 0, where the params it would share a flat buffer with have 3" in messages[0]
+        assert len(fused_steps) == 3
+        assert isinstance(binding_of(opt), str)
+
+
+def test_a_layer_frozen_mid_run_leaves_the_buffers(eager_backend, fused_steps):
+    """A param frozen after the group was bound (it no longer requires grad, and has no
+    gradient) leaves the buffers: the group is bound again without it and goes on fused,
+    the param and its state in storage of their own (the old buffers are freed). Unfrozen
+    again, it has skipped its group's steps: the group runs unfused, saying so once."""
+    make = lambda m, fused: TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=0.1,
+                                               fused=fused)
+    events = {2: lambda m: m[3].requires_grad_(False), 4: lambda m: m[3].requires_grad_(True)}
+    runs = frozen_runs(make, 4, events.items(), frozen=())
+    (m, opt, messages), _ = runs
+    assert messages == []
+    assert len(fused_steps) == 4
+    assert len(eager_backend) == 2
+    binding = binding_of(opt)
+    assert binding.members == [True, True, True, True, False, False]
+    for p in m[3].parameters():
+        assert not packed(binding, p)
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), "its own storage"
+        assert all(v._base is None for v in opt.state[p].values())
+        assert opt.state[p]["count"].item() == 2
+    runs = frozen_runs(make, 6, events.items(), frozen=())
+    (m, opt, messages), _ = runs
+    assert len(messages) == 1, messages
+    assert "param 4 was frozen after its group was bound and has a gradient again" in messages[0]
+
+
+def test_a_whole_frozen_group(eager_backend, fused_steps):
+    """A group all of whose params are frozen is not bound and gets no state (as unfused:
+    it is not stepped), while the others fuse; unfrozen mid-run, it binds on its first
+    step and fuses too (AdamW: a layer to be unfrozen fuses in a group of its own)."""
+    def make(m, fused):
+        return TransformOptimizer([{"params": m[0].parameters(), "lr": 3e-3}, {"params": m[2:].parameters()}],
+                                  holotx.adamw, lr=1e-2, weight_decay=0.1, fused=fused)
+
+    runs = frozen_runs(make, 3)
+    (m, opt, messages), (_, plain, _) = runs
+    assert messages == []
+    assert len(fused_steps) == 3
+    assert len(eager_backend) == 1
+    assert id(opt.param_groups[0]["params"]) not in opt._fused_groups
+    assert not any(p in opt.state or p in plain.state for p in m[0].parameters())
+    assert isinstance(binding_of(opt, 1), _fused.FusedGroup)
+
+    runs = frozen_runs(make, 5, {3: lambda m: m[0].requires_grad_(True)}.items())
+    (m, opt, messages), _ = runs
+    assert messages == []
+    assert len(fused_steps) == 3 + 3 + 2 * 2  # the first run's, then group 1's and, from step 3, group 0's
+    assert len(eager_backend) == 1 + 2
+    assert all(isinstance(binding_of(opt, g), _fused.FusedGroup) for g in (0, 1))
+    assert {opt.state[p]["count"].item() for p in m[0].parameters()} == {2}
+
+
+def test_checkpoints_with_a_frozen_layer_move_between_fused_and_unfused(eager_backend, tmp_path):
+    """Saved fused with a frozen layer, loaded unfused (``weights_only=True``), and back
+    into the fused optimizer: the run goes on as the unfused one, the loaded entries of the
+    frozen params their own tensors, the others' views of the flat buffers."""
+    make = lambda ps, fused: TransformOptimizer(ps, holotx.adamw, lr=1e-2, weight_decay=0.1, fused=fused)
+
+    def run(m, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            backward(m, step)
+            opt.step()
+
+    ref_m = model()
+    ref_m[0].requires_grad_(False)
+    ref = make(ref_m.parameters(), False)
+    run(ref_m, ref, range(6))
+    m = model()
+    m[0].requires_grad_(False)
+    opt = make(m.parameters(), True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run(m, opt, range(2))
+        torch.save(opt.state_dict(), tmp_path / "fused.pt")
+        m2 = copy.deepcopy(m)
+        plain = make(m2.parameters(), False)
+        plain.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
+        run(m2, plain, range(2, 4))
+        torch.save(plain.state_dict(), tmp_path / "plain.pt")
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), m2.parameters()):
+                p.copy_(q)
+        opt.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
+        run(m, opt, range(4, 6))
+    assert_same(m, opt, ref_m, ref, "after the round trip")
+    sf, sr = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert all(torch.equal(sf[i][key], sr[i][key]) for i in (0, 1) for key in sr[i])
+    assert all(v._base is None for v in opt.state[m[0].weight].values())
+    assert opt.state[m[2].weight]["mu"]._base is not None, "the loaded state went into the flat buffers"
 
 
 def test_meta_params_run_unfused_and_say_so(eager_backend):
