@@ -128,6 +128,9 @@ class FusedGroup:
         self.flat_state: Any = None
         self.bindings: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         self.step_fn: Callable[..., Any] | None = None
+        # Whether the transform decides anything on the host before a step (Lookahead's
+        # and Scout's sync flags, see executor.decisions); None until its first step.
+        self.decides: bool | None = None
         try:
             self.sync_state(state, build)
         except FusionRefused:
@@ -386,9 +389,15 @@ class FusedGroup:
                 options = {"options": COMPILE_OPTIONS} if BACKEND == "inductor" and cpu else {}
                 self.step_fn = torch.compile(_fresh(_flat_step), backend=BACKEND, dynamic=False,
                                              fullgraph=True, **options)
+            # What the step decides from host values (a sync flag), decided here, outside the
+            # graph: each decision gets a graph of its own, which does only its own work.
+            decisions: dict[int, Any] = {}
+            if self.decides is not False:
+                decisions = executor.decisions(build(values, maximize), self.flat_state, self.param_buffers)
+                self.decides = bool(decisions)
             try:
                 new_state = self.step_fn(build, values, maximize, lr, self.param_buffers, self.grad_buffers,
-                                         self.flat_state, self.segments, donate_grads)
+                                         self.flat_state, self.segments, donate_grads, decisions)
             except _COMPILE_ERRORS as err:
                 if not first:
                     raise
@@ -409,13 +418,15 @@ _COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Un
 inductor, a graph break under ``fullgraph``)."""
 
 
-def _flat_step(build, values, maximize, lr, params, grads, state, segments, donate_grads):
+def _flat_step(build, values, maximize, lr, params, grads, state, segments, donate_grads, decisions):
     """The compiled step: the group's transform built from its numbers (0-d tensors, so a
     new value is a new input, not a new graph), one donated update over the flat buffers,
-    and ``p += lr * u`` in the same fused loops."""
+    and ``p += lr * u`` in the same fused loops. ``decisions`` (Python values decided on
+    the host before the graph, see :func:`holotx.executor.decisions`) select the graph."""
     tx = build(values, maximize)
     updates, new_state, factor, _ = executor.run(tx, grads, state, params, donate=True,
-                                                 donate_updates=donate_grads, segments=segments)
+                                                 donate_updates=donate_grads, decisions=decisions,
+                                                 segments=segments)
     if lr is not None:
         factor = lr if factor is None else factor * lr
     apply_updates(params, updates, inplace=True, scale=factor)

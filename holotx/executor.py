@@ -67,6 +67,9 @@ __all__ = [
     "call",
     "call_pure",
     "current",
+    "decide",
+    "decided",
+    "decisions",
     "evaluate",
     "finish",
     "is_own",
@@ -141,6 +144,8 @@ class Plan:
 
     __slots__ = (
         "compiling",
+        "deciding",
+        "decisions",
         "evaluated",
         "everything_outside",
         "marked",
@@ -160,6 +165,10 @@ class Plan:
         self.updates_read_only = False
         self.marked: list[list[torch.Tensor]] = []
         self.evaluated: dict[tuple[int, int], Any] = {}
+        # Host decisions (see decide()): recorded by a deciding prepare pass, or given by
+        # the caller of a compiled step, which made that pass before the graph.
+        self.deciding = False
+        self.decisions: Mapping[int, Any] = {}
         self.compiling = torch.compiler.is_compiling()
         # Dynamo cannot call the interpreter-stack query (TORCH_GAPS): compiled, a batched
         # leaf tells vmap apart (see foreach), and compiled code is never differentiated
@@ -433,6 +442,48 @@ def evaluate(schedule: Callable[[Any], Any], count: Any) -> Any:
     return value
 
 
+def decide(values: Callable[[], Iterable[tuple[torch.Tensor, Any]]]) -> None:
+    """For a transform's ``prepare``: Python values its math will need and that follow
+    from state it can read on the host now (a wrapper's sync flags, from step counts kept
+    on the CPU), each recorded under the identity of a state tensor, its key. ``values``
+    computes the ``(key, value)`` pairs; only a deciding pass (:func:`decisions`) calls it:
+    an eager step reads its host values itself, at no cost."""
+    plan = _active()
+    if plan is not None and plan.deciding:
+        for key, value in values():
+            plan.decisions[id(key)] = value  # type: ignore[index]
+
+
+def decided(key: torch.Tensor) -> Any:
+    """What :func:`decide` recorded under ``key`` for this step, or ``None``. Traced by
+    ``torch.compile``, a value given by the caller is a Python constant of the graph:
+    dynamo guards on it, so each value gets a graph of its own (a Lookahead step that
+    synchronises and one that does not), and neither computes the other's work."""
+    plan = _active()
+    if plan is None or not plan.decisions:
+        return None
+    return plan.decisions.get(id(key))
+
+
+def decisions(tx: Any, state: Any, params: Any) -> dict[int, Any]:
+    """The host decisions of ``tx``'s next step on ``state``: its prepare pass run eagerly,
+    recording what :func:`decide` is given (nothing else of it is kept: schedules are
+    evaluated again by the step). A caller that compiles the step runs this before the
+    graph and passes the result in (``run(..., donate=True, decisions=...)``), where the
+    math cannot read a tensor's value without breaking the graph. The keys are the
+    identities of state tensors, so only a donated step takes decisions: it keeps its
+    state tensors from step to step, and its graphs with them (a pure step's new state
+    would match nothing). Empty for a transform that decides nothing."""
+    if not is_own(tx):
+        return {}
+    plan = Plan(None)
+    plan.deciding = True
+    plan.decisions = {}
+    with _planned(plan), torch.no_grad():
+        _prepare_entry(tx.update, state, params)
+    return dict(plan.decisions)
+
+
 def call_pure(tx: Any, updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
     """Run ``tx`` pure, as :func:`call` runs a user's transform: for a combinator that
     reads its inner transform's inputs again afterwards (the old state of a skipped
@@ -466,7 +517,8 @@ class Step(NamedTuple):
 
 
 def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
-          donate_updates: bool = False, hand_over_scale: bool = False) -> Step:
+          donate_updates: bool = False, hand_over_scale: bool = False,
+          decisions: Mapping[int, Any] | None = None) -> Step:
     """The first half of :func:`run`: decide the plan and evaluate every schedule of
     ``tx``. A caller with several steps to take together (the adapter's param groups)
     begins them all before it finishes any, so that a schedule that raises in the last
@@ -476,6 +528,10 @@ def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = Fals
     plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
     # The caller applies the updates and then drops them: it only reads them.
     plan.updates_read_only = True
+    if decisions and donate:
+        # Keyed by the identity of state tensors: only a donated step keeps them (a pure one
+        # makes a new state, and would match nothing at its next step).
+        plan.decisions = decisions  # type: ignore[assignment]  (only read)
     factors: list[Any] = []
     if is_own(tx):
         if hand_over_scale:
@@ -497,15 +553,17 @@ def finish(step: Step, **extra: Any) -> tuple[Any, Any, Any, bool]:
 
 def run(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = False,
         donate_updates: bool = False, hand_over_scale: bool = False,
-        **extra: Any) -> tuple[Any, Any, Any, bool]:
+        decisions: Mapping[int, Any] | None = None, **extra: Any) -> tuple[Any, Any, Any, bool]:
     """One update of ``tx`` for a caller that applies it (``make_step``, the adapter).
 
     Returns ``(updates, state, factor, owned)``: ``factor`` is the final scaling handed
     over (``None`` when none was: the updates are fully scaled), and ``owned`` whether
     the updates are the step's own memory (made by it, or donated to it), which the
-    caller may then reuse (e.g. for the new params). ``extra`` reaches ``tx.update``."""
+    caller may then reuse (e.g. for the new params). ``decisions`` are what
+    :func:`decisions` returned for this step (a compiled step's caller passes them in, see
+    there). ``extra`` reaches ``tx.update``."""
     return finish(begin(tx, updates, state, params, donate=donate, donate_updates=donate_updates,
-                        hand_over_scale=hand_over_scale), **extra)
+                        hand_over_scale=hand_over_scale, decisions=decisions), **extra)
 
 
 # ------------------------------------------------------- lifting a list rule to trees

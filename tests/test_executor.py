@@ -32,7 +32,7 @@ POLICY_NAMES = {"donate", "donate_updates", "inplace", "owns_memory", "final_sca
                 "storage_offset", "may_write", "may_write_into", "mark_state"}
 COMPOSITION_CALLS = {"call", "call_pure", "redirect_scale", "take_scale", "scale_request_to", "prepare",
                      "evaluate", "scale_requested", "ask_scale", "release_scale", "is_scaling",
-                     "scale_factor", "leaf_factor"}
+                     "scale_factor", "leaf_factor", "decide", "decided"}
 F64 = torch.float64
 
 
@@ -420,3 +420,89 @@ def test_apply_updates_takes_a_factor_per_leaf():
     assert torch.equal(params["b"], torch.full((3,), 3.0, dtype=F64))
     with pytest.raises(ValueError, match="scale has 2 entries for 3 leaves"):
         holotx.apply_updates(params, updates, scale=[1.0, 1.0])
+
+
+# -- host decisions: a compiled step specialised on what the host knows -----------------
+
+def _donated_step(tx, params, grads, state, decisions):
+    """A donated step (state written in place, as the fused adapter's), given decisions."""
+    updates, state, factor, _ = executor.run(tx, grads, state, params, donate=True, donate_updates=True,
+                                             decisions=decisions)
+    holotx.apply_updates(params, updates, inplace=True, scale=factor)
+    return state
+
+
+def _run_windows(tx: Any, step: Any, decide: bool, steps: int = 9) -> tuple[Any, Any]:
+    params = _params()
+    state = tx.init(params)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        grads = holotx.tree.map(lambda p: torch.randn(p.shape, generator=gen, dtype=F64), params)
+        decisions = executor.decisions(tx, state, params) if decide else {}
+        state = step(tx, params, grads, state, decisions)
+    return params, state
+
+
+@pytest.mark.parametrize("name", ["lookahead", "scout"])
+def test_decisions_are_the_wrappers_sync_flags(name):
+    """A deciding pass over a wrapper's state records, per count, whether the coming step
+    synchronises; nothing else of the step runs, and a transform without host decisions
+    gives none."""
+    tx = getattr(holotx, name)(holotx.sgd(0.1), sync_period=2)
+    params = _params()
+    state = tx.init(params)
+    before = _clones(state)
+    counts = holotx.tree.flatten(state.count)[0]
+    assert executor.decisions(tx, state, params) == {id(c): False for c in counts}
+    assert _equal(state, before)
+    for c in counts:
+        c.fill_(1)
+    assert executor.decisions(tx, state, params) == {id(c): True for c in counts}
+    adamw = holotx.adamw(1e-2)
+    assert executor.decisions(adamw, adamw.init(params), params) == {}
+
+
+def test_decide_computes_nothing_outside_a_deciding_pass():
+    def values():
+        raise AssertionError("computed outside a deciding pass")
+
+    executor.decide(values)  # outside any step
+    tx = holotx.lookahead(holotx.sgd(0.1), sync_period=2)
+    params = _params()
+    state = tx.init(params)
+    for donate in (False, True):  # an eager step reads its flags itself
+        tx.update(holotx.tree.map(torch.ones_like, params), state, params, donate=donate)
+
+
+@pytest.mark.parametrize("name", ["lookahead", "scout"])
+def test_a_compiled_donated_step_given_decisions_has_a_graph_per_decision(name):
+    """Compiled, with the decisions made on the host before each call, a wrapper's donated
+    step has one graph for the steps that synchronise and one for those that do not, and
+    equals the eager step over three windows. Without decisions, one graph computes both
+    and selects with torch.where, as before."""
+    import torch._dynamo.testing
+
+    tx = getattr(holotx, name)(holotx.adam(0.05), sync_period=3)
+    eager = _run_windows(tx, _donated_step, decide=True)
+    for decide, graphs in ((True, 2), (False, 1)):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        got = _run_windows(tx, torch.compile(_donated_step, backend=counter, fullgraph=True), decide=decide)
+        assert counter.frame_count == graphs, (decide, counter.frame_count)
+        for a, b in zip(holotx.tree.flatten(eager)[0], holotx.tree.flatten(got)[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch._dynamo.reset()
+
+
+def test_a_pure_step_ignores_decisions():
+    """Decisions are keyed by the identity of state tensors, which a pure step replaces:
+    given to one, they would match nothing at the next step (a compiled step would
+    recompile at every step). A pure step ignores them and computes its flags itself."""
+    tx = holotx.lookahead(holotx.sgd(0.1), sync_period=2)
+    params = _params()
+    state = tx.init(params)
+    decisions = {id(c): True for c in holotx.tree.flatten(state.count)[0]}  # wrong on purpose
+    grads = holotx.tree.map(torch.ones_like, params)
+    updates, _, _, _ = executor.run(tx, grads, state, params, decisions=decisions)
+    expected, _ = tx.update(grads, state, params)
+    assert _equal(updates, expected)

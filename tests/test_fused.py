@@ -341,7 +341,9 @@ WRAPPED = {
 def test_wrapper_transforms_fused_equal_unfused(name):
     """Lookahead and Scout as transforms through the adapter: fused (Scout's coherence
     per tensor over the buffers' segments) equals unfused after every step, across three
-    synchronisations, with one graph for all of them."""
+    synchronisations, with two graphs for all of them: one for the steps that synchronise
+    and one for those that do not (the sync flags are decided on the host before the step,
+    see test_a_fused_step_that_does_not_synchronise_reads_no_slow_weights)."""
     from torch._dynamo.utils import counters
 
     runs = []
@@ -352,7 +354,29 @@ def test_wrapper_transforms_fused_equal_unfused(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback
         step_side_by_side(runs, 9, name)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_a_fused_step_that_does_not_synchronise_reads_no_slow_weights(eager_backend, name):
+    """The sync flags come from the host counts before the compiled step, so a step that
+    does not synchronise has a graph of its own without the synchronisation: no lerp of
+    the slow weights, no torch.where selecting between synced and unsynced values (which
+    read and wrote the slow weights at every step). The step that does has the other."""
+    runs = []
+    for fused in (True, False):
+        m = model()
+        runs.append((m, TransformOptimizer(m.parameters(), lambda: WRAPPED[name](), fused=fused)))
+    step_side_by_side(runs, 6, name)
+    assert len(eager_backend) == 2, f"{len(eager_backend)} graphs"
+
+    def calls(gm):
+        return [getattr(n.target, "__name__", str(n.target))
+                for n in gm.graph.nodes if n.op == "call_function"]
+
+    quiet, syncing = eager_backend  # the first step does not synchronise (period 3)
+    assert not {"lerp", "where", "_foreach_lerp"} & set(calls(quiet)), calls(quiet)
+    assert {"lerp", "_foreach_lerp"} & set(calls(syncing)), calls(syncing)
 
 
 @pytest.mark.parametrize("wrapper", ["Lookahead", "Scout"])

@@ -30,10 +30,24 @@ def sync_flags(counts: list[torch.Tensor],
                sync_period: int) -> tuple[list[torch.Tensor], torch.Tensor, list[Any]]:
     """Each leaf's count plus one (the counts replaced), the new counts stacked, and per
     leaf whether its window ends now: Python bools where they can be read without a trace
-    (plain eager; the counts live on the CPU, so on any device), else 0-d bool tensors."""
+    (plain eager; the counts live on the CPU, so on any device) or where the step's caller
+    decided them before a compiled step (:func:`decide_syncs`), else 0-d bool tensors."""
+    known = [executor.decided(c) for c in counts]
     counts, t = step_counts(counts)
+    if known and all(isinstance(k, bool) for k in known):
+        return counts, t, known
     (flags,) = per_leaf(t % sync_period == 0)
     return counts, t, flags
+
+
+def decide_syncs(counts: Any, sync_period: int) -> None:
+    """For a wrapper's ``prepare``: each leaf's sync flag for the coming step, read from
+    its count on the host (:func:`holotx.executor.decide`), so that a compiled step takes
+    the path of the flags it is given (a step that does not synchronise reads no slow
+    weights) instead of computing both and selecting with ``torch.where``. Counts that
+    cannot be read for free (not plain CPU tensors) are left to the step."""
+    executor.decide(lambda: [(c, (int(c) + 1) % sync_period == 0) for c in tree.flatten(counts)[0]
+                             if type(c) is torch.Tensor and c.device.type == "cpu" and c.dim() == 0])
 
 
 def host_decided(flags: Sequence[Any]) -> bool:

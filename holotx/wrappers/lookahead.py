@@ -11,6 +11,7 @@ from holotx.optimizers._common import holocron_mode
 from holotx.wrappers._sync import (
     check_inner,
     count_steps,
+    decide_syncs,
     host_counts,
     nothing_syncs,
     run_inner,
@@ -149,6 +150,7 @@ def lookahead(
         return new_u, LookaheadState(count, slow, inner_state)
 
     def prepare(state, params):
+        decide_syncs(state.count, sync_period)
         executor.prepare(inner, state.inner_state, params)
 
     return own_transform(init, update, prepare)

@@ -16,6 +16,7 @@ from holotx.optimizers._common import holocron_mode
 from holotx.transforms.adam import per_leaf, scalar_dtype
 from holotx.wrappers._sync import (
     check_inner,
+    decide_syncs,
     host_counts,
     host_decided,
     nothing_syncs,
@@ -208,6 +209,7 @@ def scout(
         return new_u, ScoutState(count, slow, mean, m2, low, high, inner_state)
 
     def prepare(state, params):
+        decide_syncs(state.count, sync_period)
         executor.prepare(inner, state.inner_state, params)
 
     return own_transform(init, update, prepare)
