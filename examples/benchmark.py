@@ -67,7 +67,7 @@ import torch._inductor.config
 
 import holotx
 from holotx import executor
-from holotx.flat import COMPILE_OPTIONS, FlatLayout, make_step
+from holotx.flat import COMPILE_OPTIONS, FlatLayout, host_decisions, make_step
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -390,9 +390,13 @@ def holotx_step(algo: Algorithm, path: str, shapes) -> Callable[[], object]:
             options = {} if layout is None else {"options": COMPILE_OPTIONS}
             step_fn = torch.compile(step_fn, **options)
         box = [tx.init(params)]
+        # Compiled, the host decisions (Lookahead's and Scout's sync flags) are made before
+        # the graph, which then has one version that synchronises and one that does not.
+        decide = path != "donated"
 
         def donated_step():
-            _, box[0] = step_fn(params, grads, box[0], **extra)
+            decisions = host_decisions(tx, box[0], params) if decide else None
+            _, box[0] = step_fn(params, grads, box[0], decisions=decisions, **extra)
 
         return donated_step
     raise ValueError(path)

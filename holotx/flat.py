@@ -30,8 +30,8 @@ import torch
 from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, State, apply_updates
 
-__all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "check_segments", "make_step",
-           "per_row", "segment_sums"]
+__all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "check_segments", "host_decisions",
+           "make_step", "per_row", "segment_sums"]
 
 COMPILE_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 100, "realize_opcount_threshold": 1000}
 """inductor options for a compiled flat step:
@@ -380,6 +380,44 @@ def _alias_key(x: torch.Tensor) -> Any:
     return key
 
 
+def host_decisions(tx: GradientTransformation, state: State, params: Params) -> dict[int, Any]:
+    """What ``tx``'s next step decides from host values, decided now, for a compiled
+    donated step to take as given: ``step(params, grads, state, decisions=...)``.
+
+    Lookahead and Scout synchronise every ``sync_period`` steps, counted on the CPU.
+    Eager, a step reads its counts and skips the synchronisation on the other steps.
+    Compiled, the graph cannot read a tensor's value: it computes both and selects with
+    ``torch.where``, reading and writing the slow weights at every step. Given the flags
+    made here (eagerly, before calling the compiled step), it takes them as constants:
+    two graphs, one that synchronises and one that does not. The keys are the identities
+    of the state tensors, so only a donated step (state written in place) takes them; a
+    pure step ignores them. Empty for a transform that decides nothing.
+
+    Args:
+        tx: the transform the step runs.
+        state: its state before the step.
+        params: the params (flat buffers, for a flat step).
+
+    Returns:
+        ``{id(state tensor): value}``, to pass as ``decisions=`` to the step.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> from holotx.flat import host_decisions, make_step
+        >>> tx = holotx.lookahead(holotx.sgd(0.1), sync_period=2)
+        >>> params = {"w": torch.zeros(3)}
+        >>> state = tx.init(params)
+        >>> step = make_step(tx, donate=True)  # torch.compile(step, fullgraph=True) too
+        >>> for _ in range(4):
+        ...     decisions = host_decisions(tx, state, params)
+        ...     print(list(decisions.values()), end=" ")
+        ...     params, state = step(params, {"w": torch.ones(3)}, state, decisions=decisions)
+        [False] [True] [False] [True]
+    """
+    return executor.decisions(tx, state, params)
+
+
 def make_step(
     tx: GradientTransformation, *, donate: bool = False
 ) -> Callable[..., tuple[Params, State]]:
@@ -390,7 +428,10 @@ def make_step(
     overwritten, the params are updated in place (under ``torch.no_grad``) and the same
     objects are returned. Compiled, e.g. ``torch.compile(make_step(tx, donate=True))``
     over flat buffers, the update and its application fuse into one loop that reads and
-    writes each buffer once: the memory-traffic floor.
+    writes each buffer once: the memory-traffic floor. A compiled donated step also takes
+    ``decisions=host_decisions(tx, state, params)``, made outside the compiled function
+    (see :func:`host_decisions`): a Lookahead or Scout step then compiles one graph that
+    synchronises and one that does not.
 
     Args:
         tx: the transform to step with.

@@ -446,3 +446,52 @@ def test_final_scale_reaches_only_a_chains_last_scaling():
     updates, factor = handed_over(holotx.chain(holotx.scale(3.0), holotx.identity()))
     assert factor is None
     assert torch.equal(updates["w"], 3.0 * grads["w"])
+
+
+@pytest.mark.parametrize("name", ["lookahead", "scout"])
+def test_a_compiled_flat_step_given_host_decisions_compiles_a_graph_per_flag(name):
+    """torch.compile(make_step(tx, donate=True)) over flat buffers, called with
+    ``decisions=host_decisions(...)``: two graphs over three windows (one synchronises, one
+    does not and has no lerp of the slow weights), equal to the eager tree step."""
+    import torch._dynamo.testing
+
+    from holotx.flat import host_decisions
+
+    def wrap():
+        inner = holotx.adam(0.05)
+        return holotx.lookahead(inner, 0.5, 3) if name == "lookahead" else holotx.scout(inner, 0.3, 3)
+
+    gen = torch.Generator().manual_seed(7)
+    params = {"w": torch.randn(5, 4, generator=gen, dtype=torch.float64),
+              "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+             for _ in range(9)]
+    tx = wrap()
+    tree_params, tree_state = params, tx.init(params)
+    for g in grads:
+        updates, tree_state = tx.update(g, tree_state, tree_params)
+        tree_params = holotx.apply_updates(tree_params, updates)
+
+    layout = FlatLayout(params, align=4)
+    flat_params = layout.flatten(params)
+    flat_state = tx.init(flat_params)
+    segments = layout.segments()
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(make_step(tx, donate=True), backend=counting, fullgraph=True)
+    for g in grads:
+        decisions = host_decisions(tx, flat_state, flat_params)
+        flat_params, flat_state = step(flat_params, layout.flatten(g), flat_state, decisions=decisions,
+                                       segments=segments)
+    torch._dynamo.reset()
+    assert len(graphs) == 2
+    quiet = {getattr(n.target, "__name__", "") for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert not {"lerp", "_foreach_lerp", "where"} & quiet, quiet
+    got = layout.unflatten(flat_params)
+    for key in params:
+        torch.testing.assert_close(got[key], tree_params[key], rtol=1e-12, atol=1e-14)
