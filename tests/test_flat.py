@@ -452,7 +452,7 @@ def test_final_scale_reaches_only_a_chains_last_scaling():
 def test_a_compiled_flat_step_given_host_decisions_compiles_a_graph_per_flag(name):
     """torch.compile(make_step(tx, donate=True)) over flat buffers, called with
     ``decisions=host_decisions(...)``: two graphs over three windows (one synchronises, one
-    does not and has no lerp of the slow weights), equal to the eager tree step."""
+    does not and does not take the slow weights), equal to the eager tree step."""
     import torch._dynamo.testing
 
     from holotx.flat import host_decisions
@@ -490,8 +490,8 @@ def test_a_compiled_flat_step_given_host_decisions_compiles_a_graph_per_flag(nam
                                        segments=segments)
     torch._dynamo.reset()
     assert len(graphs) == 2
-    quiet = {getattr(n.target, "__name__", "") for n in graphs[0].graph.nodes if n.op == "call_function"}
-    assert not {"lerp", "_foreach_lerp", "where"} & quiet, quiet
+    quiet = [n.name for n in graphs[0].graph.nodes if n.op == "placeholder"]  # named after their sources
+    assert not [x for x in quiet if "slow" in x], quiet
     got = layout.unflatten(flat_params)
     for key in params:
         torch.testing.assert_close(got[key], tree_params[key], rtol=1e-12, atol=1e-14)

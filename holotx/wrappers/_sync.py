@@ -100,6 +100,10 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
             ends = [i for i, fi in enumerate(f) if fi]
             if not ends:
                 return u, s
+            if len(ends) == len(f):
+                # Every leaf (the usual case): the state list as given, whose buffers the step
+                # may write (a compiled donated step knows them by that list).
+                return _synced_leaves(u, s, p, rate)
             out, new = _synced_leaves([u[i] for i in ends], [s[i] for i in ends], [p[i] for i in ends], rate)
             u, s = list(u), list(s)
             for j, i in enumerate(ends):

@@ -244,9 +244,14 @@ def _fresh_window(ends, mean, m2, low, high):
     for stats, fill in ((mean, 0.0), (m2, 0.0), (low, math.inf), (high, -math.inf)):
         if host_decided(ends):
             ending = [i for i, e in enumerate(ends) if e]
-            stats = list(stats)
-            for i, reset in zip(ending, ops.fill_([stats[i] for i in ending], fill)):
-                stats[i] = reset
+            if len(ending) == len(stats):
+                # Every leaf (the usual case): the state list as given, whose buffers the
+                # step may write (a compiled donated step knows them by that list).
+                stats = ops.fill_(stats, fill)
+            else:
+                stats = list(stats)
+                for i, reset in zip(ending, ops.fill_([stats[i] for i in ending], fill)):
+                    stats[i] = reset
         else:
             stats = ops.store([torch.where(e, fill, s) for e, s in zip(ends, stats)], stats)
         out.append(stats)
