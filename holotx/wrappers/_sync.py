@@ -1,6 +1,7 @@
 """The machinery Lookahead and Scout share: counting each leaf's fast steps, deciding
-which leaves end their window (on the host in eager mode, with ``torch.where`` when
-traced), and moving the slow weights and the params at a sync."""
+which leaves end their window (on the host in eager mode, or before a compiled donated
+step by its caller; with ``torch.where`` when traced otherwise), and moving the slow
+weights and the params at a sync."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def synchronize(updates: Any, slow: Any, params: Any, flags: list[Any], rate: An
             for j, i in enumerate(ends):
                 u[i], s[i] = out[j], new[j]
             return u, s
-        # Traced (compile, functorch): every leaf computes both, and torch.where keeps
+        # Traced (compile, functorch), undecided: every leaf computes both, and torch.where keeps
         # one, with no host sync. The slow weights go back into their own buffers where
         # the executor allows: compiled, into the same loop, with no fresh buffer.
         fast = ops.add(u, p)
