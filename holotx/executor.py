@@ -36,6 +36,12 @@ about execution is decided here too, once per step:
   ``lookahead`` pass it to the transform they run last (:func:`redirect_scale`), and
   ``scale``/``scale_by_schedule`` honour it (:func:`take_scale`).
 
+* **Host decisions.** What a transform can know on the host before its math runs (a
+  wrapper's sync flags, from step counts kept on the CPU) it records in its ``prepare``
+  (:func:`decide`). An eager step reads such values itself; a caller that compiles a
+  donated step runs a deciding pass first (:func:`decisions`) and passes the values in,
+  so that the graph takes them as constants and each value gets a graph of its own.
+
 Callers: a holotx transform's ``update`` (pure, or with ``donate=True`` /
 ``donate_updates``), :func:`holotx.flat.make_step`, and the ``torch.optim`` adapter.
 
