@@ -503,8 +503,17 @@ def segment_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = t
         tensor([ 5., 20.], dtype=torch.float64)
     """
     row_sums = x.reshape(-1, segments.width).sum(1).to(out_dtype)
-    sums = torch.zeros(segments.count, dtype=out_dtype, device=x.device)
-    return sums.index_add(0, segments.row_ids, row_sums)
+    return _sums_by(segments.row_ids, row_sums, segments.count)
+
+
+def _sums_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """``values`` summed by ``index`` into a ``(size,)`` vector: a small scatter-add, or
+    for one slot a plain sum. Inductor (torch 2.13, CPU) fails to generate a vectorised
+    scatter-add into a one-element buffer (the index folds to a constant), which a buffer
+    holding one tensor of several rows asks for."""
+    if size == 1:
+        return values.sum(0, keepdim=True)
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, index, values)
 
 
 def per_row(values: torch.Tensor, segments: Segments) -> torch.Tensor:

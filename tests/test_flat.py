@@ -8,7 +8,7 @@ from torch._dynamo.backends.registry import lookup_backend
 
 import holotx
 from holotx import executor
-from holotx.flat import FlatLayout, make_step
+from holotx.flat import FlatLayout, make_step, segment_sums
 
 
 def _params(dtype=torch.float64):
@@ -446,3 +446,15 @@ def test_final_scale_reaches_only_a_chains_last_scaling():
     updates, factor = handed_over(holotx.chain(holotx.scale(3.0), holotx.identity()))
     assert factor is None
     assert torch.equal(updates["w"], 3.0 * grads["w"])
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_segment_sums_of_one_tensor_compile_with_inductor():
+    """A buffer holding one tensor of several rows: its sum by segments compiles with
+    inductor (a scatter-add into a one-element buffer fails inductor's code generation)."""
+    (x,) = params = [torch.randn(8 * 16, dtype=torch.float64)]
+    layout = FlatLayout(params, align=16)
+    (segments,) = layout.segments()
+    (buffer,) = layout.flatten(params)
+    compiled = torch.compile(lambda b: segment_sums(b * b, segments), fullgraph=True)
+    torch.testing.assert_close(compiled(buffer), (x * x).sum().reshape(1))
