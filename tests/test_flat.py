@@ -8,7 +8,7 @@ from torch._dynamo.backends.registry import lookup_backend
 
 import holotx
 from holotx import executor
-from holotx.flat import FlatLayout, make_step, segment_sums
+from holotx.flat import FlatLayout, channel_sums, make_step, per_channel, segment_sums
 
 
 def _params(dtype=torch.float64):
@@ -299,6 +299,53 @@ def test_tadam_over_segments_with_empty_tensors_and_half_precision():
             assert differ <= 0.05, f"{what} {key}: {differ:.0%} of the values differ"
 
 
+CHANNEL_SHAPES = [(4, 3, 7, 7), (7,), (0, 3), (6, 5), (3, 1, 1, 1), (2, 40), (), (0,), (1, 300), (9, 2, 3)]
+"""Output channels of 147 values (ResNet-50's first conv), 5, 1, 40, 300 and 6 (shorter
+than a row and longer, none a multiple of 16), 1-D, 0-d and empty tensors (one channel each)."""
+
+
+def _channel_counts(tensors):
+    """The channels of each tensor: its output channels, or one for a tensor of fewer than two
+    dimensions or none of values."""
+    return [t.shape[0] if t.dim() >= 2 and t.numel() else 1 for t in tensors]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("align", [4, 16, 256])
+def test_channel_sums_and_per_channel_follow_output_channels(align):
+    """Per-channel sums over an aligned buffer are the sums of ``p.reshape(p.shape[0], -1)``'s
+    rows (a tensor of fewer than two dimensions, or empty, is one channel), whether channels
+    start on rows or inside them; per_channel spreads one value per channel back over the
+    same positions (a tensor's padding taking its last channel's), eager (repeat_interleave)
+    and compiled (each position's channel computed: no repeat_interleave in the graph)."""
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CHANNEL_SHAPES]
+    layout = FlatLayout(tensors, align=align)
+    (buffer,) = layout.flatten(tensors)
+    (segments,) = layout.segments()
+    expected = torch.cat([t.reshape(n, -1).sum(1) for t, n in zip(tensors, _channel_counts(tensors))])
+    torch.testing.assert_close(channel_sums(buffer, segments), expected, rtol=1e-14, atol=1e-14)
+
+    values = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    want = []
+    for t, v in zip(tensors, torch.split(values, _channel_counts(tensors))):
+        padded = -(-t.numel() // align) * align
+        per_value = v.repeat_interleave(t.numel() // len(v)) if t.numel() else v[:0]
+        want.append(torch.cat([per_value, v[-1].expand(padded - t.numel())]))
+    want = torch.cat(want)
+    assert torch.equal(per_channel(values, segments), want)
+    graphs = []
+    aot_eager = lookup_backend("aot_eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(lambda v: per_channel(v, segments), backend=counting, fullgraph=True)
+    assert torch.equal(compiled(values), want)
+    assert "repeat_interleave" not in graphs[0].code, "the compiled path computes each position's channel"
+
+
 def test_lerp_rows_keeps_a_float32_weight_for_half_buffers():
     """The per-row lerp with float32 weights on a bfloat16 buffer is the float32 lerp,
     rounded once (what the per-tensor ops do with a Python-float weight)."""
@@ -450,11 +497,14 @@ def test_final_scale_reaches_only_a_chains_last_scaling():
 
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_segment_sums_of_one_tensor_compile_with_inductor():
-    """A buffer holding one tensor of several rows: its sum by segments compiles with
-    inductor (a scatter-add into a one-element buffer fails inductor's code generation)."""
+    """A buffer holding one tensor of several rows: its sum by segments, and by channels
+    (a 1-D tensor is one), compile with inductor (a scatter-add into a one-element buffer
+    fails inductor's code generation)."""
     (x,) = params = [torch.randn(8 * 16, dtype=torch.float64)]
     layout = FlatLayout(params, align=16)
     (segments,) = layout.segments()
     (buffer,) = layout.flatten(params)
-    compiled = torch.compile(lambda b: segment_sums(b * b, segments), fullgraph=True)
-    torch.testing.assert_close(compiled(buffer), (x * x).sum().reshape(1))
+    compiled = torch.compile(lambda b: (segment_sums(b * b, segments), channel_sums(b * b, segments)),
+                             fullgraph=True)
+    for sums in compiled(buffer):
+        torch.testing.assert_close(sums, (x * x).sum().reshape(1))
