@@ -10,14 +10,15 @@ Elementwise transforms need nothing else: ``tx.init(layout.flatten(params))`` gi
 state over flat buffers, and :meth:`FlatLayout.unflatten` gives per-leaf views of any of
 them (of a state buffer too, for a per-parameter checkpoint). Transforms with per-tensor
 reductions must not be run on a flat buffer as if it were one tensor. The trust ratio
-(LARS, LAMB, RaLars), TAdam, Holocron-mode AdamP and Scout can, given where the tensors
-lie: build the layout with ``align=`` (each leaf starts on a row of that many values, the
-gaps zero) and pass ``segments=layout.segments()`` to ``update`` (``make_step`` passes it
-on). AdamP's official projection cannot (its cosines are per output channel). Each
-per-tensor sum is then a sum over whole rows, which a fusing compiler computes in the
-same loop as the update. TAdam keeps one weight sum per tensor, sized at ``init`` from
-the segments that an aligned layout's buffers carry: init over ``layout.flatten(params)``
-itself (a copy of a buffer carries none). Compile with :data:`COMPILE_OPTIONS`.
+(LARS, LAMB, RaLars), TAdam, AdamP (both projections) and Scout can, given where the
+tensors lie: build the layout with ``align=`` (each leaf starts on a row of that many
+values, the gaps zero) and pass ``segments=layout.segments()`` to ``update``
+(``make_step`` passes it on). Each per-tensor sum is then a sum over whole rows, which a
+fusing compiler computes in the same loop as the update; AdamP's per-output-channel sums
+(:func:`channel_sums`) are row sums too, corrected where a channel starts inside a row.
+TAdam keeps one weight sum per tensor, sized at ``init`` from the segments that an
+aligned layout's buffers carry: init over ``layout.flatten(params)`` itself (a copy of a
+buffer carries none). Compile with :data:`COMPILE_OPTIONS`.
 """
 
 from __future__ import annotations
