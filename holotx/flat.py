@@ -84,7 +84,8 @@ class Channels(NamedTuple):
     empty) counts as one channel, the whole tensor. The buffer's channels are numbered in
     its tensors' order, each tensor's padding counted in its last channel. A channel need
     not start on a row: where one starts inside a row (a *cut*), the channel before it ends
-    there. All fields are int64 vectors, computed once by :meth:`FlatLayout.segments`.
+    there. The fields are int64 vectors but the last, computed once by
+    :meth:`FlatLayout.segments`.
 
     Args:
         tensor_ids: for each channel, the index of its tensor (0-based within the buffer).
@@ -98,6 +99,7 @@ class Channels(NamedTuple):
         cut_rows: for each cut, its row.
         cut_cols: for each cut, its column (never 0).
         cut_channels: for each cut, the channel that starts there.
+        most_per_row: the most channels any row holds (at least 1), a number.
 
     Example:
         >>> import torch
@@ -109,8 +111,8 @@ class Channels(NamedTuple):
         (tensor([0, 0, 0, 1]), tensor([2, 2, 4, 4]), tensor([2, 0]))
         >>> channels.row_first, channels.row_last  # channel 1 starts inside row 0: a cut
         (tensor([0, 2, 3]), tensor([1, 2, 3]))
-        >>> channels.cut_rows, channels.cut_cols, channels.cut_channels
-        (tensor([0]), tensor([2]), tensor([1]))
+        >>> channels.cut_rows, channels.cut_cols, channels.cut_channels, channels.most_per_row
+        (tensor([0]), tensor([2]), tensor([1]), 2)
     """
 
     tensor_ids: torch.Tensor
@@ -131,6 +133,26 @@ class Channels(NamedTuple):
     """For each channel that starts inside a row, its column there."""
     cut_channels: torch.Tensor
     """For each channel that starts inside a row, the channel's index."""
+    most_per_row: int
+    """The most channels any row holds (at least 1)."""
+
+    def to(self, device: torch.device | str) -> Channels:
+        """These channels with every tensor on ``device``.
+
+        Args:
+            device: where the buffer they describe is.
+
+        Returns:
+            The moved :class:`Channels`.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> (segments,) = FlatLayout([torch.zeros(3, 2)], align=4).segments()
+            >>> segments.channels.to("meta").row_first.device
+            device(type='meta')
+        """
+        return Channels(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in self))
 
 
 class Segments(NamedTuple):
@@ -184,7 +206,7 @@ class Segments(NamedTuple):
         def moved(x: Any) -> Any:
             return None if x is None else x.to(device)
 
-        channels = None if self.channels is None else Channels(*(x.to(device) for x in self.channels))
+        channels = None if self.channels is None else self.channels.to(device)
         return self._replace(row_ids=self.row_ids.to(device), numels=moved(self.numels), channels=channels)
 
 
@@ -193,7 +215,7 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
     built tensor by tensor with vector ops (a row or a channel at a time would be a Python
     loop over millions of values)."""
     empty = torch.zeros(0, dtype=torch.int64)
-    fields: dict[str, list[torch.Tensor]] = {name: [empty] for name in Channels._fields}
+    fields: dict[str, list[torch.Tensor]] = {name: [empty] for name in Channels._fields[:-1]}
     first_channel = 0
     for k, slot in enumerate(slots):
         numel = slot.shape.numel()
@@ -221,7 +243,9 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
             fields["row_offset"].append(starts)
             fields["row_last"].append(torch.full((rows,), first_channel, dtype=torch.int64))
         first_channel += count
-    return Channels(*(torch.cat(fields[name]) for name in Channels._fields))
+    row_first, row_last = torch.cat(fields["row_first"]), torch.cat(fields["row_last"])
+    most_per_row = int((row_last - row_first).max()) + 1 if row_first.numel() else 1
+    return Channels(*(torch.cat(fields[name]) for name in Channels._fields[:-1]), most_per_row)
 
 
 class FlatLayout:
@@ -310,7 +334,7 @@ class FlatLayout:
             numels = torch.tensor([slot.shape.numel() for slot in slots], dtype=torch.int64)
             channels = _channels(slots, self.align)
             out.append(Segments(row_ids.to(device), len(slots), self.align, numels.to(device),
-                                Channels(*(x.to(device) for x in channels))))
+                                channels.to(device)))
         return out
 
     def _with_segments(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -708,38 +732,72 @@ def channel_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = t
     return sums.index_add(0, channels.cut_channels - 1, heads).index_add(0, channels.cut_channels, -heads)
 
 
+_CHAIN_LIMIT = 8
+"""The most channels a row may hold for :func:`per_channel`'s compiled form to choose
+between them by comparisons (a compare and a select per channel, on whole vectors) rather
+than gather one value per position (one lane at a time). Measured with inductor on a CPU,
+one thread, ``u + per_channel(f) * p`` over 25 M float32 values in rows of 256 (ms of CPU
+time, the comparisons then the gather): 4 channels a row at most (the ResNet-50 set) 68
+and 83, 5: 69 and 81, 9: 80 and 81, 16: 97 and 82, 30: 139 and 79."""
+
+
 def per_channel(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     """``values``, one per output channel (:class:`Channels`) of an aligned flat buffer,
-    spread over the buffer: each channel's value at each of its positions (a tensor's
-    padding takes its last channel's), a flat tensor of the buffer's size.
+    spread over the buffer seen as ``(rows, width)``: each channel's value at each of its
+    positions (a tensor's padding takes its last channel's).
 
     Eager, ``torch.repeat_interleave`` over the channels' lengths. Compiled (or under a
-    functorch transform), each position's channel is computed from its row's first channel
-    and offset, so the loop over the values reads the small ``values`` vector, stored once
-    (:func:`holotx.ops.in_memory`), and no index per value is kept in memory.
+    functorch transform), from the small ``values`` vector, stored once
+    (:func:`holotx.ops.in_memory`), with no index per value in memory: where no row holds
+    more than 8 channels, by comparing each column with where the row's channels start (a
+    compare and a select per channel on whole vectors: 4 at most on the ResNet-50 set);
+    beyond, by computing each position's channel from its row's first channel and offset
+    and gathering its value (one lane at a time).
 
     Args:
         values: one value per channel, a ``(channels,)`` vector.
         segments: the buffer's :class:`Segments`, with its channels.
 
     Returns:
-        A flat tensor of the buffer's size: each position's channel's value.
+        A ``(rows, width)`` tensor: each position's channel's value.
 
     Example:
         >>> import torch
         >>> from holotx.flat import FlatLayout, per_channel
         >>> (segments,) = FlatLayout([torch.zeros(3, 2), torch.zeros(3)], align=4).segments()
         >>> per_channel(torch.tensor([1.0, 2.0, 3.0, 4.0]), segments)
-        tensor([1., 1., 2., 2., 3., 3., 3., 3., 4., 4., 4., 4.])
+        tensor([[1., 1., 2., 2.],
+                [3., 3., 3., 3.],
+                [4., 4., 4., 4.]])
     """
     channels = _channels_of(segments)
     width = segments.width
-    size = segments.row_ids.shape[0] * width
+    rows = segments.row_ids.shape[0]
     plan = executor.current()
     if not (plan.compiling or plan.transformed):
-        return torch.repeat_interleave(values, channels.lengths, output_size=size)
-    position = torch.arange(width, device=values.device).unsqueeze(0) + channels.row_offset.unsqueeze(1)
-    sizes = channels.sizes[segments.row_ids].unsqueeze(1)  # 0: the row's tensor is one channel
+        return torch.repeat_interleave(values, channels.lengths, output_size=rows * width).view(rows, width)
+    stored = ops.in_memory(values)
+    first, last = channels.row_first.unsqueeze(1), channels.row_last.unsqueeze(1)
+    offset = channels.row_offset.unsqueeze(1)
+    # Each row's channel size (0: the row's tensor is one channel), stored: a value loaded by a
+    # computed index is gathered lane by lane in a vectorised loop, even where every lane's
+    # index is the row's.
+    sizes = ops.in_memory(channels.sizes[segments.row_ids]).unsqueeze(1)
+    column = torch.arange(width, device=values.device).unsqueeze(0)
+    if channels.most_per_row <= _CHAIN_LIMIT:
+        # The row's k-th channel starts at column k * size - offset (never, for a tensor that
+        # is one channel: that is at most 0); its value is the k-th after the row's first,
+        # or, past the tensor's end (its padding), the row's last.
+        most = channels.most_per_row
+        slots = torch.arange(most, device=values.device)
+        # Each row's values and where its channels start, stored, for the same reason.
+        table = ops.in_memory(stored[torch.minimum(first + slots, last)].reshape(-1)).view(rows, most)
+        starts = ops.in_memory((slots[1:] * sizes - offset).reshape(-1)).view(rows, most - 1)
+        out = table[:, most - 1:]
+        for k in range(most - 1, 0, -1):
+            out = torch.where(column < starts[:, k - 1:k], table[:, k - 1:k], out)
+        return out.expand(rows, width)
+    position = column + offset
     if values.device.type == "mps":
         # No float64 there; float32 would not keep the division below exact.
         local = torch.div(position, sizes.clamp(min=1), rounding_mode="floor") * (sizes > 0)
@@ -750,5 +808,4 @@ def per_channel(values: torch.Tensor, segments: Segments) -> torch.Tensor:
         inverse = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1).to(torch.float64), 0.0)
         local = torch.floor((position.to(torch.float64) + 0.5) * inverse).to(torch.int64)
     # Past the tensor's last value (its padding), the row's last channel.
-    index = torch.minimum(channels.row_first.unsqueeze(1) + local, channels.row_last.unsqueeze(1))
-    return ops.in_memory(values)[index].reshape(size)
+    return stored[torch.minimum(first + local, last)]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
+from torch._inductor.compile_fx import compile_fx
 
 import holotx
 from holotx import executor
@@ -303,9 +304,12 @@ def test_tadam_over_segments_with_empty_tensors_and_half_precision():
             assert differ <= 0.05, f"{what} {key}: {differ:.0%} of the values differ"
 
 
-CHANNEL_SHAPES = [(4, 3, 7, 7), (7,), (0, 3), (6, 5), (3, 1, 1, 1), (2, 40), (), (0,), (1, 300), (9, 2, 3)]
+CHANNEL_SHAPES = [(4, 3, 7, 7), (7,), (0, 3), (6, 5), (3, 1, 1, 1), (2, 40), (), (0,), (1, 300), (9, 2, 3),
+                  (64, 1)]
 """Output channels of 147 values (ResNet-50's first conv), 5, 1, 40, 300 and 6 (shorter
-than a row and longer, none a multiple of 16), 1-D, 0-d and empty tensors (one channel each)."""
+than a row and longer, none a multiple of 16), 1-D, 0-d and empty tensors (one channel
+each). In rows of 4 no row holds more than 4 channels; in rows of 16 or 256, the 64
+channels of one value fill rows."""
 
 
 def _channel_counts(tensors):
@@ -321,12 +325,15 @@ def test_channel_sums_and_per_channel_follow_output_channels(align):
     rows (a tensor of fewer than two dimensions, or empty, is one channel), whether channels
     start on rows or inside them; per_channel spreads one value per channel back over the
     same positions (a tensor's padding taking its last channel's), eager (repeat_interleave)
-    and compiled (each position's channel computed: no repeat_interleave in the graph)."""
+    and compiled, no repeat_interleave in the graph: choosing among each row's channels by
+    comparisons (rows of 4), or gathering each position's value (rows of 16 and 256, where
+    rows hold more than 8 channels)."""
     gen = torch.Generator().manual_seed(4)
     tensors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CHANNEL_SHAPES]
     layout = FlatLayout(tensors, align=align)
     (buffer,) = layout.flatten(tensors)
     (segments,) = layout.segments()
+    assert segments.channels.most_per_row == {4: 4, 16: 16, 256: 64}[align]
     expected = torch.cat([t.reshape(n, -1).sum(1) for t, n in zip(tensors, _channel_counts(tensors))])
     torch.testing.assert_close(channel_sums(buffer, segments), expected, rtol=1e-14, atol=1e-14)
 
@@ -337,7 +344,7 @@ def test_channel_sums_and_per_channel_follow_output_channels(align):
         per_value = v.repeat_interleave(t.numel() // len(v)) if t.numel() else v[:0]
         want.append(torch.cat([per_value, v[-1].expand(padded - t.numel())]))
     want = torch.cat(want)
-    assert torch.equal(per_channel(values, segments), want)
+    assert torch.equal(per_channel(values, segments).reshape(-1), want)
     graphs = []
     aot_eager = lookup_backend("aot_eager")
 
@@ -346,7 +353,7 @@ def test_channel_sums_and_per_channel_follow_output_channels(align):
         return aot_eager(gm, example_inputs)
 
     compiled = torch.compile(lambda v: per_channel(v, segments), backend=counting, fullgraph=True)
-    assert torch.equal(compiled(values), want)
+    assert torch.equal(compiled(values).reshape(-1), want)
     assert "repeat_interleave" not in graphs[0].code, "the compiled path computes each position's channel"
 
 
@@ -438,6 +445,36 @@ def test_official_adamp_over_segments_equals_the_tree(kwargs):
         for key, value in tree_run[what].items():
             torch.testing.assert_close(flat_run[what][key], value, rtol=1e-12, atol=1e-14,
                                        msg=lambda m, what=what, key=key: f"{what} {key}: {m}")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_official_adamp_over_segments_compiles_with_inductor():
+    """Inductor's step over the flat buffer is the eager flat step (float64, to rounding),
+    in one graph. Rows of 16 hold at most 4 of these channels: each value's factor is
+    chosen among its row's by comparisons, not gathered."""
+    gen = torch.Generator().manual_seed(8)
+    params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in ADAMP_CASES.items()}
+    layout = FlatLayout(params, align=16)
+    segments = layout.segments()
+    assert segments[0].channels.most_per_row == 4
+    tx = holotx.adamp(1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    eager_params, compiled_params = layout.flatten(params), layout.flatten(params)
+    eager_state, compiled_state = tx.init(eager_params), tx.init(compiled_params)
+    step = make_step(tx, donate=True)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(step, backend=counting, fullgraph=True)
+    for _ in range(3):
+        grads = layout.flatten(_adamp_grads(params, gen, torch.float64))
+        _, eager_state = step(eager_params, [g.clone() for g in grads], eager_state, segments=segments)
+        _, compiled_state = compiled(compiled_params, grads, compiled_state, segments=segments)
+        params = layout.unflatten(eager_params)
+    torch.testing.assert_close(compiled_params, eager_params, rtol=1e-12, atol=1e-14)
+    assert len(graphs) == 1
 
 
 def _bf16_spacing(x):

@@ -311,7 +311,10 @@ def _project_channels(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, s
             projected = (by_channel | by_layer)[channels.tensor_ids]
             factor = factor + weight_decay * torch.where(projected, wd_ratio * torch.ones_like(coef),
                                                           torch.ones_like(coef))
-        out.append(ui + per_channel(factor.to(ui.dtype), seg) * pi)
+        # Flat, as the params the update is applied to: inductor fuses the update and its
+        # application into one loop where both are seen alike (seen as rows, the update was
+        # stored between two loops).
+        out.append(ui + per_channel(factor.to(ui.dtype), seg).reshape(ui.shape) * pi)
     return out
 
 
