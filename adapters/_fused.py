@@ -482,7 +482,7 @@ def _probe(build: Callable[[], Any], layout: FlatLayout, segments: list[Any]) ->
     a rule with per-tensor reductions and no flat path refuses the marked buffers there."""
     buffers = _marked([torch.zeros(n, dtype=dt, device="meta")
                        for (_, dt), n in zip(layout.groups, layout.sizes)])
-    segments = [s._replace(row_ids=s.row_ids.to("meta"), numels=s.numels.to("meta")) for s in segments]
+    segments = [s.to("meta") for s in segments]
     for b, seg in zip(buffers, segments):
         tree.set_segments(b, seg)
     tx = build()

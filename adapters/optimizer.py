@@ -180,10 +180,9 @@ class TransformOptimizer(Optimizer):
     buffers the same way. A group that cannot be
     fused runs unfused with such a warning: DTensor (FSDP2) params, params bound by
     another fused optimizer, ``state_dtype`` upcasts, a rule with per-tensor reductions
-    and no flat path (AdamP's official projection, whose cosines are per output channel;
-    a per-param trust ratio mask; Scout in Holocron mode), or no working compiler. TAdam,
-    Holocron-mode AdamP, the trust-ratio rules and :func:`holotx.lookahead` /
-    :func:`holotx.scout` transforms fuse. The step
+    and no flat path (a per-param trust ratio mask; Scout in Holocron mode), or no working
+    compiler. TAdam, AdamP (its cosines per output channel or per tensor), the trust-ratio
+    rules and :func:`holotx.lookahead` / :func:`holotx.scout` transforms fuse. The step
     then equals the unfused one up to the compiler's rounding (float64: within 1e-13 of
     the values' scale after five steps, in the tests).
 

@@ -27,11 +27,11 @@ and is installed, as ``make`` does), and of holotx's paths:
 - flat compiled: the donated step compiled with ``torch.compile`` over one flat buffer per
   dtype (:class:`holotx.flat.FlatLayout`), for elementwise rules; flat segmented compiled:
   the same over a buffer aligned to rows of 256 values, passing ``segments=`` so that
-  trust ratios (LARS, LAMB, RaLars), TAdam's weights and Scout's coherence reduce per
-  tensor; list compiled: over the list of tensors, for AdamP (its cosines per output
-  channel have no flat path). Their first
-  (compiling) step time is in brackets, compiled without inductor's on-disk cache unless
-  ``--warm-compile-cache``.
+  trust ratios (LARS, LAMB, RaLars), TAdam's weights, AdamP's cosines (per output channel)
+  and Scout's coherence reduce per tensor; list compiled (``--list-compiled``, for the
+  rules with per-tensor reductions): over the list of tensors, which the compiler unrolls.
+  Their first (compiling) step time is in brackets, compiled without inductor's on-disk
+  cache unless ``--warm-compile-cache``.
 
 Ratios ("x ref") are to torch's fused kernel, or to Holocron's class where torch has none,
 and to the memory-traffic floor. The floor is the time of the passes over memory the rule
@@ -191,8 +191,8 @@ class Algorithm:
     buffer as if it were a single tensor. Its fastest path is compiled over the list, or
     over an aligned flat buffer with segments where the rule supports them."""
     segments: bool = False
-    """The per-tensor reductions (trust ratios, TAdam's weights, Scout's coherence) run on an aligned flat
-    buffer given ``segments=`` (:meth:`holotx.flat.FlatLayout.segments`)."""
+    """The per-tensor reductions (trust ratios, TAdam's weights, AdamP's cosines, Scout's coherence) run
+    on an aligned flat buffer given ``segments=`` (:meth:`holotx.flat.FlatLayout.segments`)."""
 
     @property
     def period(self) -> int:
@@ -240,7 +240,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                            lambda: _holocron("AdaBelief", lr=1e-3), lambda: _kozistr("AdaBelief", lr=1e-3)),
     "adamp": Algorithm("AdamP", partial(holotx.adamp, 1e-3), None, (), TWO_PASSES,
                        lambda: _holocron("AdamP", lr=1e-3), lambda: _kozistr("AdamP", lr=1e-3),
-                       per_tensor=True),
+                       per_tensor=True, segments=True),
     "adan": Algorithm("Adan", partial(holotx.adan, 1e-3), None, (), (((6, 5),),),
                       lambda: _holocron("Adan", lr=1e-3), lambda: _kozistr("Adan", lr=1e-3)),
     "ademamix": Algorithm("AdEMAMix", partial(holotx.ademamix, 1e-3), None, (), (((5, 4),),),
@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-bytes", type=int, nargs="+", default=[],
                         help="also time the adapter with eager CPU batches of leaves of these many bytes "
                              "per buffer (0: no batches), interleaved with the other rows")
+    parser.add_argument("--list-compiled", action="store_true",
+                        help="also time a per-tensor rule's donated step compiled over the list of tensors")
     parser.add_argument("--adapter-compiled", action="store_true",
                         help="also time torch.compile(opt.step) of the adapter (slow to compile)")
     parser.add_argument("--warm-compile-cache", action="store_true",
@@ -524,7 +526,10 @@ def run(args: argparse.Namespace) -> None:
                 steps_by_label["pytorch-optimizer"] = peer_step(algo, shapes)
             fastest = ("flat segmented compiled" if algo.segments else
                        "list compiled" if algo.per_tensor else "flat compiled")
-            for path in ["pure", "donated"] + ([] if args.no_compile else [fastest]):
+            compiled = [] if args.no_compile else [fastest]
+            if args.list_compiled and algo.per_tensor and not args.no_compile and fastest != "list compiled":
+                compiled.append("list compiled")
+            for path in ["pure", "donated", *compiled]:
                 steps_by_label[f"holotx {path}"] = holotx_step(algo, path, shapes)
             steps_by_label["holotx adapter"] = adapter_step(algo, False, shapes)
             steps_by_label["holotx adapter, donate_grads"] = adapter_step(algo, False, shapes,

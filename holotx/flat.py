@@ -10,14 +10,15 @@ Elementwise transforms need nothing else: ``tx.init(layout.flatten(params))`` gi
 state over flat buffers, and :meth:`FlatLayout.unflatten` gives per-leaf views of any of
 them (of a state buffer too, for a per-parameter checkpoint). Transforms with per-tensor
 reductions must not be run on a flat buffer as if it were one tensor. The trust ratio
-(LARS, LAMB, RaLars), TAdam, Holocron-mode AdamP and Scout can, given where the tensors
-lie: build the layout with ``align=`` (each leaf starts on a row of that many values, the
-gaps zero) and pass ``segments=layout.segments()`` to ``update`` (``make_step`` passes it
-on). AdamP's official projection cannot (its cosines are per output channel). Each
-per-tensor sum is then a sum over whole rows, which a fusing compiler computes in the
-same loop as the update. TAdam keeps one weight sum per tensor, sized at ``init`` from
-the segments that an aligned layout's buffers carry: init over ``layout.flatten(params)``
-itself (a copy of a buffer carries none). Compile with :data:`COMPILE_OPTIONS`.
+(LARS, LAMB, RaLars), TAdam, AdamP (both projections) and Scout can, given where the
+tensors lie: build the layout with ``align=`` (each leaf starts on a row of that many
+values, the gaps zero) and pass ``segments=layout.segments()`` to ``update``
+(``make_step`` passes it on). Each per-tensor sum is then a sum over whole rows, which a
+fusing compiler computes in the same loop as the update; AdamP's per-output-channel sums
+(:func:`channel_sums`) are row sums too, corrected where a channel starts inside a row.
+TAdam keeps one weight sum per tensor, sized at ``init`` from the segments that an
+aligned layout's buffers carry: init over ``layout.flatten(params)`` itself (a copy of a
+buffer carries none). Compile with :data:`COMPILE_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from holotx import executor, ops, tree
 from holotx.base import GradientTransformation, Params, State, apply_updates
 
-__all__ = ["COMPILE_OPTIONS", "FlatLayout", "LeafSlot", "Segments", "check_segments", "host_decisions",
-           "make_step", "per_row", "segment_sums"]
+__all__ = ["COMPILE_OPTIONS", "Channels", "FlatLayout", "LeafSlot", "Segments", "channel_sums",
+           "check_segments", "host_decisions", "make_step", "per_channel", "per_row", "segment_sums"]
 
 COMPILE_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 100, "realize_opcount_threshold": 1000}
 """inductor options for a compiled flat step:
@@ -74,6 +75,86 @@ class LeafSlot(NamedTuple):
     shape: torch.Size
 
 
+class Channels(NamedTuple):
+    """Where the output channels lie in one aligned flat buffer, for per-channel reductions
+    (AdamP's cosines): :func:`channel_sums` and :func:`per_channel`.
+
+    A tensor of two or more dimensions is ``shape[0]`` channels of ``numel // shape[0]``
+    contiguous values (``p.reshape(p.shape[0], -1)``'s rows); any other tensor (0-d, 1-D or
+    empty) counts as one channel, the whole tensor. The buffer's channels are numbered in
+    its tensors' order, each tensor's padding counted in its last channel. A channel need
+    not start on a row: where one starts inside a row (a *cut*), the channel before it ends
+    there. The fields are int64 vectors but the last, computed once by
+    :meth:`FlatLayout.segments`.
+
+    Args:
+        tensor_ids: for each channel, the index of its tensor (0-based within the buffer).
+        lengths: for each channel, its values in the buffer, padding included: they add up
+            to the buffer's size.
+        sizes: for each tensor, the values in each of its channels; 0 for a tensor counted as
+            one channel.
+        row_first: for each row, the channel of its first value.
+        row_offset: for each row, the position of its first value within that channel.
+        row_last: for each row, the channel of its last value (padding left out).
+        cut_rows: for each cut, its row.
+        cut_cols: for each cut, its column (never 0).
+        cut_channels: for each cut, the channel that starts there.
+        most_per_row: the most channels any row holds (at least 1), a number.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout
+        >>> # Three channels of 2 values, then a 1-D tensor: rows of 4 values.
+        >>> (segments,) = FlatLayout([torch.zeros(3, 2), torch.zeros(3)], align=4).segments()
+        >>> channels = segments.channels
+        >>> channels.tensor_ids, channels.lengths, channels.sizes
+        (tensor([0, 0, 0, 1]), tensor([2, 2, 4, 4]), tensor([2, 0]))
+        >>> channels.row_first, channels.row_last  # channel 1 starts inside row 0: a cut
+        (tensor([0, 2, 3]), tensor([1, 2, 3]))
+        >>> channels.cut_rows, channels.cut_cols, channels.cut_channels, channels.most_per_row
+        (tensor([0]), tensor([2]), tensor([1]), 2)
+    """
+
+    tensor_ids: torch.Tensor
+    """For each channel, the index of its tensor (0-based within the buffer)."""
+    lengths: torch.Tensor
+    """For each channel, its values in the buffer, padding included."""
+    sizes: torch.Tensor
+    """For each tensor, the values in each of its channels; 0 for a tensor counted as one channel."""
+    row_first: torch.Tensor
+    """For each row, the channel of its first value."""
+    row_offset: torch.Tensor
+    """For each row, the position of its first value within that channel."""
+    row_last: torch.Tensor
+    """For each row, the channel of its last value (padding left out)."""
+    cut_rows: torch.Tensor
+    """For each channel that starts inside a row, that row."""
+    cut_cols: torch.Tensor
+    """For each channel that starts inside a row, its column there."""
+    cut_channels: torch.Tensor
+    """For each channel that starts inside a row, the channel's index."""
+    most_per_row: int
+    """The most channels any row holds (at least 1)."""
+
+    def to(self, device: torch.device | str) -> Channels:
+        """These channels with every tensor on ``device``.
+
+        Args:
+            device: where the buffer they describe is.
+
+        Returns:
+            The moved :class:`Channels`.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> (segments,) = FlatLayout([torch.zeros(3, 2)], align=4).segments()
+            >>> segments.channels.to("meta").row_first.device
+            device(type='meta')
+        """
+        return Channels(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in self))
+
+
 class Segments(NamedTuple):
     """Where the tensors lie in one aligned flat buffer, for per-tensor reductions: the
     buffer seen as ``(rows, width)``, each row belonging to one tensor.
@@ -84,6 +165,8 @@ class Segments(NamedTuple):
         width: values per row (the layout's ``align``).
         numels: for each tensor, its number of values (the padding left out), int64 (default
             ``None``).
+        channels: where the tensors' output channels lie, for per-channel reductions
+            (:class:`Channels`; default ``None``).
 
     Example:
         >>> import torch
@@ -101,6 +184,68 @@ class Segments(NamedTuple):
     """Values per row (the layout's ``align``)."""
     numels: torch.Tensor | None = None
     """For each tensor, its number of values (the padding left out), int64."""
+    channels: Channels | None = None
+    """Where the tensors' output channels lie (:class:`Channels`), for per-channel reductions."""
+
+    def to(self, device: torch.device | str) -> Segments:
+        """These segments with every tensor (those of :attr:`channels` too) on ``device``.
+
+        Args:
+            device: where the buffers they describe are.
+
+        Returns:
+            The moved :class:`Segments`.
+
+        Example:
+            >>> import torch
+            >>> from holotx.flat import FlatLayout
+            >>> (segments,) = FlatLayout([torch.zeros(5)], align=4).segments()
+            >>> segments.to("meta").channels.row_first.device
+            device(type='meta')
+        """
+        def moved(x: Any) -> Any:
+            return None if x is None else x.to(device)
+
+        channels = None if self.channels is None else self.channels.to(device)
+        return self._replace(row_ids=self.row_ids.to(device), numels=moved(self.numels), channels=channels)
+
+
+def _channels(slots: list[LeafSlot], width: int) -> Channels:
+    """The :class:`Channels` of one aligned buffer holding ``slots`` (in buffer order),
+    built tensor by tensor with vector ops (a row or a channel at a time would be a Python
+    loop over millions of values)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    fields: dict[str, list[torch.Tensor]] = {name: [empty] for name in Channels._fields[:-1]}
+    first_channel = 0
+    for k, slot in enumerate(slots):
+        numel = slot.shape.numel()
+        rows = -(-numel // width)
+        split = len(slot.shape) >= 2 and numel > 0
+        count, size = (slot.shape[0], numel // slot.shape[0]) if split else (1, 0)
+        lengths = torch.full((count,), size, dtype=torch.int64)
+        lengths[-1] = rows * width - size * (count - 1)  # the last channel takes the padding
+        starts = torch.arange(rows, dtype=torch.int64) * width  # each row's first value, in the tensor
+        fields["tensor_ids"].append(torch.full((count,), k, dtype=torch.int64))
+        fields["lengths"].append(lengths)
+        fields["sizes"].append(torch.tensor([size], dtype=torch.int64))
+        if split:
+            last = (starts + width).clamp(max=numel) - 1  # each row's last value, padding left out
+            fields["row_first"].append(first_channel + starts // size)
+            fields["row_offset"].append(starts % size)
+            fields["row_last"].append(first_channel + last // size)
+            cuts = torch.arange(1, count, dtype=torch.int64) * size  # where channels 1.. start
+            cuts = cuts[cuts % width != 0]
+            fields["cut_rows"].append(slot.offset // width + cuts // width)
+            fields["cut_cols"].append(cuts % width)
+            fields["cut_channels"].append(first_channel + cuts // size)
+        else:
+            fields["row_first"].append(torch.full((rows,), first_channel, dtype=torch.int64))
+            fields["row_offset"].append(starts)
+            fields["row_last"].append(torch.full((rows,), first_channel, dtype=torch.int64))
+        first_channel += count
+    row_first, row_last = torch.cat(fields["row_first"]), torch.cat(fields["row_last"])
+    most_per_row = int((row_last - row_first).max()) + 1 if row_first.numel() else 1
+    return Channels(*(torch.cat(fields[name]) for name in Channels._fields[:-1]), most_per_row)
 
 
 class FlatLayout:
@@ -187,7 +332,9 @@ class FlatLayout:
                 first = slot.offset // self.align
                 row_ids[first:first + -(-slot.shape.numel() // self.align)] = k
             numels = torch.tensor([slot.shape.numel() for slot in slots], dtype=torch.int64)
-            out.append(Segments(row_ids.to(device), len(slots), self.align, numels.to(device)))
+            channels = _channels(slots, self.align)
+            out.append(Segments(row_ids.to(device), len(slots), self.align, numels.to(device),
+                                channels.to(device)))
         return out
 
     def _with_segments(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -544,8 +691,17 @@ def segment_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = t
         tensor([ 5., 20.], dtype=torch.float64)
     """
     row_sums = x.reshape(-1, segments.width).sum(1).to(out_dtype)
-    sums = torch.zeros(segments.count, dtype=out_dtype, device=x.device)
-    return sums.index_add(0, segments.row_ids, row_sums)
+    return _sums_by(segments.row_ids, row_sums, segments.count)
+
+
+def _sums_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """``values`` summed by ``index`` into a ``(size,)`` vector: a small scatter-add, or
+    for one slot a plain sum. Inductor (torch 2.13, CPU) fails to generate a vectorised
+    scatter-add into a one-element buffer (the index folds to a constant), which a buffer
+    holding one tensor of several rows asks for."""
+    if size == 1:
+        return values.sum(0, keepdim=True)
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, index, values)
 
 
 def per_row(values: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -571,3 +727,126 @@ def per_row(values: torch.Tensor, segments: Segments) -> torch.Tensor:
                 [2.]])
     """
     return ops.in_memory(values)[segments.row_ids].unsqueeze(1)
+
+
+def _channels_of(segments: Segments) -> Channels:
+    if segments.channels is None:
+        raise ValueError("these segments have no channels (Segments.channels): pass layout.segments(), "
+                         "which describes each tensor's output channels")
+    return segments.channels
+
+
+def channel_sums(x: torch.Tensor, segments: Segments, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The sum over each output channel (:class:`Channels`) of an aligned flat buffer ``x``,
+    a ``(channels,)`` vector. Each row's sum (accumulated in ``x``'s dtype) goes to the
+    channel of its last value; where a channel starts inside a row (a cut), the values
+    before the cut are summed too (one more row read per cut, none where channels start on
+    rows) and moved from that channel to the one ending there. The corrections are small
+    scatter-adds in ``out_dtype``, and a fusing compiler computes the row sums in the loop
+    that produces ``x``: no index per value is stored or computed. The padding is zero in
+    every buffer a layout makes and adds nothing.
+
+    Args:
+        x: an aligned flat buffer (or values computed over one, e.g. ``p * g``).
+        segments: the buffer's :class:`Segments`, with its channels.
+        out_dtype: the dtype of the sums (default ``torch.float64``).
+
+    Returns:
+        The per-channel sums, a ``(channels,)`` vector of ``out_dtype``.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout, channel_sums
+        >>> layout = FlatLayout([torch.zeros(3, 2), torch.zeros(3)], align=4)
+        >>> (buffer,) = layout.flatten([torch.arange(6.0).reshape(3, 2), torch.ones(3)])
+        >>> channel_sums(buffer, layout.segments()[0])  # rows [0, 1], [2, 3], [4, 5]; the 1-D tensor
+        tensor([1., 5., 9., 3.], dtype=torch.float64)
+    """
+    channels = _channels_of(segments)
+    count = channels.tensor_ids.shape[0]
+    rows = x.reshape(-1, segments.width)
+    sums = _sums_by(channels.row_last, rows.sum(1).to(out_dtype), count)
+    if count == 1:
+        return sums  # no cuts: a cut is where a second channel starts
+    before = torch.arange(segments.width, device=x.device) < channels.cut_cols.unsqueeze(1)
+    heads = torch.where(before, rows[channels.cut_rows], 0).sum(1).to(out_dtype)
+    return sums.index_add(0, channels.cut_channels - 1, heads).index_add(0, channels.cut_channels, -heads)
+
+
+_CHAIN_LIMIT = 8
+"""The most channels a row may hold for :func:`per_channel`'s compiled form to choose
+between them by comparisons (a compare and a select per channel, on whole vectors) rather
+than gather one value per position (one lane at a time). Measured with inductor on a CPU,
+one thread, ``u + per_channel(f) * p`` over 25 M float32 values in rows of 256 (ms of CPU
+time, the comparisons then the gather): 4 channels a row at most (the ResNet-50 set) 68
+and 83, 5: 69 and 81, 9: 80 and 81, 16: 97 and 82, 30: 139 and 79."""
+
+
+def per_channel(values: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``values``, one per output channel (:class:`Channels`) of an aligned flat buffer,
+    spread over the buffer seen as ``(rows, width)``: each channel's value at each of its
+    positions (a tensor's padding takes its last channel's).
+
+    Eager, ``torch.repeat_interleave`` over the channels' lengths. Compiled (or under a
+    functorch transform), from the small ``values`` vector, stored once
+    (:func:`holotx.ops.in_memory`), with no index per value in memory: where no row holds
+    more than 8 channels, by comparing each column with where the row's channels start (a
+    compare and a select per channel on whole vectors: 4 at most on the ResNet-50 set);
+    beyond, by computing each position's channel from its row's first channel and offset
+    and gathering its value (one lane at a time).
+
+    Args:
+        values: one value per channel, a ``(channels,)`` vector.
+        segments: the buffer's :class:`Segments`, with its channels.
+
+    Returns:
+        A ``(rows, width)`` tensor: each position's channel's value.
+
+    Example:
+        >>> import torch
+        >>> from holotx.flat import FlatLayout, per_channel
+        >>> (segments,) = FlatLayout([torch.zeros(3, 2), torch.zeros(3)], align=4).segments()
+        >>> per_channel(torch.tensor([1.0, 2.0, 3.0, 4.0]), segments)
+        tensor([[1., 1., 2., 2.],
+                [3., 3., 3., 3.],
+                [4., 4., 4., 4.]])
+    """
+    channels = _channels_of(segments)
+    width = segments.width
+    rows = segments.row_ids.shape[0]
+    plan = executor.current()
+    if not (plan.compiling or plan.transformed):
+        return torch.repeat_interleave(values, channels.lengths, output_size=rows * width).view(rows, width)
+    stored = ops.in_memory(values)
+    first, last = channels.row_first.unsqueeze(1), channels.row_last.unsqueeze(1)
+    offset = channels.row_offset.unsqueeze(1)
+    # Each row's channel size (0: the row's tensor is one channel), stored: a value loaded by a
+    # computed index is gathered lane by lane in a vectorised loop, even where every lane's
+    # index is the row's.
+    sizes = ops.in_memory(channels.sizes[segments.row_ids]).unsqueeze(1)
+    column = torch.arange(width, device=values.device).unsqueeze(0)
+    if channels.most_per_row <= _CHAIN_LIMIT:
+        # The row's k-th channel starts at column k * size - offset (never, for a tensor that
+        # is one channel: that is at most 0); its value is the k-th after the row's first,
+        # or, past the tensor's end (its padding), the row's last.
+        most = channels.most_per_row
+        slots = torch.arange(most, device=values.device)
+        # Each row's values and where its channels start, stored, for the same reason.
+        table = ops.in_memory(stored[torch.minimum(first + slots, last)].reshape(-1)).view(rows, most)
+        starts = ops.in_memory((slots[1:] * sizes - offset).reshape(-1)).view(rows, most - 1)
+        out = table[:, most - 1:]
+        for k in range(most - 1, 0, -1):
+            out = torch.where(column < starts[:, k - 1:k], table[:, k - 1:k], out)
+        return out.expand(rows, width)
+    position = column + offset
+    if values.device.type == "mps":
+        # No float64 there; float32 would not keep the division below exact.
+        local = torch.div(position, sizes.clamp(min=1), rounding_mode="floor") * (sizes > 0)
+    else:
+        # floor((i + 1/2) / size) in float64, for the channel within the tensor: exact (the
+        # value is at least 1 / (2 size) from an integer and float64 errs by far less) and
+        # vectorised by inductor, which divides 64-bit integers one lane at a time.
+        inverse = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1).to(torch.float64), 0.0)
+        local = torch.floor((position.to(torch.float64) + 0.5) * inverse).to(torch.int64)
+    # Past the tensor's last value (its padding), the row's last channel.
+    return stored[torch.minimum(first + local, last)]

@@ -1,14 +1,16 @@
 """Flat buffers and the step helper: the fast path computes what the pytree path computes."""
 
 import io
+import math
 
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
+from torch._inductor.compile_fx import compile_fx
 
 import holotx
 from holotx import executor
-from holotx.flat import FlatLayout, make_step
+from holotx.flat import FlatLayout, channel_sums, make_step, per_channel, segment_sums
 
 
 def _params(dtype=torch.float64):
@@ -176,6 +178,9 @@ SEGMENTED = {
     "ralars": lambda: holotx.ralars(1e-2, betas=(0.9, 0.99), weight_decay=0.1),
     "tadam": lambda: holotx.tadam(1e-2, weight_decay=0.1),
     "tadam_amsgrad_dof": lambda: holotx.tadam(1e-2, amsgrad=True, dof=2.5),
+    "adamp": lambda: holotx.adamp(1e-2, weight_decay=0.1, delta=1.0),
+    "adamp_decoupled_nesterov": lambda: holotx.adamp(1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                                                     nesterov=True, amsgrad=True, delta=2.0),
     "adamp_holocron": lambda: holotx.adamp(1e-2, weight_decay=0.1, delta=1.0, compat="holocron"),
     "adamp_holocron_nesterov": lambda: holotx.adamp(1e-2, nesterov=True, amsgrad=True, delta=10.0,
                                                     compat="holocron"),
@@ -299,6 +304,209 @@ def test_tadam_over_segments_with_empty_tensors_and_half_precision():
             assert differ <= 0.05, f"{what} {key}: {differ:.0%} of the values differ"
 
 
+CHANNEL_SHAPES = [(4, 3, 7, 7), (7,), (0, 3), (6, 5), (3, 1, 1, 1), (2, 40), (), (0,), (1, 300), (9, 2, 3),
+                  (64, 1)]
+"""Output channels of 147 values (ResNet-50's first conv), 5, 1, 40, 300 and 6 (shorter
+than a row and longer, none a multiple of 16), 1-D, 0-d and empty tensors (one channel
+each). In rows of 4 no row holds more than 4 channels; in rows of 16 or 256, the 64
+channels of one value fill rows."""
+
+
+def _channel_counts(tensors):
+    """The channels of each tensor: its output channels, or one for a tensor of fewer than two
+    dimensions or none of values."""
+    return [t.shape[0] if t.dim() >= 2 and t.numel() else 1 for t in tensors]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("align", [4, 16, 256])
+def test_channel_sums_and_per_channel_follow_output_channels(align):
+    """Per-channel sums over an aligned buffer are the sums of ``p.reshape(p.shape[0], -1)``'s
+    rows (a tensor of fewer than two dimensions, or empty, is one channel), whether channels
+    start on rows or inside them; per_channel spreads one value per channel back over the
+    same positions (a tensor's padding taking its last channel's), eager (repeat_interleave)
+    and compiled, no repeat_interleave in the graph: choosing among each row's channels by
+    comparisons (rows of 4), or gathering each position's value (rows of 16 and 256, where
+    rows hold more than 8 channels)."""
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CHANNEL_SHAPES]
+    layout = FlatLayout(tensors, align=align)
+    (buffer,) = layout.flatten(tensors)
+    (segments,) = layout.segments()
+    assert segments.channels.most_per_row == {4: 4, 16: 16, 256: 64}[align]
+    expected = torch.cat([t.reshape(n, -1).sum(1) for t, n in zip(tensors, _channel_counts(tensors))])
+    torch.testing.assert_close(channel_sums(buffer, segments), expected, rtol=1e-14, atol=1e-14)
+
+    values = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    want = []
+    for t, v in zip(tensors, torch.split(values, _channel_counts(tensors))):
+        padded = -(-t.numel() // align) * align
+        per_value = v.repeat_interleave(t.numel() // len(v)) if t.numel() else v[:0]
+        want.append(torch.cat([per_value, v[-1].expand(padded - t.numel())]))
+    want = torch.cat(want)
+    assert torch.equal(per_channel(values, segments).reshape(-1), want)
+    graphs = []
+    aot_eager = lookup_backend("aot_eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(lambda v: per_channel(v, segments), backend=counting, fullgraph=True)
+    assert torch.equal(compiled(values).reshape(-1), want)
+    assert "repeat_interleave" not in graphs[0].code, "the compiled path computes each position's channel"
+
+
+ADAMP_CASES = {"channel": (4, 3, 7, 7), "layer": (6, 5), "neither": (3, 2, 3, 3), "long_channels": (2, 40),
+               "bias": (7,), "scalar": (), "empty": (0, 3)}
+"""The params of the official AdamP tests, by the case :func:`_adamp_grads` puts them in:
+output channels of 147 values (ResNet-50's first conv), 5, 18 and 40, none a multiple of
+the rows' 16 values; a 1-D, a 0-d and an empty tensor, never projected."""
+
+
+def _adamp_grads(params, gen, dtype):
+    """Gradients that put each param of :data:`ADAMP_CASES` in its case, away from the
+    thresholds: ``channel`` and ``long_channels`` orthogonal to each output channel (the
+    channel test projects); ``layer`` with its channels alternately along and against the
+    param by the same dot product, cancelling over the tensor (the channel test fails,
+    the whole-tensor one projects); ``neither`` along the param; the others random."""
+    grads = {}
+    for name, p in params.items():
+        p = p.double()
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if name in ("channel", "long_channels", "layer"):
+            rows, r = p.reshape(p.shape[0], -1), noise.reshape(p.shape[0], -1)
+            squares = (rows * rows).sum(1, keepdim=True)
+            g = r - (r * rows).sum(1, keepdim=True) / squares * rows
+            if name == "layer":
+                signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(p.shape[0] // 2).unsqueeze(1)
+                g = g + signs * rows / squares  # a dot product of +-1 with each channel
+            noise = g.reshape(p.shape)
+        elif name == "neither":
+            noise = p + 0.1 * noise
+        grads[name] = noise.to(dtype)
+    return grads
+
+
+def _adamp_case(p, g, delta=0.1, eps=1e-8):
+    """Which test projects ``p``'s update, by the official rule: ``"channel"``, ``"layer"``,
+    ``"neither"``, or ``"none"`` for a tensor of fewer than two dimensions or no values."""
+    if p.dim() < 2 or not p.numel():
+        return "none"
+    rp, rg = p.double().reshape(p.shape[0], -1), g.double().reshape(p.shape[0], -1)
+    cos = (rp * rg).sum(1).abs() / (rp.norm(dim=1).clamp(min=eps) * rg.norm(dim=1).clamp(min=eps))
+    if cos.max() < delta / math.sqrt(rp.shape[1]):
+        return "channel"
+    layer = (rp * rg).sum().abs() / (rp.norm().clamp(min=eps) * rg.norm().clamp(min=eps))
+    return "layer" if layer < delta / math.sqrt(p.numel()) else "neither"
+
+
+def _adamp_over_segments_and_tree(tx, dtype, steps):
+    """``steps`` of ``tx`` over the :data:`ADAMP_CASES` params, as a tree and as one aligned
+    flat buffer (rows of 16) with segments, on the same gradients; each step's cases
+    checked. Returns both runs' params and Adam states, the flat ones as trees."""
+    gen = torch.Generator().manual_seed(6)
+    params = {k: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for k, s in ADAMP_CASES.items()}
+    layout = FlatLayout(params, align=16)
+    tree_state, flat_params = tx.init(params), layout.flatten(params)
+    flat_state = tx.init(flat_params)
+    step = make_step(tx, donate=True)
+    want = {"channel": "channel", "long_channels": "channel", "layer": "layer", "neither": "neither"}
+    for _ in range(steps):
+        grads = _adamp_grads(params, gen, dtype)
+        cases = {k: _adamp_case(params[k], grads[k]) for k in params}
+        assert cases == {k: want.get(k, "none") for k in params}, cases
+        updates, tree_state = tx.update(grads, tree_state, params)
+        params = holotx.apply_updates(params, updates)
+        flat_params, flat_state = step(flat_params, layout.flatten(grads), flat_state,
+                                       segments=layout.segments())
+    (tree_adam,) = [s for s in tree_state if isinstance(s, holotx.transforms.ScaleByAdamState)]
+    (flat_adam,) = [s for s in flat_state if isinstance(s, holotx.transforms.ScaleByAdamState)]
+    moments = ("mu", "nu") + (("nu_max",) if tree_adam.nu_max is not None else ())
+    tree_run = {"params": params, **{m: getattr(tree_adam, m) for m in moments}}
+    flat_run = {"params": layout.unflatten(flat_params),
+                **{m: layout.unflatten(list(getattr(flat_adam, m))) for m in moments}}
+    assert {int(c) for c in holotx.tree.flatten(tree_adam.count)[0] if c is not None} == {steps}
+    assert [int(c) for c in flat_adam.count] == [steps]
+    return tree_run, flat_run
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                    dict(weight_decay=0.05, wd_ratio=0.3, decoupled_weight_decay=True,
+                                         nesterov=True, amsgrad=True)],
+                         ids=["decoupled_decay", "nesterov_amsgrad"])
+def test_official_adamp_over_segments_equals_the_tree(kwargs):
+    """AdamP's official projection over an aligned flat buffer: each tensor projected per
+    output channel, as a whole, or not at all, as the tree path decides, channels shorter
+    and longer than a row and not starting on rows; the decay scaled by ``wd_ratio`` where
+    projected. Float64, params and state equal to rounding after 6 steps."""
+    tree_run, flat_run = _adamp_over_segments_and_tree(holotx.adamp(1e-2, **kwargs), torch.float64, 6)
+    for what in tree_run:
+        for key, value in tree_run[what].items():
+            torch.testing.assert_close(flat_run[what][key], value, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, what=what, key=key: f"{what} {key}: {m}")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_official_adamp_over_segments_compiles_with_inductor():
+    """Inductor's step over the flat buffer is the eager flat step (float64, to rounding),
+    in one graph. Rows of 16 hold at most 4 of these channels: each value's factor is
+    chosen among its row's by comparisons, not gathered."""
+    gen = torch.Generator().manual_seed(8)
+    params = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in ADAMP_CASES.items()}
+    layout = FlatLayout(params, align=16)
+    segments = layout.segments()
+    assert segments[0].channels.most_per_row == 4
+    tx = holotx.adamp(1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    eager_params, compiled_params = layout.flatten(params), layout.flatten(params)
+    eager_state, compiled_state = tx.init(eager_params), tx.init(compiled_params)
+    step = make_step(tx, donate=True)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(step, backend=counting, fullgraph=True)
+    for _ in range(3):
+        grads = layout.flatten(_adamp_grads(params, gen, torch.float64))
+        _, eager_state = step(eager_params, [g.clone() for g in grads], eager_state, segments=segments)
+        _, compiled_state = compiled(compiled_params, grads, compiled_state, segments=segments)
+        params = layout.unflatten(eager_params)
+    torch.testing.assert_close(compiled_params, eager_params, rtol=1e-12, atol=1e-14)
+    assert len(graphs) == 1
+
+
+def _bf16_spacing(x):
+    """bfloat16's spacing (one ulp) at each value of ``x``, as float64."""
+    return torch.exp2(torch.floor(torch.log2(x.double().abs().clamp(min=2.0 ** -126))) - 7)
+
+
+def test_official_adamp_over_segments_in_bfloat16():
+    """bfloat16: the flat step is the tree step within a bf16 ulp, its moments equal (they
+    come before the projection). The tree path's per-channel sums are bfloat16 values, the
+    flat path's float32 then float64, and the flat path applies the projection and the
+    decay as one factor where the tree path rounds after each: a param may round the other
+    way. After one step: at most one ulp of the value, on at most 5% of the values. After
+    eight (each step's difference fed back through the params): at most one ulp of the
+    tensor's largest value (values near 0 may be several of their own ulps apart), on at
+    most 15% of the values."""
+    for steps, per_value, share in ((1, True, 0.05), (8, False, 0.15)):
+        tree_run, flat_run = _adamp_over_segments_and_tree(
+            holotx.adamp(1e-2, weight_decay=0.1, decoupled_weight_decay=True), torch.bfloat16, steps)
+        for key, want in tree_run["params"].items():
+            if not want.numel():
+                continue
+            got = flat_run["params"][key]
+            ulp = _bf16_spacing(want) if per_value else _bf16_spacing(want.abs().max())
+            assert ((got.double() - want.double()).abs() <= ulp).all(), (steps, key)
+            differ = (got != want).double().mean().item()
+            assert differ <= share, f"{steps} steps, {key}: {differ:.0%} of the values differ"
+        for what in ("mu", "nu"):
+            for key, want in tree_run[what].items():
+                assert torch.equal(flat_run[what][key], want), (steps, what, key)
+
+
 def test_lerp_rows_keeps_a_float32_weight_for_half_buffers():
     """The per-row lerp with float32 weights on a bfloat16 buffer is the float32 lerp,
     rounded once (what the per-tensor ops do with a Python-float weight)."""
@@ -309,16 +517,23 @@ def test_lerp_rows_keeps_a_float32_weight_for_half_buffers():
     assert torch.equal(holotx.ops.lerp_rows([x.reshape(-1)], [y.reshape(-1)], [w])[0], expected.reshape(-1))
 
 
-def test_official_adamp_refuses_segments():
-    """AdamP's official projection takes cosines per output channel, which whole-tensor
-    segments do not give: refused by name (Holocron's whole-tensor one runs over them)."""
+def test_official_adamp_needs_the_channels_of_its_segments():
+    """AdamP's official projection takes cosines per output channel: segments that do not
+    say where the channels lie (made by hand) are refused by name, before anything is
+    written; Holocron's whole-tensor projection runs without them."""
     params = {"w": torch.randn(5, 3), "b": torch.randn(7)}
     layout = FlatLayout(params, align=4)
     flat = layout.flatten(params)
+    bare = [seg._replace(channels=None) for seg in layout.segments()]
     tx = holotx.adamp(1e-2)
     state = tx.init(flat)
-    with pytest.raises(ValueError, match="per output channel"):
-        tx.update(flat, state, flat, segments=layout.segments())
+    before = [x.clone() for x in holotx.tree.flatten(state)[0] if x is not None]
+    with pytest.raises(ValueError, match="do not say where the channels lie"):
+        make_step(tx, donate=True)(flat, [torch.ones_like(b) for b in flat], state, segments=bare)
+    after = [x for x in holotx.tree.flatten(state)[0] if x is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the donated state was written"
+    holocron = holotx.adamp(1e-2, compat="holocron")
+    holocron.update(flat, holocron.init(flat), flat, segments=bare)
 
 
 def test_segments_refuse_a_mask_and_a_wrong_count():
@@ -334,7 +549,7 @@ def test_segments_refuse_a_mask_and_a_wrong_count():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("name", ["lamb", "tadam"])
+@pytest.mark.parametrize("name", ["lamb", "tadam", "adamp"])
 def test_per_tensor_rule_over_segments_compiles_to_one_graph(name):
     """The segmented fast path compiles without graph breaks and gives the eager numbers;
     new grad buffers at every step (autograd's) reuse the one graph."""
@@ -495,3 +710,18 @@ def test_a_compiled_flat_step_given_host_decisions_compiles_a_graph_per_flag(nam
     got = layout.unflatten(flat_params)
     for key in params:
         torch.testing.assert_close(got[key], tree_params[key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_segment_sums_of_one_tensor_compile_with_inductor():
+    """A buffer holding one tensor of several rows: its sum by segments, and by channels
+    (a 1-D tensor is one), compile with inductor (a scatter-add into a one-element buffer
+    fails inductor's code generation)."""
+    (x,) = params = [torch.randn(8 * 16, dtype=torch.float64)]
+    layout = FlatLayout(params, align=16)
+    (segments,) = layout.segments()
+    (buffer,) = layout.flatten(params)
+    compiled = torch.compile(lambda b: (segment_sums(b * b, segments), channel_sums(b * b, segments)),
+                             fullgraph=True)
+    for sums in compiled(buffer):
+        torch.testing.assert_close(sums, (x * x).sum().reshape(1))

@@ -11,7 +11,7 @@ import torch
 from holotx import _validate, ops, tree
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
-from holotx.flat import check_segments, per_row, segment_sums
+from holotx.flat import _sums_by, channel_sums, check_segments, per_channel, per_row, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,
@@ -19,6 +19,7 @@ from holotx.transforms.adam import (
     bias_correction,
     moments,
     per_leaf,
+    scalar_dtype,
     step_counts,
 )
 from holotx.tree import zeros_like
@@ -146,9 +147,10 @@ def scale_by_adamp(
     :math:`\rho` = ``wd_ratio`` (default 0.1) where a tensor was projected, 1 elsewhere,
     as in the official code. ``delta`` (default 0.1) sets the cosine threshold. Coupled L2
     decay is :func:`~holotx.add_decayed_weights` placed before. Needs ``params``. State:
-    :class:`~holotx.transforms.ScaleByAdamState`. With ``projection="holocron"`` it runs
-    over aligned flat buffers given ``segments=`` (:mod:`holotx.flat`); the official
-    projection, per output channel, refuses them.
+    :class:`~holotx.transforms.ScaleByAdamState`. Either projection runs over aligned flat
+    buffers given ``segments=layout.segments()`` (:mod:`holotx.flat`): the official one's
+    per-channel sums are :func:`holotx.flat.channel_sums`, the whole tensors' are the sums
+    of their channels'.
 
     Args:
         b1: :math:`\beta_1`, the decay rate of the first moment (default ``0.9``).
@@ -201,14 +203,14 @@ def scale_by_adamp(
         if params is None:
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
         segments = extra.get("segments")
-        if segments is not None and projection != "holocron":
-            raise ValueError("scale_by_adamp: the official projection takes cosines per output channel, "
-                             "which a flat buffer's segments (whole tensors) do not give; run it on the "
-                             "tensors themselves (projection='holocron' works over segments)")
         tree.check_whole_tensors(params, "scale_by_adamp", flat_ok=segments is not None)
         leaves = tree.flatten(updates)[0]
         leaf_segments = ([None] * len(leaves) if segments is None
                          else check_segments(segments, leaves, "scale_by_adamp"))
+        if projection == "official" and any(s is not None and s.channels is None for s in leaf_segments):
+            raise ValueError("scale_by_adamp: the official projection takes cosines per output channel, "
+                             "and these segments do not say where the channels lie (Segments.channels): "
+                             "pass layout.segments()")
 
         def kernel(g, count, mu, nu, nu_max, p, segs):
             count, t = step_counts(count)
@@ -222,7 +224,8 @@ def scale_by_adamp(
             u = adaptive_ratio(numerator, nu if nu_max is None else nu_max, scale, shift)
             if segs[0] is not None:
                 decay = weight_decay if decays else None
-                return _project_segments(u, p, g, segs, delta, eps, decay, wd_ratio), count, mu, nu, nu_max
+                project = _project_segments if projection == "holocron" else _project_channels
+                return project(u, p, g, segs, delta, eps, decay, wd_ratio), count, mu, nu, nu_max
             coefs, projected = zip(*(projection_coefficients(pi, gi, ui, delta, eps, projection=projection)
                                      for pi, gi, ui in zip(p, g, u)))
             u = ops.addcmul_(u, p, list(coefs), -1)
@@ -265,3 +268,56 @@ def _project_segments(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, s
                                                           torch.ones_like(coef))
         out.append(ui + ops.mul_rows([pi], [per_row(factor.to(ui.dtype), seg)])[0])
     return out
+
+
+def _project_channels(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, segments: list[Any],
+                      delta: Scalar, eps: Scalar, weight_decay: Scalar | None,
+                      wd_ratio: Scalar) -> ops.TensorList:
+    """The official projection (:func:`projection_coefficients`) over aligned flat
+    buffers: the four sums of each output channel (:func:`holotx.flat.channel_sums`),
+    each tensor's as the sum of its channels'; then ``u - c p + lambda rho p`` with one
+    factor per channel (the channel's coefficient, its tensor's, or none), spread over
+    its values. Tensors of fewer than two dimensions, and empty ones, are one channel
+    each and never projected."""
+    out = []
+    for ui, pi, gi, seg in zip(u, p, g, segments):
+        channels = seg.channels
+        dtype = ops.accumulation_dtype(pi.dtype) or pi.dtype
+        sums_dtype = scalar_dtype(pi.device)
+        pf, gf, uf = (x.to(dtype) for x in (pi, gi, ui))
+        pp, gg, pg, pd = (channel_sums(a * b, seg, sums_dtype)
+                          for a, b in ((pf, pf), (gf, gf), (pf, gf), (pf, uf)))
+        split = channels.sizes > 0  # two or more dimensions, not empty
+        one = torch.ones((), dtype=sums_dtype, device=pi.device)
+        channel_norm_p = pp.sqrt()
+        channel_cos = _cosine(pg, channel_norm_p, gg.sqrt(), eps).abs()
+        channel_limit = delta / torch.where(split, channels.sizes.to(sums_dtype), one).sqrt()
+        # The largest |cos| of a tensor's channels is under its limit when none is at or over
+        # it; a NaN counts as over (a NaN maximum fails the test too).
+        over = ~(channel_cos < channel_limit[channels.tensor_ids])
+        by_channel = split & (_over_tensors(over.to(sums_dtype), seg) == 0)
+        layer_pp, layer_gg, layer_pg, layer_pd = (_over_tensors(x, seg) for x in (pp, gg, pg, pd))
+        layer_norm_p = layer_pp.sqrt()
+        layer_cos = _cosine(layer_pg, layer_norm_p, layer_gg.sqrt(), eps).abs()
+        layer_limit = delta / torch.where(split, seg.numels.to(sums_dtype), one).sqrt()
+        by_layer = split & (layer_cos < layer_limit)
+        layer_coef = layer_pd / (layer_norm_p + eps) ** 2
+        channel_coef = pd / (channel_norm_p + eps) ** 2
+        zero = torch.zeros_like(channel_coef)
+        coef = torch.where(by_channel[channels.tensor_ids], channel_coef,
+                           torch.where(by_layer[channels.tensor_ids], layer_coef[channels.tensor_ids], zero))
+        factor = -coef
+        if weight_decay is not None:
+            projected = (by_channel | by_layer)[channels.tensor_ids]
+            factor = factor + weight_decay * torch.where(projected, wd_ratio * torch.ones_like(coef),
+                                                          torch.ones_like(coef))
+        # Flat, as the params the update is applied to: inductor fuses the update and its
+        # application into one loop where both are seen alike (seen as rows, the update was
+        # stored between two loops).
+        out.append(ui + per_channel(factor.to(ui.dtype), seg).reshape(ui.shape) * pi)
+    return out
+
+
+def _over_tensors(x: torch.Tensor, segments: Any) -> torch.Tensor:
+    """Per-channel values summed over each tensor's channels (a small scatter-add)."""
+    return _sums_by(segments.channels.tensor_ids, x, segments.count)
