@@ -494,6 +494,22 @@ def test_a_compiled_donated_step_given_decisions_has_a_graph_per_decision(name):
     torch._dynamo.reset()
 
 
+def test_an_eager_step_reads_its_own_flags_whatever_it_is_given():
+    """Eager, the flags are read from the counts: a stale decision (the previous step's)
+    passed to a donated step changes nothing."""
+    tx = holotx.lookahead(holotx.sgd(0.1), sync_period=2)
+    runs = []
+    for stale in (False, True):
+        params = _params()
+        state = tx.init(params)
+        for k in range(4):
+            grads = holotx.tree.map(lambda p, k=k: torch.full_like(p, k + 1.0), params)
+            decisions = {id(c): k % 2 == 0 for c in holotx.tree.flatten(state.count)[0]} if stale else {}
+            state = _donated_step(tx, params, grads, state, decisions)
+        runs.append(params)
+    assert _equal(runs[0], runs[1])
+
+
 def test_a_pure_step_ignores_decisions():
     """Decisions are keyed by the identity of state tensors, which a pure step replaces:
     given to one, they would match nothing at the next step (a compiled step would

@@ -35,9 +35,11 @@ def sync_flags(counts: list[torch.Tensor],
     decided them before a compiled step (:func:`decide_syncs`), else 0-d bool tensors."""
     known = [executor.decided(c) for c in counts]
     counts, t = step_counts(counts)
-    if known and all(isinstance(k, bool) for k in known):
-        return counts, t, known
     (flags,) = per_leaf(t % sync_period == 0)
+    # Read on the host, the flags are the counts' own (decisions are for a traced step,
+    # which cannot read them; a stale one given to an eager step changes nothing).
+    if not host_decided(flags) and known and all(isinstance(k, bool) for k in known):
+        return counts, t, known
     return counts, t, flags
 
 
