@@ -266,12 +266,18 @@ def _checked_scale(value: Any, what: str = "lr_scale") -> float:
     return float(value)
 
 
-def checked_lr(value: Any) -> float:
-    """A number written as ``lr``, checked as every lr is (:func:`holotx._validate.non_negative`):
-    a finite number >= 0, or a one-element tensor holding one (read)."""
+def check_lr(value: Any) -> None:
+    """``ValueError`` naming lr unless ``value`` is what every lr must be
+    (:func:`holotx._validate.non_negative`): a finite number >= 0, or a one-element tensor
+    holding one (its value read where that costs nothing)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.reshape(())
     _validate.non_negative("lr", value)
+
+
+def checked_lr(value: Any) -> float:
+    """A number written as ``lr``, checked (:func:`check_lr`) and read as a float."""
+    check_lr(value)
     return float(value)
 
 

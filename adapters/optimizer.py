@@ -1191,11 +1191,8 @@ def _validate_lr(lr: Any) -> None:
     """The lr of a group whose transform was given built, checked as a factory checks its
     own: a finite number ``>= 0`` or a one-element tensor holding one (its value read where
     that costs nothing), or a schedule (checked where the group takes it)."""
-    if _lr.is_schedule(lr):
-        return
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = lr.reshape(())
-    _validate.non_negative("lr", lr)
+    if not _lr.is_schedule(lr):
+        _lr.check_lr(lr)
 
 
 def _plain_schedule_groups(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
