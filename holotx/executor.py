@@ -482,12 +482,12 @@ def decisions(tx: Any, state: Any, params: Any) -> dict[int, Any]:
     would match nothing). Empty for a transform that decides nothing."""
     if not is_own(tx):
         return {}
+    found: dict[int, Any] = {}
     plan = Plan(None)
-    plan.deciding = True
-    plan.decisions = {}
+    plan.deciding, plan.decisions = True, found
     with _planned(plan), torch.no_grad():
         _prepare_entry(tx.update, state, params)
-    return dict(plan.decisions)
+    return found
 
 
 def call_pure(tx: Any, updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
