@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import struct
 import threading
@@ -140,6 +141,9 @@ threads: AdamW 63 -> 57 ms, LARS 38 -> 35, LAMB 48 -> 45, AdEMAMix 62 -> 49 at t
 threads). ``HOLOTX_BATCH_BYTES`` sets it for another cache."""
 
 
+_requires_grad = operator.attrgetter("requires_grad")
+
+
 def _functorch_kinds() -> frozenset[Any]:
     stack = _functorch.get_interpreter_stack()
     return frozenset(i.key() for i in stack) if stack else frozenset()
@@ -154,6 +158,7 @@ class Plan:
         "decisions",
         "evaluated",
         "everything_outside",
+        "flattened",
         "marked",
         "outside",
         "recording",
@@ -188,6 +193,45 @@ class Plan:
         self.running: Callable[..., Any] | None = None
         self.scale_target: Callable[..., Any] | None = None
         self.scale_factors: list[Any] | None = None
+        # id(tree) -> [tree, leaves, spec, meta]: the trees this step has flattened
+        # (its inputs, and the updates one transform hands the next), so that each is
+        # flattened and its leaves described once (see leaves_of).
+        self.flattened: dict[int, list[Any]] = {}
+
+    # ---------------------------------------------------------------- trees
+
+    def leaves_of(self, t: Any) -> tuple[list[Any], Any]:
+        """``tree.flatten(t)``, once per tree per step. The tree is kept with its leaves,
+        so its id stays its own; user code run within the step (a transform holotx did
+        not build, which may change a container in place) forgets them all
+        (:meth:`forget_trees`). Traced, no identity is read."""
+        if self.compiling:
+            return tree.flatten(t)
+        hit = self.flattened.get(id(t))
+        if hit is None:
+            leaves, spec = tree.flatten(t)
+            self.flattened[id(t)] = [t, leaves, spec, None]
+            return leaves, spec
+        return hit[1], hit[2]
+
+    def described(self, t: Any, leaves: list[Any]) -> list[Any] | None:
+        """:func:`_meta` of ``t``'s leaves (as :meth:`leaves_of` gave them), once per step."""
+        hit = None if self.compiling else self.flattened.get(id(t))
+        if hit is None:
+            return _meta(leaves)
+        if hit[3] is None:
+            hit[3] = _meta(leaves)
+        return hit[3]
+
+    def made(self, t: Any, leaves: list[Any], spec: Any) -> Any:
+        """``t``, a tree this step built from ``leaves``: known, so not flattened again."""
+        if not self.compiling:
+            self.flattened[id(t)] = [t, leaves, spec, None]
+        return t
+
+    def forget_trees(self) -> None:
+        """After user code that may have changed a container: flatten everything again."""
+        self.flattened.clear()
 
     # ---------------------------------------------------------------- dispatch
 
@@ -213,9 +257,10 @@ class Plan:
         and no gradient needed."""
         if self.compiling or self.transformed:
             return False
-        if any(t.device.type != "cpu" or is_wrapper(t) for t in tensors):
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        for t in tensors:
+            if not t.is_cpu or is_wrapper(t):
+                return False
+        return not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))
 
     def batches(self, idx: list[int], leaves: Sequence[torch.Tensor]) -> list[list[int]]:
         """The order of work for one device/dtype group of leaves (their indices ``idx``).
@@ -259,9 +304,10 @@ class Plan:
         if self.compiling:
             if _functorch.is_batchedtensor(xs[0]) or not any(xs is m for m in self.marked):
                 return False
-        elif self.transformed or not self.outside.isdisjoint(map(id, xs)):
+            return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+        if self.transformed or not self.outside.isdisjoint(map(id, xs)):
             return False
-        return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+        return not (torch.is_grad_enabled() and any(map(_requires_grad, xs)))
 
     def mark_state(self, lists: Iterable[list[torch.Tensor] | None]) -> None:
         """Traced by compile, the state lists handed to a rule: written in place (the
@@ -359,9 +405,9 @@ def register(update: Callable[..., Any],
                              "arguments in the wrong order? (update(updates, state, params))")
         plan = _active()
         if plan is None:
-            check_params(updates, params)
             plan = _new_plan(updates, state, params, donate=donate,
                              donate_updates=donate if donate_updates is None else donate_updates)
+            check_params(plan, updates, params)
             with _planned(plan):
                 _prepare_step(plan, entry, state, params)
                 return _running(plan, entry, update, updates, state, params, extra)
@@ -395,12 +441,13 @@ def is_scaling(tx: Any) -> bool:
 
 def _new_plan(updates: Any, state: Any, params: Any, *, donate: bool, donate_updates: bool) -> Plan:
     outside: set[int] = set()
-    if torch.compiler.is_compiling():  # no identities read (see the module docstring)
-        return Plan(outside, state_donated=donate)
+    plan = Plan(outside, state_donated=donate)
+    if plan.compiling:  # no identities read (see the module docstring)
+        return plan
     for t, donated in ((updates, donate_updates), (state, donate), (params, False)):
         if not donated and t is not None:
-            outside.update(map(id, tree.flatten(t)[0]))  # (the id of None or a number: harmless)
-    return Plan(outside, state_donated=donate)
+            outside.update(map(id, plan.leaves_of(t)[0]))  # (the id of None or a number: harmless)
+    return plan
 
 
 def call(tx: Any, updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
@@ -506,6 +553,7 @@ def call_pure(tx: Any, updates: Any, state: Any, params: Any = None, **extra: An
     else:
         with _planned(None):
             new_updates, new_state = tx.update(updates, state, params, **extra)
+        plan.forget_trees()  # (it may have changed a container it was given)
     plan.exclude(updates, state, new_updates, new_state)
     return new_updates, new_state
 
@@ -529,9 +577,9 @@ def begin(tx: Any, updates: Any, state: Any, params: Any, *, donate: bool = Fals
     ``tx``. A caller with several steps to take together (the adapter's param groups)
     begins them all before it finishes any, so that a schedule that raises in the last
     leaves the first unchanged too."""
-    if is_own(tx):
-        check_params(updates, params)
     plan = _new_plan(updates, state, params, donate=donate, donate_updates=donate_updates)
+    if is_own(tx):
+        check_params(plan, updates, params)
     # The caller applies the updates and then drops them: it only reads them.
     plan.updates_read_only = True
     if decisions and donate:
@@ -553,7 +601,7 @@ def finish(step: Step, **extra: Any) -> tuple[Any, Any, Any, bool]:
     with _planned(plan):
         new_updates, new_state = call(step.tx, step.updates, step.state, step.params, **extra)
         owned = not plan.compiling and plan.may_write(
-            [x for x in tree.flatten(new_updates)[0] if x is not None])
+            [x for x in plan.leaves_of(new_updates)[0] if x is not None])
     return new_updates, new_state, scale_factor(step.factors), owned
 
 
@@ -613,11 +661,17 @@ def multi_tensor_update(
     updates tree and the list of new state trees.
     """
     names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
-    g_leaves, spec = tree.flatten(updates)
+    plan = current()
+    g_leaves, spec = plan.leaves_of(updates)
     _check_tensors(g_leaves, spec)
     for values in leaf_values:
         if len(values) != len(g_leaves):
             raise ValueError(f"leaf_values has {len(values)} entries for {len(g_leaves)} leaves")
+    # Every leaf's (shape, device, dtype), read once: a state or params whose leaves have
+    # exactly these (the usual case) needs no check per leaf. Anything else goes through
+    # the checks below, which name the first path that differs (or let a legal
+    # difference pass: state kept where the gradient is None).
+    g_meta = plan.described(updates, g_leaves)
     state_leaves: list[list[Any] | None] = []
     for k, (name, st) in enumerate(zip(names, states)):
         if st is None:
@@ -626,54 +680,56 @@ def multi_tensor_update(
         leaves = tree.leaves_matching(st, spec, name, "updates")
         per_leaf = k >= count_states
         dtype_of = (state_dtypes or {}).get(k)
-        tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf,
-                          dtype=per_leaf and dtype_of is None, device=per_leaf or not host_counts)
-        if dtype_of is not None:
-            for i, (g, x) in enumerate(zip(g_leaves, leaves)):
-                if g is not None and x is not None and x.dtype != dtype_of(g.dtype):
-                    raise ValueError(f"{name} at {tree.path_strings(spec)[i]} has dtype {x.dtype}, "
-                                     f"expected {dtype_of(g.dtype)} for updates of {g.dtype}")
+        if not (per_leaf and dtype_of is None and _meta(leaves) == g_meta):
+            _check_state(g_leaves, leaves, spec, name, per_leaf=per_leaf, dtype_of=dtype_of,
+                         host_counts=host_counts)
         state_leaves.append(leaves)
     if params is None:
         if needs_params:
             raise ValueError("this transform needs params: call update(updates, state, params)")
         p_leaves = None
     else:
-        p_leaves = tree.leaves_matching(params, spec, "params", "updates")
-        tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params")
-        for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
-            if g is not None and p is None:
-                path = tree.path_strings(spec)[i]
-                raise ValueError(f"params at {path} is None but updates has a tensor there")
+        p_leaves, p_spec = plan.leaves_of(params)
+        if p_spec != spec:
+            tree.leaves_matching(params, spec, "params", "updates")  # raises, naming the difference
+        if plan.described(params, p_leaves) != g_meta:
+            tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params")
+            for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
+                if g is not None and p is None:
+                    path = tree.path_strings(spec)[i]
+                    raise ValueError(f"params at {path} is None but updates has a tensor there")
 
-    groups: dict[tuple[Any, Any], list[int]] = {}
-    for i, g in enumerate(g_leaves):
-        if g is not None:
-            for k, leaves in enumerate(state_leaves):
-                if leaves is not None and leaves[i] is None:
-                    raise ValueError(f"{names[k]} has no entry at {tree.path_strings(spec)[i]}, "
-                                     "where updates has a tensor: was init given this leaf?")
-            # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
-            wrapped = is_wrapper(g)
-            groups.setdefault((g.device, g.dtype, wrapped), []).append(i)
+    groups: dict[tuple[Any, Any, bool], list[int]] = {}
+    kinds = {(m[1], m[2], type(g)) for m, g in zip(g_meta, g_leaves)} if None not in g_meta else ()
+    if len(kinds) == 1:  # (the usual case: every leaf a plain tensor on one device, one dtype)
+        device, dtype, cls = next(iter(kinds))
+        groups[device, dtype, is_wrapper_type(cls)] = list(range(len(g_leaves)))
+    else:
+        for i, m in enumerate(g_meta):
+            if m is not None:
+                # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
+                groups.setdefault((m[1], m[2], is_wrapper(g_leaves[i])), []).append(i)
     for (_, dtype, _), idx in groups.items():
         if not (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"updates at {tree.path_strings(spec)[idx[0]]} has dtype {dtype}: holotx steps "
                              "floating-point and complex tensors (an integer parameter cannot take a "
                              "fractional step)")
 
-    plan = current()
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
     batches = [(wrapped, batch) for (_, _, wrapped), idx in groups.items()
                for batch in plan.batches(idx, g_leaves)]
     for wrapped, idx in batches:
-        inputs = [
-            [g_leaves[i] for i in idx],
-            *[None if leaves is None else [leaves[i] for i in idx] for leaves in state_leaves],
-            None if p_leaves is None else [p_leaves[i] for i in idx],
-            *[[values[i] for i in idx] for values in leaf_values],
-        ]
+        if len(idx) == len(g_leaves):  # (every leaf in one batch: no slicing)
+            inputs = [list(g_leaves), *[None if leaves is None else list(leaves) for leaves in state_leaves],
+                      None if p_leaves is None else list(p_leaves), *[list(values) for values in leaf_values]]
+        else:
+            inputs = [
+                [g_leaves[i] for i in idx],
+                *[None if leaves is None else [leaves[i] for i in idx] for leaves in state_leaves],
+                None if p_leaves is None else [p_leaves[i] for i in idx],
+                *[[values[i] for i in idx] for values in leaf_values],
+            ]
         complex_view = g_leaves[idx[0]].is_complex()
         if complex_view:
             inputs, of_view = _real_views(plan, inputs, 1 + count_states, 1 + len(state_leaves))
@@ -687,16 +743,22 @@ def multi_tensor_update(
             # (outs[1:1 + count_states] are the counts, never viewed.)
             outs = [out if out is None or 0 < k <= count_states
                     else _complex_again(plan, out, of_view) for k, out in enumerate(outs)]
-        for j, i in enumerate(idx):
-            new_u[i] = outs[0][j]
+        if len(idx) == len(g_leaves):
+            new_u = list(outs[0])
+        else:
+            for j, i in enumerate(idx):
+                new_u[i] = outs[0][j]
         for k, out in enumerate(outs[1:]):
             if new_states[k] is not None:
-                for j, i in enumerate(idx):
-                    new_states[k][i] = out[j]
+                if len(idx) == len(g_leaves):
+                    new_states[k] = list(out)
+                else:
+                    for j, i in enumerate(idx):
+                        new_states[k][i] = out[j]
                 # A state is never written through the updates of a later transform (a
                 # momentum buffer may be the updates of a pure step).
                 plan.exclude_leaves(out)
-    return tree.unflatten(spec, new_u), [
+    return plan.made(tree.unflatten(spec, new_u), new_u, spec), [
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]
 
@@ -753,16 +815,48 @@ def _check_tensors(leaves: list[Any], spec: Any) -> None:
                              "(or None for no gradient)")
 
 
-def check_params(updates: Any, params: Any) -> None:
+def _meta(leaves: Sequence[Any]) -> list[Any] | None:
+    """Each leaf's ``(shape, device, dtype)`` (``None`` for ``None``), or ``None`` where a
+    leaf has no such attributes (the full checks then say what it is)."""
+    try:
+        return [None if x is None else (x.shape, x.device, x.dtype) for x in leaves]
+    except AttributeError:
+        return None
+
+
+def _check_state(g_leaves: list[Any], leaves: list[Any], spec: Any, name: str, *, per_leaf: bool,
+                 dtype_of: Callable[[Any], Any] | None, host_counts: bool) -> None:
+    """The leaves of one state against the updates': a tensor wherever the updates have one,
+    and per-leaf buffers of the same shape, device and dtype (or the dtype ``dtype_of``
+    gives); counts (not ``per_leaf``) only on the same device, unless kept on the host."""
+    tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf,
+                      dtype=per_leaf and dtype_of is None, device=per_leaf or not host_counts)
+    for i, (g, x) in enumerate(zip(g_leaves, leaves)):
+        if g is None:
+            continue
+        if x is None:
+            raise ValueError(f"{name} has no entry at {tree.path_strings(spec)[i]}, "
+                             "where updates has a tensor: was init given this leaf?")
+        if dtype_of is not None and x.dtype != dtype_of(g.dtype):
+            raise ValueError(f"{name} at {tree.path_strings(spec)[i]} has dtype {x.dtype}, "
+                             f"expected {dtype_of(g.dtype)} for updates of {g.dtype}")
+
+
+def check_params(plan: Plan, updates: Any, params: Any) -> None:
     """At the start of a step: ``params``, where given, has the structure of the updates
     and the same shape at every leaf, whether or not the transform reads them (nothing
     broadcasts: a ``(1, 3)`` gradient for a ``(3,)`` parameter is an error)."""
-    if params is None or torch.compiler.is_compiling():
+    if params is None or plan.compiling:
         return
-    g_leaves, spec = tree.flatten(updates)
+    g_leaves, spec = plan.leaves_of(updates)
     _check_tensors(g_leaves, spec)
-    p_leaves = tree.leaves_matching(params, spec, "params", "updates")
-    tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params", dtype=False, device=False)
+    p_leaves, p_spec = plan.leaves_of(params)
+    if p_spec != spec:
+        tree.leaves_matching(params, spec, "params", "updates")  # raises, naming the difference
+    g_meta, p_meta = plan.described(updates, g_leaves), plan.described(params, p_leaves)
+    if g_meta is None or p_meta is None or [None if m is None else m[0] for m in g_meta] != [
+            None if m is None else m[0] for m in p_meta]:
+        tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params", dtype=False, device=False)
 
 
 def _replicating() -> contextlib.AbstractContextManager[Any]:

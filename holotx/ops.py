@@ -174,13 +174,15 @@ def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
     value (a Python scalar is taken in the lists' dtype), so the results are the same.
     Anything else as it is."""
     if isinstance(s, list):
-        if not s or not all(type(v) is float for v in s) or s.count(s[0]) != len(s):
+        # (list.count compares by ==: an int among equal floats has the same value)
+        if not s or type(s[0]) is not float or s.count(s[0]) != len(s):
             return s
         s = s[0]
     elif type(s) not in (float, int) or (type(s) is int and abs(s) > 2**53):
         return s
-    dtype = xs[0].dtype
-    if dtype not in (torch.float32, torch.float64) or not plan.host_scalars(xs[:1]):
+    x = xs[0]
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.float64) or not plan.host_scalars((x,)):
         return s
     key = (repr(s), dtype)  # repr tells -0.0 from 0.0 (equal as keys) and finds a NaN
     t = _SCALARS.get(key)

@@ -104,10 +104,9 @@ def per_leaf(*vectors: torch.Tensor) -> tuple[list[torch.Tensor] | list[float], 
     non-capturable path uses: the foreach ``ScalarList`` kernels take them, where a 0-d
     tensor per leaf costs a broadcast per leaf (10 ms a step on 1000 leaves).
     """
-    vectors = per_step_scalars(*vectors)
     if ops.host_scalars_ok(vectors):
         return tuple(v.tolist() for v in vectors)
-    return tuple(list(v.unbind(0)) for v in vectors)
+    return tuple(list(v.unbind(0)) for v in per_step_scalars(*vectors))
 
 
 def per_step_scalars(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
