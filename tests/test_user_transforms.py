@@ -166,3 +166,32 @@ def test_the_learning_rate_is_still_folded_for_holotx_chains():
         _, _, factor, _ = executor.run(wrapped, grads_seq()[0], wrapped.init(params), params, donate=True,
                                        donate_updates=True, hand_over_scale=True)
     assert factor is None, "a request addressed to the user's wrapper reached the chain inside it"
+
+
+def doubling_in_place() -> holotx.GradientTransformation:
+    """A user's transform that edits the container it was given (a dict, or the adapter's
+    list) and returns it."""
+
+    def update(updates, state, params=None, **extra):
+        for k in updates.keys() if isinstance(updates, dict) else range(len(updates)):
+            updates[k] = updates[k] * 2
+        return updates, state
+
+    return holotx.GradientTransformation(lambda params: holotx.EmptyState(), update)
+
+
+@pytest.mark.parametrize("path", ["pure", "make_step_donated", "adapter"])
+def test_a_container_changed_in_place_by_a_user_transform_is_read_again(path):
+    """A step flattens each tree once and remembers its leaves (the updates one holotx
+    transform hands the next are not flattened again); a user's transform run in between
+    may change that very dict in place, and the next transform must see the new leaves."""
+    tx = holotx.chain(holotx.scale_by_adam(), doubling_in_place(), holotx.scale_by_lr(0.1))
+    expected = reference(holotx.chain(holotx.scale_by_adam(), holotx.scale(2.0), holotx.scale_by_lr(0.1)))
+    if path == "pure":
+        got = reference(tx)
+    elif path == "adapter":
+        got = run_adapter(tx, donate_grads=False)
+    else:
+        got = run_make_step(tx, donate=True, compiled=False)
+    for k, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a, e, f"{path}, step {k + 1}")
