@@ -84,8 +84,9 @@ class Channels(NamedTuple):
     empty) counts as one channel, the whole tensor. The buffer's channels are numbered in
     its tensors' order, each tensor's padding counted in its last channel. A channel need
     not start on a row: where one starts inside a row (a *cut*), the channel before it ends
-    there. The fields are int64 vectors but the last, computed once by
-    :meth:`FlatLayout.segments`.
+    there. The fields are int64 vectors but ``most_per_row`` and the two per-row tables
+    :func:`per_channel` reads, computed once by :meth:`FlatLayout.segments` (static: a
+    compiled step loads them, and computes none of them at each step).
 
     Args:
         tensor_ids: for each channel, the index of its tensor (0-based within the buffer).
@@ -100,6 +101,12 @@ class Channels(NamedTuple):
         cut_cols: for each cut, its column (never 0).
         cut_channels: for each cut, the channel that starts there.
         most_per_row: the most channels any row holds (at least 1), a number.
+        row_slots: for each row, its channels in order, ``(rows, most_per_row)``: the
+            row's first channel, the next, ... up to its last (repeated after it); empty
+            (no rows) where a row holds more than 8 channels.
+        row_starts: for each row, the column where its second, third, ... channel starts,
+            ``(rows, most_per_row - 1)`` int32 (at most 0 for a channel the row does not
+            hold); empty where ``row_slots`` is.
 
     Example:
         >>> import torch
@@ -135,6 +142,10 @@ class Channels(NamedTuple):
     """For each channel that starts inside a row, the channel's index."""
     most_per_row: int
     """The most channels any row holds (at least 1)."""
+    row_slots: torch.Tensor
+    """For each row, its channels in order, ``(rows, most_per_row)`` (empty beyond 8 a row)."""
+    row_starts: torch.Tensor
+    """For each row, where its channels after the first start, ``(rows, most_per_row - 1)`` int32."""
 
     def to(self, device: torch.device | str) -> Channels:
         """These channels with every tensor on ``device``.
@@ -215,7 +226,8 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
     built tensor by tensor with vector ops (a row or a channel at a time would be a Python
     loop over millions of values)."""
     empty = torch.zeros(0, dtype=torch.int64)
-    fields: dict[str, list[torch.Tensor]] = {name: [empty] for name in Channels._fields[:-1]}
+    vectors = Channels._fields[:Channels._fields.index("most_per_row")]
+    fields: dict[str, list[torch.Tensor]] = {name: [empty] for name in (*vectors, "row_sizes")}
     first_channel = 0
     for k, slot in enumerate(slots):
         numel = slot.shape.numel()
@@ -228,6 +240,7 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
         fields["tensor_ids"].append(torch.full((count,), k, dtype=torch.int64))
         fields["lengths"].append(lengths)
         fields["sizes"].append(torch.tensor([size], dtype=torch.int64))
+        fields["row_sizes"].append(torch.full((rows,), size, dtype=torch.int64))
         if split:
             last = (starts + width).clamp(max=numel) - 1  # each row's last value, padding left out
             fields["row_first"].append(first_channel + starts // size)
@@ -243,9 +256,22 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
             fields["row_offset"].append(starts)
             fields["row_last"].append(torch.full((rows,), first_channel, dtype=torch.int64))
         first_channel += count
-    row_first, row_last = torch.cat(fields["row_first"]), torch.cat(fields["row_last"])
+    cat = {name: torch.cat(parts) for name, parts in fields.items()}
+    row_first, row_last = cat["row_first"], cat["row_last"]
     most_per_row = int((row_last - row_first).max()) + 1 if row_first.numel() else 1
-    return Channels(*(torch.cat(fields[name]) for name in Channels._fields[:-1]), most_per_row)
+    if most_per_row <= _CHAIN_LIMIT:
+        # The row's k-th channel starts at column k * size - offset (never, for a tensor that
+        # is one channel: that is at most 0); it is the k-th after the row's first, or past
+        # the tensor's end (its padding) the row's last.
+        slots = torch.arange(most_per_row, dtype=torch.int64)
+        row_slots = torch.minimum(row_first.unsqueeze(1) + slots, row_last.unsqueeze(1))
+        row_starts = (slots[1:] * cat["row_sizes"].unsqueeze(1) - cat["row_offset"].unsqueeze(1))
+        # int32 for the comparisons (a column is below the row's width), clamped so that no
+        # start far before or after the row wraps around: it compares as it did
+        row_starts = row_starts.clamp(min=-1, max=width).to(torch.int32)
+    else:
+        row_slots, row_starts = empty.view(0, most_per_row), empty.view(0, most_per_row - 1).to(torch.int32)
+    return Channels(*(cat[name] for name in vectors), most_per_row, row_slots, row_starts)
 
 
 class FlatLayout:
@@ -818,27 +844,22 @@ def per_channel(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     if not (plan.compiling or plan.transformed):
         return torch.repeat_interleave(values, channels.lengths, output_size=rows * width).view(rows, width)
     stored = ops.in_memory(values)
-    first, last = channels.row_first.unsqueeze(1), channels.row_last.unsqueeze(1)
-    offset = channels.row_offset.unsqueeze(1)
-    # Each row's channel size (0: the row's tensor is one channel), stored: a value loaded by a
-    # computed index is gathered lane by lane in a vectorised loop, even where every lane's
-    # index is the row's.
-    sizes = ops.in_memory(channels.sizes[segments.row_ids]).unsqueeze(1)
-    column = torch.arange(width, device=values.device).unsqueeze(0)
     if channels.most_per_row <= _CHAIN_LIMIT:
-        # The row's k-th channel starts at column k * size - offset (never, for a tensor that
-        # is one channel: that is at most 0); its value is the k-th after the row's first,
-        # or, past the tensor's end (its padding), the row's last.
+        # Each row's channels' values, stored: a value loaded by a computed index is gathered
+        # lane by lane in a vectorised loop, even where every lane's index is the row's.
+        # Where they start is a table of the layout's (Channels.row_starts), loaded as it is.
         most = channels.most_per_row
-        slots = torch.arange(most, device=values.device)
-        # Each row's values and where its channels start, stored, for the same reason.
-        table = ops.in_memory(stored[torch.minimum(first + slots, last)].reshape(-1)).view(rows, most)
-        starts = ops.in_memory((slots[1:] * sizes - offset).reshape(-1)).view(rows, most - 1)
+        table = ops.in_memory(stored[channels.row_slots.reshape(-1)]).view(rows, most)
+        column = torch.arange(width, dtype=torch.int32, device=values.device).unsqueeze(0)
         out = table[:, most - 1:]
         for k in range(most - 1, 0, -1):
-            out = torch.where(column < starts[:, k - 1:k], table[:, k - 1:k], out)
+            out = torch.where(column < channels.row_starts[:, k - 1:k], table[:, k - 1:k], out)
         return out.expand(rows, width)
-    position = column + offset
+    first, last = channels.row_first.unsqueeze(1), channels.row_last.unsqueeze(1)
+    offset = channels.row_offset.unsqueeze(1)
+    # Each row's channel size (0: the row's tensor is one channel), stored, for the same reason.
+    sizes = ops.in_memory(channels.sizes[segments.row_ids]).unsqueeze(1)
+    position = torch.arange(width, device=values.device).unsqueeze(0) + offset
     if values.device.type == "mps":
         # No float64 there; float32 would not keep the division below exact.
         local = torch.div(position, sizes.clamp(min=1), rounding_mode="floor") * (sizes > 0)

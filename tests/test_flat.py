@@ -333,7 +333,14 @@ def test_channel_sums_and_per_channel_follow_output_channels(align):
     layout = FlatLayout(tensors, align=align)
     (buffer,) = layout.flatten(tensors)
     (segments,) = layout.segments()
-    assert segments.channels.most_per_row == {4: 4, 16: 16, 256: 64}[align]
+    channels = segments.channels
+    assert channels.most_per_row == {4: 4, 16: 16, 256: 64}[align]
+    rows = segments.row_ids.shape[0]
+    # The comparisons' tables are the layout's, built once (empty where the gather is used).
+    chained = channels.most_per_row <= 8
+    assert channels.row_slots.shape == ((rows, 4) if chained else (0, channels.most_per_row))
+    assert channels.row_starts.shape == ((rows, 3) if chained else (0, channels.most_per_row - 1))
+    assert channels.row_starts.dtype == torch.int32
     expected = torch.cat([t.reshape(n, -1).sum(1) for t, n in zip(tensors, _channel_counts(tensors))])
     torch.testing.assert_close(channel_sums(buffer, segments), expected, rtol=1e-14, atol=1e-14)
 
