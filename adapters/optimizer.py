@@ -733,7 +733,11 @@ class TransformOptimizer(Optimizer):
             device = group["params"][0].device
             for name, value in values.items():
                 if name in self._tensor_args and _is_numeric(value) and not _is_zero(value):
-                    values[name] = _as_tensor(value, device)
+                    # Shaped (1,), which the factory gets as a 0-d view (_as_factory_value):
+                    # dynamo (torch 2.13) traces a 0-d float input as a symbolic Python
+                    # float, and one the step never computes with (AdamP's wd_ratio without
+                    # weight decay) makes it trace the whole step a second time.
+                    values[name] = _as_tensor(value, device, shape=(1,))
             if self._factory is None and _is_numeric(lr):
                 lr = _as_tensor(lr, device)
         return values, lr
@@ -1239,14 +1243,15 @@ def _lr_from_checkpoint(g: int, group: dict[str, Any], candidate: dict[str, Any]
         raise ValueError(f"param group {g} of the checkpoint does not fit this optimizer: {err}") from err
 
 
-def _as_tensor(value: Any, device: torch.device) -> Any:
-    """A number (or a tuple of them) as 0-d float64 tensors (float32 on MPS) on ``device``."""
+def _as_tensor(value: Any, device: torch.device, shape: tuple[int, ...] = ()) -> Any:
+    """A number (or a tuple of them) as float64 tensors (float32 on MPS) of ``shape`` (0-d
+    by default) on ``device``."""
     dtype = torch.float32 if device.type == "mps" else torch.float64
     if isinstance(value, (tuple, list)):
-        return tuple(_as_tensor(v, device) for v in value)
+        return tuple(_as_tensor(v, device, shape) for v in value)
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype)
-    return torch.tensor(value, dtype=dtype, device=device)
+        return value.to(device=device, dtype=dtype).reshape(shape)
+    return torch.tensor(value, dtype=dtype, device=device).reshape(shape)
 
 
 def _factory_defaults(factory: Factory, given: dict[str, Any]

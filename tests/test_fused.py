@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import pickle
 import warnings
 
@@ -738,3 +739,30 @@ def test_meta_params_run_unfused_and_say_so(eager_backend):
     with pytest.warns(RuntimeWarning, match="param 0 is a meta tensor"):
         opt.step()
     assert not eager_backend
+
+
+@pytest.mark.parametrize("factory", ["adamp", "adamw", "lamb"])
+def test_the_fused_step_is_traced_once(monkeypatch, caplog, factory):
+    """Hyperparameters reach the compiled step as tensors of one element (the factory gets
+    0-d views of them). As 0-d inputs, dynamo traced them as symbolic Python floats, and
+    one the step never computes with (AdamP's ``wd_ratio`` without weight decay) made it
+    trace the whole step again ("Restarting analysis"): 1.5 to 2 s of a first step of 5 to 8."""
+    graphs = []
+    aot_eager = lookup_backend("aot_eager")  # (dynamo's eager backend runs no tensorify pass)
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    monkeypatch.setattr(_fused, "BACKEND", counting)
+    m = model()
+    opt = TransformOptimizer(m.parameters(), getattr(holotx, factory), lr=1e-2, fused=True)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="torch._dynamo.convert_frame"):
+        for step in range(2):
+            opt.zero_grad()
+            backward(m, step)
+            opt.step()
+    assert len(graphs) == 1
+    restarts = [r.getMessage() for r in caplog.records if "Restarting analysis" in r.getMessage()]
+    assert not restarts, restarts
