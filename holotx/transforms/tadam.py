@@ -179,7 +179,9 @@ def scale_by_tadam(
             nu = ops.addcmul_(nu, g, g, 1 - b2)
             if nu_max is not None:
                 nu_max = ops.maximum_(nu_max, nu)
-            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=g)  # g is read
+            # The deviation is read (the weight is summed): its memory takes the denominator,
+            # which needs no fresh buffer then, whether or not the caller donated g.
+            u = adaptive_ratio(mu, nu if nu_max is None else nu_max, scale, shift, dead=deviation)
             return u, count, new_weights, mu, nu, nu_max
 
         u, (count, weight_sum, mu, nu, nu_max) = multi_tensor_update(
