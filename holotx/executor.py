@@ -193,9 +193,9 @@ class Plan:
         self.running: Callable[..., Any] | None = None
         self.scale_target: Callable[..., Any] | None = None
         self.scale_factors: list[Any] | None = None
-        # id(tree) -> [tree, leaves, spec, meta]: the trees this step has flattened
-        # (its inputs, and the updates one transform hands the next), so that each is
-        # flattened and its leaves described once (see leaves_of).
+        # id(tree) -> [tree, leaves, spec, meta, made]: the trees this step has flattened
+        # (its inputs, and the updates one transform hands the next, until that one reads
+        # them), so that each is flattened and its leaves described once (see leaves_of).
         self.flattened: dict[int, list[Any]] = {}
 
     # ---------------------------------------------------------------- trees
@@ -210,8 +210,12 @@ class Plan:
         hit = self.flattened.get(id(t))
         if hit is None:
             leaves, spec = tree.flatten(t)
-            self.flattened[id(t)] = [t, leaves, spec, None]
+            self.flattened[id(t)] = [t, leaves, spec, None, False]
             return leaves, spec
+        if hit[4]:
+            # A tree the step made is read by the transform after the one that made it:
+            # forgotten then, so that the step does not keep intermediate updates alive.
+            del self.flattened[id(t)]
         return hit[1], hit[2]
 
     def described(self, t: Any, leaves: list[Any]) -> list[Any] | None:
@@ -224,9 +228,10 @@ class Plan:
         return hit[3]
 
     def made(self, t: Any, leaves: list[Any], spec: Any) -> Any:
-        """``t``, a tree this step built from ``leaves``: known, so not flattened again."""
+        """``t``, a tree this step built from ``leaves``: known, so the next transform does
+        not flatten it again (and then forgets it, see :meth:`leaves_of`)."""
         if not self.compiling:
-            self.flattened[id(t)] = [t, leaves, spec, None]
+            self.flattened[id(t)] = [t, leaves, spec, None, True]
         return t
 
     def forget_trees(self) -> None:

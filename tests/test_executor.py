@@ -522,3 +522,39 @@ def test_a_pure_step_ignores_decisions():
     updates, _, _, _ = executor.run(tx, grads, state, params, decisions=decisions)
     expected, _ = tx.update(grads, state, params)
     assert _equal(updates, expected)
+
+
+def test_a_step_keeps_no_intermediate_updates_alive():
+    """A step remembers the trees it flattened, so that the updates one transform hands the
+    next are not flattened again; the next transform's read forgets them, so a chain's
+    intermediate updates are freed as they are used (a pure step would otherwise hold one
+    fresh param-sized tree per transform until it ends)."""
+    import gc
+    import weakref
+
+    made: list[Any] = []
+    real_made = executor.Plan.made
+
+    def recording(plan, t, leaves, spec):
+        made.append([weakref.ref(x) for x in leaves])
+        return real_made(plan, t, leaves, spec)
+
+    seen_dead: list[bool] = []
+
+    def check(updates, state, params=None):
+        gc.collect()
+        seen_dead.append(all(r() is None for r in made[0]))
+        return holotx.scale(1.0).update(updates, state, params)
+
+    probe = holotx.scale(1.0)
+    probe_update = executor.register(lambda u, s, p=None, **extra: check(u, s, p))
+    # (trace's updates are its new momentum, fresh in a pure step: the scaled gradient it
+    # read is dead once it has run)
+    tx = holotx.chain(holotx.scale(2.0), holotx.trace(0.5),
+                      holotx.GradientTransformation(probe.init, probe_update))
+    params = {"w": torch.ones(1000)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(executor.Plan, "made", recording)
+        updates, _ = tx.update({"w": torch.ones(1000)}, tx.init(params), params)
+    assert seen_dead == [True], "the first transform's updates were still alive when the third ran"
+    torch.testing.assert_close(updates["w"], torch.full((1000,), 2.0))
