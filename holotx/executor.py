@@ -688,7 +688,11 @@ def multi_tensor_update(
         leaves = tree.leaves_matching(st, spec, name, "updates")
         per_leaf = k >= count_states
         dtype_of = (state_dtypes or {}).get(k)
-        if not (per_leaf and dtype_of is None and _meta(leaves) == g_meta):
+        if per_leaf:
+            matches = dtype_of is None and _meta(leaves) == g_meta
+        else:  # counts: a tensor wherever the updates have one, on their device unless on the host
+            matches = _counts_match(leaves, g_meta, host_counts)
+        if not matches:
             _check_state(g_leaves, leaves, spec, name, per_leaf=per_leaf, dtype_of=dtype_of,
                          host_counts=host_counts)
         state_leaves.append(leaves)
@@ -830,6 +834,19 @@ def _meta(leaves: Sequence[Any]) -> list[Any] | None:
         return [None if x is None else (x.shape, x.device, x.dtype) for x in leaves]
     except AttributeError:
         return None
+
+
+def _counts_match(leaves: Sequence[Any], g_meta: list[Any], host_counts: bool) -> bool:
+    """Whether a state of step counts lines up with the updates described by ``g_meta``
+    (:func:`_meta`) as :func:`_check_state` requires, in one pass: ``False`` sends it
+    through the full check, which says what differs."""
+    for x, m in zip(leaves, g_meta):
+        if m is None:
+            if x is not None and not isinstance(x, torch.Tensor):
+                return False
+        elif not isinstance(x, torch.Tensor) or not (host_counts or x.device == m[1]):
+            return False
+    return True
 
 
 def _check_state(g_leaves: list[Any], leaves: list[Any], spec: Any, name: str, *, per_leaf: bool,
