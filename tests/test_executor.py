@@ -558,3 +558,28 @@ def test_a_step_keeps_no_intermediate_updates_alive():
         updates, _ = tx.update({"w": torch.ones(1000)}, tx.init(params), params)
     assert seen_dead == [True], "the first transform's updates were still alive when the third ran"
     torch.testing.assert_close(updates["w"], torch.full((1000,), 2.0))
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (lambda c: 3, r"state.count at \['w'\] is a int, not a tensor"),
+    (lambda c: None, r"state.count has no entry at \['w'\], where updates has a tensor"),
+    (lambda c: c.to("meta"), r"state.count at \['w'\] has device meta where updates has cpu"),
+])
+def test_a_bad_step_count_is_named_and_changes_nothing(bad, message):
+    """Step counts line up with the updates (a tensor wherever the updates have one, on
+    their device): checked in one pass when they do, by the full check, which names the
+    path, when they do not; the step raises before anything is written."""
+    tx = holotx.adam(0.1)
+    params = {"w": torch.ones(3), "b": torch.ones(2)}
+    state = tx.init(params)
+    adam_state = state[0]
+    broken = adam_state._replace(count={**adam_state.count, "w": bad(adam_state.count["w"])})
+    state = (broken, *state[1:])
+    before = [x.clone() for x in holotx.tree.flatten(state)[0] if isinstance(x, torch.Tensor)
+              and x.device.type == "cpu"]
+    grads = {"w": torch.ones(3), "b": torch.ones(2)}
+    with pytest.raises(ValueError, match=message):
+        tx.update(grads, state, params, donate=True)
+    after = [x for x in holotx.tree.flatten(state)[0]
+             if isinstance(x, torch.Tensor) and x.device.type == "cpu"]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
