@@ -132,6 +132,9 @@ class _Local(threading.local):
         # ``plan`` only set by a first step, a compiled step would guard on its absence
         # and compile again at the second call.
         self.plan: Plan | None = None
+        # How many times user code has run within a step on this thread: a tree a step
+        # flattened before is flattened again after (Plan.leaves_of).
+        self.user_runs = 0
 
 
 _local = _Local()
@@ -196,35 +199,43 @@ class Plan:
         self.running: Callable[..., Any] | None = None
         self.scale_target: Callable[..., Any] | None = None
         self.scale_factors: list[Any] | None = None
-        # id(tree) -> [tree, leaves, spec, meta, made]: the trees this step has flattened
-        # (its inputs, and the updates one transform hands the next, until that one reads
-        # them), so that each is flattened and its leaves described once (see leaves_of).
+        # id(tree) -> [tree, leaves, spec, meta, made, user_runs]: the trees this step
+        # remembers (its inputs, and the updates one transform hands the next until that one
+        # reads them), so that each is flattened and its leaves described once (leaves_of).
         self.flattened: dict[int, list[Any]] = {}
 
     # ---------------------------------------------------------------- trees
 
-    def leaves_of(self, t: Any) -> tuple[list[Any], Any]:
-        """``tree.flatten(t)``, once per tree per step. The tree is kept with its leaves,
-        so its id stays its own; user code run within the step (a transform holotx did
-        not build, which may change a container in place) forgets them all
-        (:meth:`forget_trees`). Traced, no identity is read."""
+    def leaves_of(self, t: Any, *, remember: bool = False) -> tuple[list[Any], Any]:
+        """``tree.flatten(t)``, once per step for the trees it remembers: its inputs
+        (``remember=True``, given when they are first flattened) and the updates one
+        transform hands the next (:meth:`made`, forgotten once the next transform has read
+        them). A remembered tree is kept with its leaves, so its id stays its own. Any
+        other tree (a combinator's sub-tree) is flattened and not kept: it would live on
+        to the end of the step. User code run within the step (a transform holotx did not
+        build, which may change a container in place) makes every step on this thread
+        forget them all (:meth:`forget_trees`). Traced, no identity is read."""
         if self.compiling:
             return tree.flatten(t)
         hit = self.flattened.get(id(t))
-        if hit is None:
-            leaves, spec = tree.flatten(t)
-            self.flattened[id(t)] = [t, leaves, spec, None, False]
-            return leaves, spec
-        if hit[4]:
-            # A tree the step made is read by the transform after the one that made it:
-            # forgotten then, so that the step does not keep intermediate updates alive.
-            del self.flattened[id(t)]
-        return hit[1], hit[2]
+        if hit is not None:
+            if hit[5] == _local.user_runs:
+                if hit[4]:
+                    # A tree the step made is read by the transform after the one that made
+                    # it: forgotten then, so that the step does not keep intermediate updates.
+                    del self.flattened[id(t)]
+                return hit[1], hit[2]
+            del self.flattened[id(t)]  # (user code has run since)
+        leaves, spec = tree.flatten(t)
+        if remember:
+            self.flattened[id(t)] = [t, leaves, spec, None, False, _local.user_runs]
+        return leaves, spec
 
-    def described(self, t: Any, leaves: list[Any]) -> list[Any] | None:
-        """:func:`_meta` of ``t``'s leaves (as :meth:`leaves_of` gave them), once per step."""
+    def described(self, t: Any, leaves: list[Any]) -> list[Any]:
+        """:func:`_meta` of ``t``'s leaves (as :meth:`leaves_of` gave them), once per step
+        for a remembered tree."""
         hit = None if self.compiling else self.flattened.get(id(t))
-        if hit is None:
+        if hit is None or hit[1] is not leaves:
             return _meta(leaves)
         if hit[3] is None:
             hit[3] = _meta(leaves)
@@ -234,12 +245,20 @@ class Plan:
         """``t``, a tree this step built from ``leaves``: known, so the next transform does
         not flatten it again (and then forgets it, see :meth:`leaves_of`)."""
         if not self.compiling:
-            self.flattened[id(t)] = [t, leaves, spec, None, True]
+            # One at a time: a combinator that reads the updates without this memory (and so
+            # does not forget them) cannot keep them alive past the next transform's updates.
+            for key in [k for k, entry in self.flattened.items() if entry[4]]:
+                del self.flattened[key]
+            self.flattened[id(t)] = [t, leaves, spec, None, True, _local.user_runs]
         return t
 
     def forget_trees(self) -> None:
-        """After user code that may have changed a container: flatten everything again."""
-        self.flattened.clear()
+        """After user code that may have changed a container: every step on this thread
+        (this one, and any it runs within: ``apply_if_finite`` runs its inner transform in
+        a step of its own) flattens its trees again. (Traced, nothing is remembered.)"""
+        if not self.compiling:
+            _local.user_runs += 1
+            self.flattened.clear()
 
     # ---------------------------------------------------------------- dispatch
 
@@ -454,7 +473,7 @@ def _new_plan(updates: Any, state: Any, params: Any, *, donate: bool, donate_upd
         return plan
     for t, donated in ((updates, donate_updates), (state, donate), (params, False)):
         if not donated and t is not None:
-            outside.update(map(id, plan.leaves_of(t)[0]))  # (the id of None or a number: harmless)
+            outside.update(map(id, plan.leaves_of(t, remember=True)[0]))  # (None's id: harmless)
     return plan
 
 
@@ -681,6 +700,7 @@ def multi_tensor_update(
     # difference pass: state kept where the gradient is None).
     g_meta = plan.described(updates, g_leaves)
     state_leaves: list[list[Any] | None] = []
+    unmatched: list[tuple[str, list[Any]]] = []  # (a state that matches has every entry)
     for k, (name, st) in enumerate(zip(names, states)):
         if st is None:
             state_leaves.append(None)
@@ -695,6 +715,7 @@ def multi_tensor_update(
         if not matches:
             _check_state(g_leaves, leaves, spec, name, per_leaf=per_leaf, dtype_of=dtype_of,
                          host_counts=host_counts)
+            unmatched.append((name, leaves))
         state_leaves.append(leaves)
     if params is None:
         if needs_params:
@@ -710,6 +731,8 @@ def multi_tensor_update(
                 if g is not None and p is None:
                     path = tree.path_strings(spec)[i]
                     raise ValueError(f"params at {path} is None but updates has a tensor there")
+    if unmatched:
+        _check_entries(g_leaves, unmatched, spec)
 
     groups: dict[tuple[Any, Any, bool], list[int]] = {}
     kinds = {(m[1], m[2], type(g)) for m, g in zip(g_meta, g_leaves)} if None not in g_meta else ()
@@ -827,13 +850,16 @@ def _check_tensors(leaves: list[Any], spec: Any) -> None:
                              "(or None for no gradient)")
 
 
-def _meta(leaves: Sequence[Any]) -> list[Any] | None:
-    """Each leaf's ``(shape, device, dtype)`` (``None`` for ``None``), or ``None`` where a
-    leaf has no such attributes (the full checks then say what it is)."""
-    try:
-        return [None if x is None else (x.shape, x.device, x.dtype) for x in leaves]
-    except AttributeError:
-        return None
+_NOT_A_TENSOR = (object(), None, None)
+""":func:`_meta`'s entry for a leaf that is not a tensor: equal to no tensor's description."""
+
+
+def _meta(leaves: Sequence[Any]) -> list[Any]:
+    """Each leaf's ``(shape, device, dtype)``, ``None`` for ``None``, and an entry equal to
+    no tensor's for anything else (an array with the same attributes included), so that
+    the full checks run and say what it is."""
+    return [None if x is None else (x.shape, x.device, x.dtype) if isinstance(x, torch.Tensor)
+            else _NOT_A_TENSOR for x in leaves]
 
 
 def _counts_match(leaves: Sequence[Any], g_meta: list[Any], host_counts: bool) -> bool:
@@ -851,20 +877,28 @@ def _counts_match(leaves: Sequence[Any], g_meta: list[Any], host_counts: bool) -
 
 def _check_state(g_leaves: list[Any], leaves: list[Any], spec: Any, name: str, *, per_leaf: bool,
                  dtype_of: Callable[[Any], Any] | None, host_counts: bool) -> None:
-    """The leaves of one state against the updates': a tensor wherever the updates have one,
-    and per-leaf buffers of the same shape, device and dtype (or the dtype ``dtype_of``
-    gives); counts (not ``per_leaf``) only on the same device, unless kept on the host."""
+    """The leaves of one state against the updates': tensors, and per-leaf buffers of the
+    same shape, device and dtype (or the dtype ``dtype_of`` gives); counts (not
+    ``per_leaf``) only on the same device, unless kept on the host. That it has an entry
+    wherever the updates have a tensor is :func:`_check_entries`'s, after the params'."""
     tree.check_leaves(g_leaves, leaves, spec, "updates", name, shape=per_leaf,
                       dtype=per_leaf and dtype_of is None, device=per_leaf or not host_counts)
-    for i, (g, x) in enumerate(zip(g_leaves, leaves)):
-        if g is None:
-            continue
-        if x is None:
-            raise ValueError(f"{name} has no entry at {tree.path_strings(spec)[i]}, "
-                             "where updates has a tensor: was init given this leaf?")
-        if dtype_of is not None and x.dtype != dtype_of(g.dtype):
-            raise ValueError(f"{name} at {tree.path_strings(spec)[i]} has dtype {x.dtype}, "
-                             f"expected {dtype_of(g.dtype)} for updates of {g.dtype}")
+    if dtype_of is not None:
+        for i, (g, x) in enumerate(zip(g_leaves, leaves)):
+            if g is not None and x is not None and x.dtype != dtype_of(g.dtype):
+                raise ValueError(f"{name} at {tree.path_strings(spec)[i]} has dtype {x.dtype}, "
+                                 f"expected {dtype_of(g.dtype)} for updates of {g.dtype}")
+
+
+def _check_entries(g_leaves: list[Any], states: list[tuple[str, list[Any]]], spec: Any) -> None:
+    """Every state in ``states`` has an entry wherever the updates have a tensor (the first
+    leaf that lacks one named, as a step's checks name it)."""
+    for i, g in enumerate(g_leaves):
+        if g is not None:
+            for name, leaves in states:
+                if leaves[i] is None:
+                    raise ValueError(f"{name} has no entry at {tree.path_strings(spec)[i]}, "
+                                     "where updates has a tensor: was init given this leaf?")
 
 
 def check_params(plan: Plan, updates: Any, params: Any) -> None:
@@ -873,14 +907,13 @@ def check_params(plan: Plan, updates: Any, params: Any) -> None:
     broadcasts: a ``(1, 3)`` gradient for a ``(3,)`` parameter is an error)."""
     if params is None or plan.compiling:
         return
-    g_leaves, spec = plan.leaves_of(updates)
+    g_leaves, spec = plan.leaves_of(updates, remember=True)
     _check_tensors(g_leaves, spec)
-    p_leaves, p_spec = plan.leaves_of(params)
+    p_leaves, p_spec = plan.leaves_of(params, remember=True)
     if p_spec != spec:
         tree.leaves_matching(params, spec, "params", "updates")  # raises, naming the difference
     g_meta, p_meta = plan.described(updates, g_leaves), plan.described(params, p_leaves)
-    if g_meta is None or p_meta is None or [None if m is None else m[0] for m in g_meta] != [
-            None if m is None else m[0] for m in p_meta]:
+    if [None if m is None else m[0] for m in g_meta] != [None if m is None else m[0] for m in p_meta]:
         tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params", dtype=False, device=False)
 
 

@@ -524,11 +524,21 @@ def test_a_pure_step_ignores_decisions():
     assert _equal(updates, expected)
 
 
-def test_a_step_keeps_no_intermediate_updates_alive():
+MIDDLES = {
+    "trace": lambda: holotx.trace(0.5),
+    # (combinators that read the updates without the step's memory of them)
+    "masked": lambda: holotx.masked(holotx.trace(0.5), {"w": True}),
+    "partition": lambda: holotx.partition({"a": holotx.trace(0.5)}, {"w": "a"}),
+}
+
+
+@pytest.mark.parametrize("middle", sorted(MIDDLES))
+def test_a_step_keeps_no_intermediate_updates_alive(middle):
     """A step remembers the trees it flattened, so that the updates one transform hands the
-    next are not flattened again; the next transform's read forgets them, so a chain's
-    intermediate updates are freed as they are used (a pure step would otherwise hold one
-    fresh param-sized tree per transform until it ends)."""
+    next are not flattened again; the next transform's read forgets them, and so does the
+    next transform's making its own (a combinator may read them without that memory), so a
+    chain's intermediate updates are freed as they are used (a pure step would otherwise
+    hold one fresh param-sized tree per transform until it ends)."""
     import gc
     import weakref
 
@@ -550,7 +560,7 @@ def test_a_step_keeps_no_intermediate_updates_alive():
     probe_update = executor.register(lambda u, s, p=None, **extra: check(u, s, p))
     # (trace's updates are its new momentum, fresh in a pure step: the scaled gradient it
     # read is dead once it has run)
-    tx = holotx.chain(holotx.scale(2.0), holotx.trace(0.5),
+    tx = holotx.chain(holotx.scale(2.0), MIDDLES[middle](),
                       holotx.GradientTransformation(probe.init, probe_update))
     params = {"w": torch.ones(1000)}
     with pytest.MonkeyPatch.context() as mp:
@@ -583,3 +593,45 @@ def test_a_bad_step_count_is_named_and_changes_nothing(bad, message):
     after = [x for x in holotx.tree.flatten(state)[0]
              if isinstance(x, torch.Tensor) and x.device.type == "cpu"]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+class Duck:
+    """Not a tensor, with a tensor's shape, device and dtype."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.device, self.dtype = t.shape, t.device, t.dtype
+
+    def __repr__(self) -> str:
+        return "Duck"
+
+
+def test_leaves_that_look_like_tensors_are_refused_by_name():
+    """The step compares each leaf's (shape, device, dtype) with the updates' to skip the
+    checks leaf by leaf; something that has those attributes without being a tensor (a
+    NumPy 2 array, a stand-in) still gets the full checks, which name it, before anything
+    is written."""
+    np = pytest.importorskip("numpy")
+    params = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    grads = {"w": torch.ones(3), "b": torch.ones(2)}
+    sgd = holotx.sgd(0.1)  # (reads no params: only the step's own check sees them)
+    sgd_state = sgd.init(params)
+    with pytest.raises(ValueError, match=r"params at \['b'\] is a ndarray, not a tensor"):
+        sgd.update(grads, sgd_state, {"w": params["w"], "b": np.zeros(2, dtype=np.float32)})
+    tx = holotx.scale_by_adam()
+    state = tx.init(params)
+    broken = state._replace(nu={"w": Duck(params["w"]), "b": state.nu["b"]})
+    with pytest.raises(ValueError, match=r"state.nu at \['w'\] is a Duck, not a tensor"):
+        tx.update(grads, broken, params, donate=True)
+    assert int(broken.count["w"]) == 0
+    assert torch.equal(broken.mu["w"], torch.zeros(3))
+
+
+def test_the_first_bad_leaf_is_named_as_before():
+    """A state missing an entry and another with a wrong shape: the shape is named first,
+    as the checks always ran (every state's leaves, then the params, then the entries)."""
+    tx = holotx.scale_by_adam()
+    params = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    state = tx.init(params)
+    broken = state._replace(mu={"w": None, "b": state.mu["b"]}, nu={"w": state.nu["w"], "b": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"state.nu at \['b'\] has shape \(5,\) where updates has \(2,\)"):
+        tx.update({"w": torch.ones(3), "b": torch.ones(2)}, broken, params)

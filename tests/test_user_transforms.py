@@ -195,3 +195,25 @@ def test_a_container_changed_in_place_by_a_user_transform_is_read_again(path):
         got = run_make_step(tx, donate=True, compiled=False)
     for k, (a, e) in enumerate(zip(got, expected)):
         assert_close(a, e, f"{path}, step {k + 1}")
+
+
+def params_times_ten() -> holotx.GradientTransformation:
+    """A user's transform that edits the params dict it was given, in place."""
+
+    def update(updates, state, params=None, **extra):
+        params["w"] = params["w"] * 10
+        return updates, state
+
+    return holotx.GradientTransformation(lambda params: holotx.EmptyState(), update)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_params_dict_changed_by_a_user_transform_is_read_again(nested):
+    """The step remembers the params it flattened; a user's transform that changes the
+    dict makes every step forget, the ones it runs within too (apply_if_finite runs its
+    inner chain in a step of its own): the weight decay after it decays the new values."""
+    inner = holotx.apply_if_finite(holotx.chain(params_times_ten()), 3) if nested else params_times_ten()
+    tx = holotx.chain(inner, holotx.add_decayed_weights(1.0))
+    params = {"w": torch.ones(2, dtype=F64)}
+    updates, _ = tx.update({"w": torch.zeros(2, dtype=F64)}, tx.init(params), params)
+    torch.testing.assert_close(updates["w"], torch.full((2,), 10.0, dtype=F64))
