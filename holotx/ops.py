@@ -253,7 +253,20 @@ def _lerp(plan: Plan, inplace: bool, xs: TensorList, ys: TensorList,
         fn = torch._foreach_lerp_ if inplace else torch._foreach_lerp
         return _done(xs, fn(xs, ys, weight), inplace)
     ws = weight if per_tensor else [weight] * len(xs)
-    return [x.lerp_(y, w) if inplace else torch.lerp(x, y, w) for x, y, w in zip(xs, ys, ws)]
+    return [_lerp_one(x, y, w, inplace) for x, y, w in zip(xs, ys, ws)]
+
+
+def _lerp_one(x: torch.Tensor, y: torch.Tensor, w: Scalar, inplace: bool) -> torch.Tensor:
+    """One leaf's lerp. A tensor weight must have the values' dtype (a per-step scalar is
+    float64): it takes it, as a Python float weight is taken (rounded to the values'
+    dtype); for half types the lerp runs in float32 and rounds once, as torch's kernels
+    compute with a Python float weight (in float32, their opmath type)."""
+    if isinstance(w, torch.Tensor) and w.dtype != x.dtype:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            out = torch.lerp(x.float(), y.float(), w.float()).to(x.dtype)
+            return x.copy_(out) if inplace else out
+        w = w.to(x.dtype)
+    return x.lerp_(y, w) if inplace else torch.lerp(x, y, w)
 
 
 def _addcmul(plan: Plan, inplace: bool, xs: TensorList, a: TensorList, b: TensorList,

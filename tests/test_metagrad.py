@@ -684,3 +684,25 @@ def test_differentiated_sqrt_keeps_values_nan_and_negative_included():
     (g,) = torch.autograd.grad(differentiated[[0, 1, 4]].sum(), [w])
     assert g[1] == 0.0
     torch.testing.assert_close(g[[0, 4]], 0.5 / x[[0, 4]].sqrt(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tadam_under_vmap_in_single_and_half_precision(dtype: torch.dtype) -> None:
+    """TAdam's first moment mixes in the gradient by a per-tensor weight, a float64
+    per-step scalar; under vmap (and grad) it is a tensor, which lerp takes only in the
+    values' dtype: it is taken so (in float32 for half types, rounded once, as torch's
+    kernels take a Python float weight). float32 and bfloat16 used to raise "expected
+    dtype float for `weight` but got dtype double". The batched update equals the loop
+    to a few units in the last place (the per-tensor sums accumulate in another order)."""
+    tx = holotx.tadam(1e-2)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 7, generator=gen).to(dtype)}
+    state = tx.init(params)
+    for _ in range(2):  # (past the first step, whose weight mixes from zero moments)
+        _, state = tx.update({"w": torch.randn(5, 7, generator=gen).to(dtype)}, state, params)
+    grads = torch.randn(4, 5, 7, generator=gen).to(dtype)
+    batched = vmap(lambda g: tx.update({"w": g}, state, params)[0]["w"])(grads)
+    for i in range(4):
+        looped = tx.update({"w": grads[i]}, state, params)[0]["w"]
+        ulp = torch.finfo(dtype).eps * looped.abs().max().item()
+        torch.testing.assert_close(batched[i].double(), looped.double(), rtol=0, atol=4 * ulp)
