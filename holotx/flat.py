@@ -84,9 +84,10 @@ class Channels(NamedTuple):
     empty) counts as one channel, the whole tensor. The buffer's channels are numbered in
     its tensors' order, each tensor's padding counted in its last channel. A channel need
     not start on a row: where one starts inside a row (a *cut*), the channel before it ends
-    there. The fields are int64 vectors but ``most_per_row`` and the two per-row tables
-    :func:`per_channel` reads, computed once by :meth:`FlatLayout.segments` (static: a
-    compiled step loads them, and computes none of them at each step).
+    there. The fields are int64 vectors but ``most_per_row`` and the per-row tables
+    :func:`per_channel` reads (two of them 2-D), all computed once by
+    :meth:`FlatLayout.segments` (static: a compiled step loads them, and computes none of
+    them at each step).
 
     Args:
         tensor_ids: for each channel, the index of its tensor (0-based within the buffer).
@@ -101,6 +102,8 @@ class Channels(NamedTuple):
         cut_cols: for each cut, its column (never 0).
         cut_channels: for each cut, the channel that starts there.
         most_per_row: the most channels any row holds (at least 1), a number.
+        row_sizes: for each row, the values in each channel of its tensor (0 for a tensor
+            counted as one channel).
         row_slots: for each row, its channels in order, ``(rows, most_per_row)``: the
             row's first channel, the next, ... up to its last (repeated after it); empty
             (no rows) where a row holds more than 8 channels.
@@ -142,6 +145,8 @@ class Channels(NamedTuple):
     """For each channel that starts inside a row, the channel's index."""
     most_per_row: int
     """The most channels any row holds (at least 1)."""
+    row_sizes: torch.Tensor
+    """For each row, the values in each channel of its tensor (0: the tensor is one channel)."""
     row_slots: torch.Tensor
     """For each row, its channels in order, ``(rows, most_per_row)`` (empty beyond 8 a row)."""
     row_starts: torch.Tensor
@@ -271,7 +276,7 @@ def _channels(slots: list[LeafSlot], width: int) -> Channels:
         row_starts = row_starts.clamp(min=-1, max=width).to(torch.int32)
     else:
         row_slots, row_starts = empty.view(0, most_per_row), empty.view(0, most_per_row - 1).to(torch.int32)
-    return Channels(*(cat[name] for name in vectors), most_per_row, row_slots, row_starts)
+    return Channels(*(cat[name] for name in vectors), most_per_row, cat["row_sizes"], row_slots, row_starts)
 
 
 class FlatLayout:
@@ -857,8 +862,7 @@ def per_channel(values: torch.Tensor, segments: Segments) -> torch.Tensor:
         return out.expand(rows, width)
     first, last = channels.row_first.unsqueeze(1), channels.row_last.unsqueeze(1)
     offset = channels.row_offset.unsqueeze(1)
-    # Each row's channel size (0: the row's tensor is one channel), stored, for the same reason.
-    sizes = ops.in_memory(channels.sizes[segments.row_ids]).unsqueeze(1)
+    sizes = channels.row_sizes.unsqueeze(1)  # (0: the row's tensor is one channel)
     position = torch.arange(width, device=values.device).unsqueeze(0) + offset
     if values.device.type == "mps":
         # No float64 there; float32 would not keep the division below exact.

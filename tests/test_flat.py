@@ -341,6 +341,7 @@ def test_channel_sums_and_per_channel_follow_output_channels(align):
     assert channels.row_slots.shape == ((rows, 4) if chained else (0, channels.most_per_row))
     assert channels.row_starts.shape == ((rows, 3) if chained else (0, channels.most_per_row - 1))
     assert channels.row_starts.dtype == torch.int32
+    assert torch.equal(channels.row_sizes, channels.sizes[segments.row_ids])
     expected = torch.cat([t.reshape(n, -1).sum(1) for t, n in zip(tensors, _channel_counts(tensors))])
     torch.testing.assert_close(channel_sums(buffer, segments), expected, rtol=1e-14, atol=1e-14)
 
