@@ -755,7 +755,8 @@ def multi_tensor_update(
     batches = [(wrapped, batch) for (_, _, wrapped), idx in groups.items()
                for batch in plan.batches(idx, g_leaves)]
     for wrapped, idx in batches:
-        if len(idx) == len(g_leaves):  # (every leaf in one batch: no slicing)
+        whole = len(idx) == len(g_leaves)  # (every leaf in one batch: no slicing)
+        if whole:
             inputs = [list(g_leaves), *[None if leaves is None else list(leaves) for leaves in state_leaves],
                       None if p_leaves is None else list(p_leaves), *[list(values) for values in leaf_values]]
         else:
@@ -778,14 +779,14 @@ def multi_tensor_update(
             # (outs[1:1 + count_states] are the counts, never viewed.)
             outs = [out if out is None or 0 < k <= count_states
                     else _complex_again(plan, out, of_view) for k, out in enumerate(outs)]
-        if len(idx) == len(g_leaves):
+        if whole:
             new_u = list(outs[0])
         else:
             for j, i in enumerate(idx):
                 new_u[i] = outs[0][j]
         for k, out in enumerate(outs[1:]):
             if new_states[k] is not None:
-                if len(idx) == len(g_leaves):
+                if whole:
                     new_states[k] = list(out)
                 else:
                     for j, i in enumerate(idx):
