@@ -375,7 +375,9 @@ def test_vmap_over_counts_equals_loop(name, schedule, ref, counts, dtype):
     want = torch.stack([schedule(c) for c in batch])
     assert got.shape == (len(counts),)
     assert got.dtype == torch.float64
-    assert torch.equal(got, want)
+    # Batched, pow runs in the CPU's vector code; one count at a time, in its scalar code:
+    # the two may differ by an ulp, by the CPU's vector width (AVX2 vs AVX-512).
+    torch.testing.assert_close(got, want, rtol=PATH_REL_TOL, atol=PATH_REL_TOL * want.abs().max().item())
 
 
 @pytest.mark.parametrize(("name", "schedule", "ref", "counts"), CASES, ids=CASE_IDS)
