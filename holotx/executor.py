@@ -119,7 +119,8 @@ TORCH_GAPS: dict[str, str] = {
     "foreach_python_scalar_cpu": "on the CPU a foreach op given a Python scalar converts it to a "
                                  "tensor of the list's dtype once per tensor (three times as slow on "
                                  "small tensors as a 0-d tensor scalar): holotx.ops passes float32 "
-                                 "and float64 lists a cached 0-d tensor in plain eager mode.",
+                                 "and float64 lists (and int64 lists an int) a cached 0-d tensor in "
+                                 "plain eager mode.",
     "interpreter_stack_under_dynamo": "dynamo cannot trace torch._C._functorch.get_interpreter_stack: "
                                       "under compile, vmap is recognised by a batched leaf instead.",
 }

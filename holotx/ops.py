@@ -169,8 +169,9 @@ _SCALARS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
     """``s`` for a foreach kernel: in plain eager mode on the CPU, a Python number (or a
     list of equal ones, one per tensor: bias corrections once every leaf has the same
-    step count) becomes a 0-d tensor of the float32 or float64 lists' dtype, kept for
-    reuse (TORCH_GAPS: foreach_python_scalar_cpu). The kernel computes with the same
+    step count) becomes a 0-d tensor of the float32 or float64 lists' dtype (an int, of
+    int64 lists: step counts), kept for reuse (TORCH_GAPS: foreach_python_scalar_cpu).
+    The kernel computes with the same
     value (a Python scalar is taken in the lists' dtype), so the results are the same.
     Anything else as it is."""
     if isinstance(s, list):
@@ -182,7 +183,9 @@ def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
         return s
     x = xs[0]
     dtype = x.dtype
-    if dtype not in (torch.float32, torch.float64) or not plan.host_scalars((x,)):
+    if not (dtype in (torch.float32, torch.float64) or (dtype is torch.int64 and type(s) is int)):
+        return s
+    if not plan.host_scalars((x,)):
         return s
     key = (repr(s), dtype)  # repr tells -0.0 from 0.0 (equal as keys) and finds a NaN
     t = _SCALARS.get(key)

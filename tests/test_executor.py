@@ -635,3 +635,52 @@ def test_the_first_bad_leaf_is_named_as_before():
     broken = state._replace(mu={"w": None, "b": state.mu["b"]}, nu={"w": state.nu["w"], "b": torch.zeros(5)})
     with pytest.raises(ValueError, match=r"state.nu at \['b'\] has shape \(5,\) where updates has \(2,\)"):
         tx.update({"w": torch.ones(3), "b": torch.ones(2)}, broken, params)
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """The names of the torch functions called while it is active; ``pow(number, ...)`` for
+    a power of a Python number (a bias correction's ``beta ** t``, with a tensor ``t``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        if name == "pow" and args and isinstance(args[0], (int, float)):
+            name = "pow(number, ...)"
+        self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp"])
+def test_an_eager_cpu_step_takes_its_bias_corrections_from_counts_read_on_the_host(name):
+    """Plain eager on a CPU, counts that agree are read once and the bias corrections are
+    Python floats, as torch.optim computes them: no tensor op per step for them (a dozen
+    tiny ops, a quarter of a small model's step). A leaf whose count differs, or a beta
+    given as a tensor, keeps the tensor formula, and every way gives the same step (the
+    two ``pow``s may differ by an ulp)."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=F64), "b": torch.randn(3, dtype=F64)}
+    grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
+    as_tensor = torch.tensor(0.9, dtype=F64)
+    ways = {"floats": getattr(holotx, name)(lr=0.1, betas=(0.9, 0.999)),
+            "tensor beta": getattr(holotx, name)(lr=0.1, betas=(as_tensor, 0.999))}
+    results = {}
+    for way, tx in ways.items():
+        state, ps = tx.init(params), dict(params)
+        for g in grads:
+            with _TorchCalls() as calls:
+                updates, state = tx.update(g, state, ps)
+            ps = holotx.apply_updates(ps, updates)
+            assert ("pow(number, ...)" in calls.names) == (way == "tensor beta")
+        results[way] = ps
+    for k in params:
+        torch.testing.assert_close(results["floats"][k], results["tensor beta"][k], rtol=1e-14, atol=1e-15)
+    # Counts that differ (one leaf skipped a step) are stacked: the tensor formula.
+    tx = ways["floats"]
+    state = tx.init(params)
+    _, state = tx.update({"w": grads[0]["w"], "b": None}, state, params)
+    with _TorchCalls() as calls:
+        tx.update(grads[1], state, params)
+    assert "pow(number, ...)" in calls.names

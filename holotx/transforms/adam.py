@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,8 @@ __all__ = [
     "ScaleByAdamState",
     "adaptive_ratio",
     "bias_correction",
+    "corrected_denominator",
+    "numbers",
     "moments",
     "per_step_scalars",
     "per_leaf",
@@ -58,11 +61,12 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
+def bias_correction(beta: Scalar, count: torch.Tensor | int) -> torch.Tensor | float:
     r"""``1 - beta**count``, elementwise in float64 on the count's device.
 
-    Computed from the step tensor, never ``.item()``, so it traces under compile and vmap;
-    in float64 it equals torch.optim's Python-float ``1 - beta ** step`` bit for bit.
+    Computed from the step tensor, never ``.item()``, so it traces under compile and vmap.
+    Given a count read on the host (an ``int``, see :func:`step_counts`), a Python float
+    (a 0-d float64 tensor for a tensor ``beta``): torch.optim's own ``1 - beta ** step``.
 
     Args:
         beta: :math:`\beta`, a decay rate (a number or a 0-d tensor).
@@ -81,22 +85,55 @@ def bias_correction(beta: Scalar, count: torch.Tensor) -> torch.Tensor:
         Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
         https://arxiv.org/abs/1412.6980 (Algorithm 1's bias corrections).
     """
+    if isinstance(count, int):  # (read on the host: see step_counts)
+        if isinstance(beta, torch.Tensor):
+            return 1 - torch.pow(beta.to(scalar_dtype(beta.device)), count)
+        return 1 - beta ** count
     t = count.to(scalar_dtype(count.device))
     return 1 - torch.pow(beta, t)
 
 
-_bias_correction = bias_correction  # for scale_by_adam, whose argument of that name shadows it
-
-
-def step_counts(counts: ops.TensorList) -> tuple[ops.TensorList, torch.Tensor]:
+def step_counts(counts: ops.TensorList, *, host: bool = False) -> tuple[ops.TensorList, torch.Tensor | int]:
     """Each leaf's count plus one (the counts replaced), and the new counts stacked into
-    one 1-D tensor, so per-leaf scalars (bias corrections) are computed in one vectorized op."""
+    one 1-D tensor, so per-leaf scalars (bias corrections) are computed in one vectorized op.
+
+    ``host=True``, for a rule whose per-step scalars also take a Python ``int`` count
+    (:func:`bias_correction`, :func:`corrected_denominator`, given hyperparameters that are
+    numbers, see :func:`numbers`): where reading the counts costs
+    no device sync (plain eager on a CPU) and every leaf has the same one (the usual case),
+    that count as an ``int``. The scalars are then Python floats computed as torch.optim
+    computes them, where a tensor formula costs a dozen tiny ops per step (a quarter of an
+    AdamW step on a small model)."""
     counts = ops.add_scalar_(counts, 1)
+    if host and ops.host_scalars_ok(counts):
+        first = counts[0].item()
+        if all(c.item() == first for c in counts):
+            return counts, first
     return counts, torch.stack(counts)
 
 
-def per_leaf(*vectors: torch.Tensor) -> tuple[list[torch.Tensor] | list[float], ...]:
-    """Per-leaf scalars: each 1-D vector (one value per leaf) as a list, one per leaf.
+def numbers(*values: object) -> bool:
+    """Whether every value is a Python number (a hyperparameter given as a tensor, which
+    may need a gradient, keeps the per-step scalars tensors: see :func:`step_counts`)."""
+    return all(isinstance(v, (int, float)) for v in values)
+
+
+def corrected_denominator(b1: Scalar, b2: Scalar, eps: Scalar,
+                          t: torch.Tensor | int) -> tuple[Scalar, Scalar]:
+    r"""Adam's bias-corrected denominator as ``(scale, shift)`` for :func:`adaptive_ratio`,
+    per leaf (:func:`per_leaf`), with the first correction folded in:
+    :math:`\frac{m/(1-\beta_1^t)}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+    = \frac{m}{\sqrt{v}\,a + b}`, :math:`a = (1-\beta_1^t)/\sqrt{1-\beta_2^t}`,
+    :math:`b = \epsilon(1-\beta_1^t)` (one pass over memory fewer than dividing
+    :math:`m`; results change by rounding only)."""
+    bc1 = bias_correction(b1, t)
+    bc2 = bias_correction(b2, t)
+    return per_leaf(bc1 / (math.sqrt(bc2) if isinstance(bc2, float) else torch.sqrt(bc2)), eps * bc1)
+
+
+def per_leaf(*vectors: torch.Tensor | float) -> tuple[list[torch.Tensor] | list[float] | float, ...]:
+    """Per-leaf scalars: each 1-D vector (one value per leaf) as a list, one per leaf; a
+    number (computed from a count read on the host, see :func:`step_counts`) as it is.
 
     Traced (compile, functorch) or on an accelerator, a list of 0-d tensors, realized once
     per step under compile (see :func:`per_step_scalars`). In plain eager mode on the CPU,
@@ -104,6 +141,8 @@ def per_leaf(*vectors: torch.Tensor) -> tuple[list[torch.Tensor] | list[float], 
     non-capturable path uses: the foreach ``ScalarList`` kernels take them, where a 0-d
     tensor per leaf costs a broadcast per leaf (10 ms a step on 1000 leaves).
     """
+    if all(isinstance(v, (int, float)) for v in vectors):
+        return vectors  # (one number for every leaf, from a count read on the host)
     if ops.host_scalars_ok(vectors):
         return tuple(v.tolist() for v in vectors)
     return tuple(list(v.unbind(0)) for v in per_step_scalars(*vectors))
@@ -210,12 +249,9 @@ def scale_by_adam(
         del params, extra
 
         def kernel(g, count, mu, nu, nu_max, _p):
-            count, t = step_counts(count)
+            count, t = step_counts(count, host=numbers(b1, b2, eps))
             if corrected:
-                bc1 = _bias_correction(b1, t)
-                # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1):
-                # folding bc1 into the denominator saves a pass over memory.
-                scale, shift = per_leaf(bc1 / torch.sqrt(_bias_correction(b2, t)), eps * bc1)
+                scale, shift = corrected_denominator(b1, b2, eps, t)
             else:
                 scale, shift = 1, eps
             mu, nu = moments(g, mu, nu, b1, b2)

@@ -16,9 +16,9 @@ from holotx.ops import Scalar
 from holotx.transforms.adam import (
     ScaleByAdamState,
     adaptive_ratio,
-    bias_correction,
+    corrected_denominator,
     moments,
-    per_leaf,
+    numbers,
     scalar_dtype,
     step_counts,
 )
@@ -213,10 +213,8 @@ def scale_by_adamp(
                              "pass layout.segments()")
 
         def kernel(g, count, mu, nu, nu_max, p, segs):
-            count, t = step_counts(count)
-            bc1 = bias_correction(b1, t)
-            # p_t / bc1 = m / (sqrt(v) bc1 / sqrt(bc2) + eps bc1): bc1 folded into the denominator.
-            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            count, t = step_counts(count, host=numbers(b1, b2, eps))
+            scale, shift = corrected_denominator(b1, b2, eps, t)
             mu, nu = moments(g, mu, nu, b1, b2)
             if nu_max is not None:
                 nu_max = ops.maximum_(nu_max, nu)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-
 from holotx import _validate, ops
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
-from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, step_counts
+from holotx.transforms.adam import adaptive_ratio, corrected_denominator, numbers, step_counts
 from holotx.tree import zeros_like
 
 __all__ = ["ScaleByBeliefState", "scale_by_belief"]
@@ -105,9 +103,8 @@ def scale_by_belief(
         del params, extra
 
         def kernel(g, count, mu, nu, nu_max, _p):
-            count, t = step_counts(count)
-            bc1 = bias_correction(b1, t)
-            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            count, t = step_counts(count, host=numbers(b1, b2, eps))
+            scale, shift = corrected_denominator(b1, b2, eps, t)
             mu = ops.lerp_(mu, g, 1 - b1)
             residual = ops.sub_into(g, mu, g)  # g is not read again
             nu = ops.mul_(nu, b2)

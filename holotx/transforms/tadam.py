@@ -13,7 +13,8 @@ from holotx.flat import check_segments, per_row, segment_sums
 from holotx.ops import Scalar
 from holotx.transforms.adam import (
     adaptive_ratio,
-    bias_correction,
+    corrected_denominator,
+    numbers,
     per_leaf,
     scalar_dtype,
     step_counts,
@@ -140,9 +141,8 @@ def scale_by_tadam(
         leaf_segments = _check_segments(segments, updates, state.weight_sum)
 
         def kernel(g, count, weight_sum, mu, nu, nu_max, _p, segs):
-            count, t = step_counts(count)
-            bc1 = bias_correction(b1, t)
-            scale, shift = per_leaf(bc1 / torch.sqrt(bias_correction(b2, t)), eps * bc1)
+            count, t = step_counts(count, host=numbers(b1, b2, eps))
+            scale, shift = corrected_denominator(b1, b2, eps, t)
             # The Student-t weight, from the previous moments: sum (g - m)^2 / (v + eps), as
             # sum ((g - m) / (v + eps)) (g - m). Dividing before multiplying keeps it finite
             # where (g - m)^2 overflows (|g| > 1e19 in float32) and v, from the same overflow,
@@ -151,12 +151,12 @@ def scale_by_tadam(
             # (a float64 upcast would copy each tensor).
             deviation = ops.add(g, mu, alpha=-1)
             scaled = ops.div_into(deviation, ops.add_scalar(nu, eps))
-            dtype = scalar_dtype(t.device)
+            dtype = scalar_dtype(count[0].device)
             accumulate = ops.accumulation_dtype(g[0].dtype)
             if segs[0] is None:
                 # realize: W stays a plain tensor, as the count, on DTensor leaves too.
                 mahalanobis = ops.realize(torch.stack(ops.dots(scaled, deviation, accumulate)))
-                numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=t.device)
+                numel = torch.tensor([x.numel() for x in g], dtype=dtype, device=count[0].device)
                 w = _student_t_weight(mahalanobis.to(dtype), numel, dof)
                 weights = torch.stack(weight_sum)
                 (mix,) = per_leaf(w / (weights + w))
