@@ -684,3 +684,24 @@ def test_an_eager_cpu_step_takes_its_bias_corrections_from_counts_read_on_the_ho
     with _TorchCalls() as calls:
         tx.update(grads[1], state, params)
     assert "pow(number, ...)" in calls.names
+
+
+@pytest.mark.parametrize("field", ["mu", "count"])
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_state_with_a_subtree_for_a_leaf_is_named_and_changes_nothing(field, donate):
+    """A state is flattened up to the updates' structure (one pass); a subtree where the
+    updates have a leaf comes back from that as one leaf, and is then named as a
+    difference in structure, before anything is written."""
+    params = {"w": torch.zeros(2, dtype=F64), "b": torch.zeros(3, dtype=F64)}
+    tx = holotx.adamw()
+    state = tx.init(params)
+    inner = getattr(state[0], field)
+    bad = {"w": {"x": inner["w"]}, "b": inner["b"]}
+    state = (state[0]._replace(**{field: bad}), *state[1:])
+    before = [t.clone() for t in holotx.tree.flatten(state)[0] if t is not None]
+    with pytest.raises(ValueError, match=rf"state\.{field} does not match the structure of updates: "
+                                         rf"state\.{field} lacks \['w'\]; state\.{field} has \['w'\]\['x'\]"):
+        tx.update({"w": torch.ones(2, dtype=F64), "b": torch.ones(3, dtype=F64)}, state, params,
+                  donate=donate)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in holotx.tree.flatten(state)[0]
+                                                         if t is not None], strict=True))
