@@ -305,7 +305,8 @@ class Plan:
         if self.compiling or self.transformed or first.device.type != "cpu":
             return [idx]
         budget = max(1, CACHE_BATCH_BYTES // first.element_size())
-        if sum(leaves[i].numel() for i in idx) <= budget:
+        group = leaves if len(idx) == len(leaves) else [leaves[i] for i in idx]
+        if sum(map(torch.Tensor.numel, group)) <= budget:
             return [idx]
         out: list[list[int]] = []
         batch: list[int] = []
@@ -688,10 +689,8 @@ def multi_tensor_update(
     each as one more list argument after ``p``, sliced like the tensors. Returns the
     updates tree and the list of new state trees.
     """
-    names = list(state_names) or [f"state[{k}]" for k in range(len(states))]
     plan = current()
     g_leaves, spec = plan.leaves_of(updates)
-    _check_tensors(g_leaves, spec)
     for values in leaf_values:
         if len(values) != len(g_leaves):
             raise ValueError(f"leaf_values has {len(values)} entries for {len(g_leaves)} leaves")
@@ -700,12 +699,15 @@ def multi_tensor_update(
     # the checks below, which name the first path that differs (or let a legal
     # difference pass: state kept where the gradient is None).
     g_meta = plan.described(updates, g_leaves)
+    if any(m is _NOT_A_TENSOR for m in g_meta):
+        _check_tensors(g_leaves, spec)
     state_leaves: list[list[Any] | None] = []
     unmatched: list[tuple[str, list[Any]]] = []  # (a state that matches has every entry)
-    for k, (name, st) in enumerate(zip(names, states)):
+    for k, st in enumerate(states):
         if st is None:
             state_leaves.append(None)
             continue
+        name = state_names[k] if state_names else f"state[{k}]"
         leaves = _leaves_like(plan, st, spec, name)
         per_leaf = k >= count_states
         dtype_of = (state_dtypes or {}).get(k)
@@ -737,10 +739,10 @@ def multi_tensor_update(
         _check_entries(g_leaves, unmatched, spec)
 
     groups: dict[tuple[Any, Any, bool], list[int]] = {}
-    kinds = {(m[1], m[2], type(g)) for m, g in zip(g_meta, g_leaves)} if None not in g_meta else ()
-    if len(kinds) == 1:  # (the usual case: every leaf a plain tensor on one device, one dtype)
-        device, dtype, cls = next(iter(kinds))
-        groups[device, dtype, is_wrapper_type(cls)] = list(range(len(g_leaves)))
+    uniform = (None not in g_meta and len({(m[1], m[2]) for m in g_meta}) == 1
+               and len({type(g) for g in g_leaves}) == 1)
+    if uniform:  # (the usual case: every leaf a tensor of one class, on one device, of one dtype)
+        groups[g_meta[0][1], g_meta[0][2], is_wrapper_type(type(g_leaves[0]))] = list(range(len(g_leaves)))
     else:
         for i, m in enumerate(g_meta):
             if m is not None:
