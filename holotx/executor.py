@@ -708,7 +708,7 @@ def multi_tensor_update(
             state_leaves.append(None)
             continue
         name = state_names[k] if state_names else f"state[{k}]"
-        leaves = _leaves_like(plan, st, spec, name)
+        leaves = tree.leaves_matching(st, spec, name, "updates")
         per_leaf = k >= count_states
         dtype_of = (state_dtypes or {}).get(k)
         if per_leaf:
@@ -716,7 +716,6 @@ def multi_tensor_update(
         else:  # counts: a tensor wherever the updates have one, on their device unless on the host
             matches = _counts_match(leaves, g_meta, host_counts)
         if not matches:
-            leaves = tree.leaves_matching(st, spec, name, "updates")  # (names a difference in structure)
             _check_state(g_leaves, leaves, spec, name, per_leaf=per_leaf, dtype_of=dtype_of,
                          host_counts=host_counts)
             unmatched.append((name, leaves))
@@ -845,20 +844,6 @@ def _complex_again(plan: Plan, xs: list[Any], of_view: dict[int, torch.Tensor]) 
             of_view[id(x)] = torch.view_as_complex(x)
         out.append(of_view[id(x)])
     return out
-
-
-def _leaves_like(plan: Plan, t: Any, spec: Any, name: str) -> list[Any]:
-    """The leaves of ``t``, a tree that should have the updates' structure ``spec``:
-    flattened up to ``spec`` (one pass, without building a structure to compare), where it
-    has it; else :func:`tree.leaves_matching` names the difference. A subtree where
-    ``spec`` has a leaf comes back as one leaf, which is not a tensor: the checks that
-    follow send it to ``leaves_matching`` too."""
-    if not plan.compiling:
-        try:
-            return spec.flatten_up_to(t)
-        except (ValueError, TypeError):
-            pass
-    return tree.leaves_matching(t, spec, name, "updates")
 
 
 def _check_tensors(leaves: list[Any], spec: Any) -> None:

@@ -689,9 +689,8 @@ def test_an_eager_cpu_step_takes_its_bias_corrections_from_counts_read_on_the_ho
 @pytest.mark.parametrize("field", ["mu", "count"])
 @pytest.mark.parametrize("donate", [False, True])
 def test_a_state_with_a_subtree_for_a_leaf_is_named_and_changes_nothing(field, donate):
-    """A state is flattened up to the updates' structure (one pass); a subtree where the
-    updates have a leaf comes back from that as one leaf, and is then named as a
-    difference in structure, before anything is written."""
+    """A subtree of a state where the updates have a leaf is named as a difference in
+    structure, before anything is written."""
     params = {"w": torch.zeros(2, dtype=F64), "b": torch.zeros(3, dtype=F64)}
     tx = holotx.adamw()
     state = tx.init(params)
@@ -705,3 +704,40 @@ def test_a_state_with_a_subtree_for_a_leaf_is_named_and_changes_nothing(field, d
                   donate=donate)
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in holotx.tree.flatten(state)[0]
                                                          if t is not None], strict=True))
+
+
+def test_a_state_in_another_kind_of_dict_is_refused():
+    """Structures are compared node type and all: a state built from an ``OrderedDict``
+    does not match updates in a plain dict (the values would line up by key, but the
+    step would hand back a state of another type)."""
+    from collections import OrderedDict
+
+    params = {"w": torch.zeros(2, dtype=F64), "b": torch.zeros(3, dtype=F64)}
+    tx = holotx.adamw()
+    state = tx.init(OrderedDict(params))
+    with pytest.raises(ValueError, match=r"state\.count does not match the structure of updates"):
+        tx.update({k: torch.ones_like(v) for k, v in params.items()}, state, params)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp"])
+def test_host_bias_corrections_take_an_int_beta_and_counts_of_any_dtype(name):
+    """The host formula gives floats for an int beta (0: no second-moment memory), and counts
+    that are not integers (a state converted to float64 as a whole) keep the tensor
+    formula: both step as the floats and the int64 counts do."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=F64), "b": torch.randn(3, dtype=F64)}
+    grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
+
+    def run(tx, convert=lambda state: state):
+        state, ps = tx.init(params), dict(params)
+        for g in grads:
+            updates, state = tx.update(g, convert(state), ps)
+            ps = holotx.apply_updates(ps, updates)
+        return ps
+
+    factory = getattr(holotx, name)
+    want = run(factory(lr=0.1, betas=(0.5, 0.0)))
+    for got in (run(factory(lr=0.1, betas=(0.5, 0))),
+                run(factory(lr=0.1, betas=(0.5, 0.0)), lambda st: holotx.tree.map(lambda t: t.double(), st))):
+        for k in params:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-14, atol=1e-15)

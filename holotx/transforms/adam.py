@@ -65,15 +65,18 @@ def bias_correction(beta: Scalar, count: torch.Tensor | int) -> torch.Tensor | f
     r"""``1 - beta**count``, elementwise in float64 on the count's device.
 
     Computed from the step tensor, never ``.item()``, so it traces under compile and vmap.
-    Given a count read on the host (an ``int``, see :func:`step_counts`), a Python float
-    (a 0-d float64 tensor for a tensor ``beta``): torch.optim's own ``1 - beta ** step``.
+    A count already read on the host (a Python ``int``, see :func:`step_counts`) gives a
+    Python float, torch.optim's own ``1 - beta ** step`` (a 0-d float64 tensor for a
+    tensor ``beta``).
 
     Args:
         beta: :math:`\beta`, a decay rate (a number or a 0-d tensor).
-        count: the step :math:`t`, an integer tensor (any shape: one step per leaf, say).
+        count: the step :math:`t`, an integer tensor (any shape: one step per leaf, say),
+            or a Python ``int``.
 
     Returns:
-        ``1 - beta**count``, a float64 tensor on ``count``'s device.
+        ``1 - beta**count``: a float64 tensor on ``count``'s device; for an ``int`` count,
+        a float (a 0-d float64 tensor for a tensor ``beta``).
 
     Example:
         >>> import torch
@@ -88,7 +91,7 @@ def bias_correction(beta: Scalar, count: torch.Tensor | int) -> torch.Tensor | f
     if isinstance(count, int):  # (read on the host: see step_counts)
         if isinstance(beta, torch.Tensor):
             return 1 - torch.pow(beta.to(scalar_dtype(beta.device)), count)
-        return 1 - beta ** count
+        return 1.0 - beta ** count  # (a float for an int beta, 0, too)
     t = count.to(scalar_dtype(count.device))
     return 1 - torch.pow(beta, t)
 
@@ -107,7 +110,8 @@ def step_counts(counts: ops.TensorList, *, host: bool = False) -> tuple[ops.Tens
     counts = ops.add_scalar_(counts, 1)
     if host and ops.host_scalars_ok(counts):
         first = counts[0].item()
-        if all(c.item() == first for c in counts):
+        # (counts of another dtype, a state converted to floats, keep the tensor formula)
+        if type(first) is int and all(c.item() == first for c in counts):
             return counts, first
     return counts, torch.stack(counts)
 
@@ -126,9 +130,11 @@ def corrected_denominator(b1: Scalar, b2: Scalar, eps: Scalar,
     = \frac{m}{\sqrt{v}\,a + b}`, :math:`a = (1-\beta_1^t)/\sqrt{1-\beta_2^t}`,
     :math:`b = \epsilon(1-\beta_1^t)` (one pass over memory fewer than dividing
     :math:`m`; results change by rounding only)."""
+    if isinstance(t, int) and not numbers(b1, b2, eps):
+        t = torch.tensor(t)  # (a hyperparameter given as a tensor: the tensor formula)
     bc1 = bias_correction(b1, t)
     bc2 = bias_correction(b2, t)
-    return per_leaf(bc1 / (math.sqrt(bc2) if isinstance(bc2, float) else torch.sqrt(bc2)), eps * bc1)
+    return per_leaf(bc1 / (torch.sqrt(bc2) if isinstance(bc2, torch.Tensor) else math.sqrt(bc2)), eps * bc1)
 
 
 def per_leaf(*vectors: torch.Tensor | float) -> tuple[list[torch.Tensor] | list[float] | float, ...]:
