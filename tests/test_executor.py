@@ -653,7 +653,7 @@ class _TorchCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp"])
+@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp", "adan"])
 def test_an_eager_cpu_step_takes_its_bias_corrections_from_counts_read_on_the_host(name):
     """Plain eager on a CPU, counts that agree are read once and the bias corrections are
     Python floats, as torch.optim computes them: no tensor op per step for them (a dozen
@@ -664,8 +664,9 @@ def test_an_eager_cpu_step_takes_its_bias_corrections_from_counts_read_on_the_ho
     params = {"w": torch.randn(4, 3, dtype=F64), "b": torch.randn(3, dtype=F64)}
     grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(3)]
     as_tensor = torch.tensor(0.9, dtype=F64)
-    ways = {"floats": getattr(holotx, name)(lr=0.1, betas=(0.9, 0.999)),
-            "tensor beta": getattr(holotx, name)(lr=0.1, betas=(as_tensor, 0.999))}
+    rest = (0.92, 0.99) if name == "adan" else (0.999,)  # (Adan has three betas)
+    ways = {"floats": getattr(holotx, name)(lr=0.1, betas=(0.9, *rest)),
+            "tensor beta": getattr(holotx, name)(lr=0.1, betas=(as_tensor, *rest))}
     results = {}
     for way, tx in ways.items():
         state, ps = tx.init(params), dict(params)
@@ -719,7 +720,7 @@ def test_a_state_in_another_kind_of_dict_is_refused():
         tx.update({k: torch.ones_like(v) for k, v in params.items()}, state, params)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp"])
+@pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp", "adan"])
 def test_host_bias_corrections_take_an_int_beta_and_counts_of_any_dtype(name):
     """The host formula gives floats for an int beta (0: no second-moment memory), and counts
     that are not integers (a state converted to float64 as a whole) keep the tensor
@@ -736,8 +737,10 @@ def test_host_bias_corrections_take_an_int_beta_and_counts_of_any_dtype(name):
         return ps
 
     factory = getattr(holotx, name)
-    want = run(factory(lr=0.1, betas=(0.5, 0.0)))
-    for got in (run(factory(lr=0.1, betas=(0.5, 0))),
-                run(factory(lr=0.1, betas=(0.5, 0.0)), lambda st: holotx.tree.map(lambda t: t.double(), st))):
+    first = (0.5, 0.9) if name == "adan" else (0.5,)  # (the last beta is the one under a square root)
+    want = run(factory(lr=0.1, betas=(*first, 0.0)))
+    as_float64 = lambda state: holotx.tree.map(lambda t: t.double(), state)
+    int_beta, float_counts = factory(lr=0.1, betas=(*first, 0)), factory(lr=0.1, betas=(*first, 0.0))
+    for got in (run(int_beta), run(float_counts, as_float64)):
         for k in params:
             torch.testing.assert_close(got[k], want[k], rtol=1e-14, atol=1e-15)

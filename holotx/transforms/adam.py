@@ -24,6 +24,7 @@ __all__ = [
     "per_leaf",
     "scale_by_adam",
     "scalar_dtype",
+    "square_root",
     "step_counts",
 ]
 
@@ -134,7 +135,13 @@ def corrected_denominator(b1: Scalar, b2: Scalar, eps: Scalar,
         t = torch.tensor(t)  # (a hyperparameter given as a tensor: the tensor formula)
     bc1 = bias_correction(b1, t)
     bc2 = bias_correction(b2, t)
-    return per_leaf(bc1 / (torch.sqrt(bc2) if isinstance(bc2, torch.Tensor) else math.sqrt(bc2)), eps * bc1)
+    return per_leaf(bc1 / square_root(bc2), eps * bc1)
+
+
+def square_root(x: torch.Tensor | float) -> torch.Tensor | float:
+    """``torch.sqrt`` of a tensor, ``math.sqrt`` of a number (a per-step scalar computed on
+    the host, see :func:`step_counts`): both correctly rounded, so the same value."""
+    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
 def per_leaf(*vectors: torch.Tensor | float) -> tuple[list[torch.Tensor] | list[float] | float, ...]:

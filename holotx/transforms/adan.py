@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-
 from holotx import _validate, ops
 from holotx.base import GradientTransformation, init_counts, own_transform
 from holotx.executor import multi_tensor_update
 from holotx.ops import Scalar
-from holotx.transforms.adam import adaptive_ratio, bias_correction, per_leaf, scalar_dtype, step_counts
+from holotx.transforms.adam import (
+    adaptive_ratio,
+    bias_correction,
+    numbers,
+    per_leaf,
+    scalar_dtype,
+    square_root,
+    step_counts,
+)
 from holotx.tree import zeros_like
 
 __all__ = ["ScaleByAdanState", "scale_by_adan"]
@@ -118,15 +124,15 @@ def scale_by_adan(
         del params, extra
 
         def kernel(g, count, mu, diff_avg, nu, nu_max, prev_grad, _p):
-            count, t = step_counts(count)
+            count, t = step_counts(count, host=numbers(b1, b2, b3, eps))
             bc1, bc2, bc3 = (bias_correction(b, t) for b in (b1, b2, b3))
             # u = (m + v b2 bc1 / bc2) / (sqrt(n) bc1 / sqrt(bc3) + eps bc1): bc1 folded in.
-            diff_weight, scale, shift = per_leaf(b2 * bc1 / bc2, bc1 / torch.sqrt(bc3), eps * bc1)
+            diff_weight, scale, shift = per_leaf(b2 * bc1 / bc2, bc1 / square_root(bc3), eps * bc1)
             if prev_grad is None:
                 diff = g
             else:
                 # g_{t-1} is 0 before the first step: weighting g by 0 there makes Delta_1 = 0.
-                (seen,) = per_leaf((t > 1).to(scalar_dtype(t.device)))
+                (seen,) = per_leaf(float(t > 1) if isinstance(t, int) else (t > 1).to(scalar_dtype(t.device)))
                 diff = ops.add_(ops.mul(g, seen), prev_grad, alpha=-1)
             mu = ops.lerp_(mu, g, 1 - b1)
             diff_avg = ops.lerp_(diff_avg, diff, 1 - b2)
