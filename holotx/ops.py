@@ -171,9 +171,8 @@ def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
     list of equal ones, one per tensor: bias corrections once every leaf has the same
     step count) becomes a 0-d tensor of the float32 or float64 lists' dtype (an int, of
     int64 lists: step counts), kept for reuse (TORCH_GAPS: foreach_python_scalar_cpu).
-    The kernel computes with the same
-    value (a Python scalar is taken in the lists' dtype), so the results are the same.
-    Anything else as it is."""
+    The kernel computes with the same value (a Python scalar is taken in the lists'
+    dtype), so the results are the same. Anything else as it is."""
     if isinstance(s, list):
         # (list.count compares by ==: an int among equal floats has the same value)
         if not s or type(s[0]) is not float or s.count(s[0]) != len(s):

@@ -154,7 +154,7 @@ def per_leaf(*vectors: torch.Tensor | float) -> tuple[list[torch.Tensor] | list[
     non-capturable path uses: the foreach ``ScalarList`` kernels take them, where a 0-d
     tensor per leaf costs a broadcast per leaf (10 ms a step on 1000 leaves).
     """
-    if all(isinstance(v, (int, float)) for v in vectors):
+    if numbers(*vectors):
         return vectors  # (one number for every leaf, from a count read on the host)
     if ops.host_scalars_ok(vectors):
         return tuple(v.tolist() for v in vectors)
