@@ -242,15 +242,16 @@ class Plan:
             hit[3] = _meta(leaves)
         return hit[3]
 
-    def made(self, t: Any, leaves: list[Any], spec: Any) -> Any:
+    def made(self, t: Any, leaves: list[Any], spec: Any, meta: list[Any] | None = None) -> Any:
         """``t``, a tree this step built from ``leaves``: known, so the next transform does
-        not flatten it again (and then forgets it, see :meth:`leaves_of`)."""
+        not flatten it again (and then forgets it, see :meth:`leaves_of`); nor describe its
+        leaves again, if ``meta`` (their :func:`_meta`) is given."""
         if not self.compiling:
             # One at a time: a combinator that reads the updates without this memory (and so
             # does not forget them) cannot keep them alive past the next transform's updates.
             for key in [k for k, entry in self.flattened.items() if entry[4]]:
                 del self.flattened[key]
-            self.flattened[id(t)] = [t, leaves, spec, None, True, _local.user_runs]
+            self.flattened[id(t)] = [t, leaves, spec, meta, True, _local.user_runs]
         return t
 
     def forget_trees(self) -> None:
@@ -286,7 +287,7 @@ class Plan:
         if self.compiling or self.transformed:
             return False
         for t in tensors:
-            if not t.is_cpu or is_wrapper(t):
+            if not t.is_cpu or (type(t) is not torch.Tensor and is_wrapper_type(type(t))):
                 return False
         return not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))
 
@@ -737,27 +738,10 @@ def multi_tensor_update(
     if unmatched:
         _check_entries(g_leaves, unmatched, spec)
 
-    groups: dict[tuple[Any, Any, bool], list[int]] = {}
-    uniform = (None not in g_meta and len({(m[1], m[2]) for m in g_meta}) == 1
-               and len({type(g) for g in g_leaves}) == 1)
-    if uniform:  # (the usual case: every leaf a tensor of one class, on one device, of one dtype)
-        groups[g_meta[0][1], g_meta[0][2], is_wrapper_type(type(g_leaves[0]))] = list(range(len(g_leaves)))
-    else:
-        for i, m in enumerate(g_meta):
-            if m is not None:
-                # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
-                groups.setdefault((m[1], m[2], is_wrapper(g_leaves[i])), []).append(i)
-    for (_, dtype, _), idx in groups.items():
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError(f"updates at {tree.path_strings(spec)[idx[0]]} has dtype {dtype}: holotx steps "
-                             "floating-point and complex tensors (an integer parameter cannot take a "
-                             "fractional step)")
-
+    batches = _layout(plan, g_leaves, g_meta, spec)
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
-    batches = [(wrapped, batch) for (_, _, wrapped), idx in groups.items()
-               for batch in plan.batches(idx, g_leaves)]
-    for wrapped, idx in batches:
+    for wrapped, complex_view, idx in batches:
         whole = len(idx) == len(g_leaves)  # (every leaf in one batch: no slicing)
         if whole:
             inputs = [list(g_leaves), *[None if leaves is None else list(leaves) for leaves in state_leaves],
@@ -769,7 +753,6 @@ def multi_tensor_update(
                 None if p_leaves is None else [p_leaves[i] for i in idx],
                 *[[values[i] for i in idx] for values in leaf_values],
             ]
-        complex_view = g_leaves[idx[0]].is_complex()
         if complex_view:
             inputs, of_view = _real_views(plan, inputs, 1 + count_states, 1 + len(state_leaves))
         plan.mark_state(inputs[1:1 + len(state_leaves)])
@@ -797,9 +780,57 @@ def multi_tensor_update(
                 # A state is never written through the updates of a later transform (a
                 # momentum buffer may be the updates of a pure step).
                 plan.exclude_leaves(out)
-    return plan.made(tree.unflatten(spec, new_u), new_u, spec), [
+    # Updates written in place are the leaves described at the start: no need to read them again.
+    same = all(map(operator.is_, new_u, g_leaves))
+    return plan.made(tree.unflatten(spec, new_u), new_u, spec, g_meta if same else None), [
         None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
     ]
+
+
+_LAYOUTS: dict[tuple[Any, ...], list[tuple[bool, bool, list[int]]]] = {}
+""":func:`_layout`'s decisions, by what they follow from."""
+
+
+def _layout(plan: Plan, leaves: list[Any], meta: list[Any], spec: Any) -> list[tuple[bool, bool, list[int]]]:
+    """The order of work for a step's leaves (described by ``meta``, see :func:`_meta`):
+    ``(wrapped, complex, indices)`` for each batch, the leaves grouped by device and dtype (a
+    foreach kernel takes one of each, as torch.optim's multi-tensor path groups them),
+    DTensors apart from plain tensors (``wrapped``), and each group cut as
+    :meth:`Plan.batches` chooses. That follows from the leaves' descriptions, classes and
+    the context alone, so it is decided once for each and kept: on a small model the
+    decision costs as much as a foreach kernel. Traced, decided afresh (the trace runs
+    once)."""
+    if plan.compiling:
+        return _decide_layout(plan, leaves, meta, spec)
+    key = (tuple(meta), tuple(map(type, leaves)), plan.transformed, CACHE_BATCH_BYTES)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _decide_layout(plan, leaves, meta, spec)
+        if len(_LAYOUTS) >= 256:  # (models whose shapes keep changing)
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _decide_layout(plan: Plan, leaves: list[Any], meta: list[Any],
+                   spec: Any) -> list[tuple[bool, bool, list[int]]]:
+    groups: dict[tuple[Any, Any, bool], list[int]] = {}
+    uniform = (None not in meta and len({(m[1], m[2]) for m in meta}) == 1
+               and len({type(g) for g in leaves}) == 1)
+    if uniform:  # (the usual case: every leaf a tensor of one class, on one device, of one dtype)
+        groups[meta[0][1], meta[0][2], is_wrapper_type(type(leaves[0]))] = list(range(len(leaves)))
+    else:
+        for i, m in enumerate(meta):
+            if m is not None:
+                # DTensors apart from plain tensors: a foreach kernel takes one kind or the other.
+                groups.setdefault((m[1], m[2], is_wrapper(leaves[i])), []).append(i)
+    for (_, dtype, _), idx in groups.items():
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError(f"updates at {tree.path_strings(spec)[idx[0]]} has dtype {dtype}: holotx steps "
+                             "floating-point and complex tensors (an integer parameter cannot take a "
+                             "fractional step)")
+    return [(wrapped, dtype.is_complex, batch) for (_, dtype, wrapped), idx in groups.items()
+            for batch in plan.batches(idx, leaves)]
 
 
 def _real_views(plan: Plan, inputs: list[Any], first_per_leaf: int,
@@ -912,11 +943,13 @@ def check_params(plan: Plan, updates: Any, params: Any) -> None:
     if params is None or plan.compiling:
         return
     g_leaves, spec = plan.leaves_of(updates, remember=True)
-    _check_tensors(g_leaves, spec)
+    g_meta = plan.described(updates, g_leaves)
+    if any(m is _NOT_A_TENSOR for m in g_meta):
+        _check_tensors(g_leaves, spec)
     p_leaves, p_spec = plan.leaves_of(params, remember=True)
     if p_spec != spec:
         tree.leaves_matching(params, spec, "params", "updates")  # raises, naming the difference
-    g_meta, p_meta = plan.described(updates, g_leaves), plan.described(params, p_leaves)
+    p_meta = plan.described(params, p_leaves)
     if [None if m is None else m[0] for m in g_meta] != [None if m is None else m[0] for m in p_meta]:
         tree.check_leaves(g_leaves, p_leaves, spec, "updates", "params", dtype=False, device=False)
 

@@ -173,20 +173,26 @@ def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
     int64 lists: step counts), kept for reuse (TORCH_GAPS: foreach_python_scalar_cpu).
     The kernel computes with the same value (a Python scalar is taken in the lists'
     dtype), so the results are the same. Anything else as it is."""
-    if isinstance(s, list):
+    kind = type(s)
+    if kind is list:
         # (list.count compares by ==: an int among equal floats has the same value)
         if not s or type(s[0]) is not float or s.count(s[0]) != len(s):
             return s
         s = s[0]
-    elif type(s) not in (float, int) or (type(s) is int and abs(s) > 2**53):
+        kind = float
+    elif kind is int:
+        if abs(s) > 2**53:
+            return s
+    elif kind is not float:
         return s
     x = xs[0]
     dtype = x.dtype
-    if not (dtype in (torch.float32, torch.float64) or (dtype is torch.int64 and type(s) is int)):
+    if not (dtype is torch.float32 or dtype is torch.float64 or (dtype is torch.int64 and kind is int)):
         return s
     if not plan.host_scalars((x,)):
         return s
-    key = (repr(s), dtype)  # repr tells -0.0 from 0.0 (equal as keys) and finds a NaN
+    # (a zero's sign and a NaN are told apart by repr: 0.0 == -0.0, and a NaN equals nothing)
+    key = (s, dtype) if s and s == s else (repr(s), dtype)
     t = _SCALARS.get(key)
     if t is None:
         if len(_SCALARS) >= 512:  # a schedule's value changes at every step

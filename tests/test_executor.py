@@ -270,6 +270,7 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
 
     calls = []
     original = executor.Plan.batches
+    monkeypatch.setattr(executor, "_LAYOUTS", {})  # (decided afresh: nothing kept from other tests)
     monkeypatch.setattr(executor.Plan, "batches", lambda self, idx, leaves: calls.append(
         len(batches := original(self, idx, leaves))) or batches)
     one = trajectory(1 << 30)
@@ -280,6 +281,39 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
     for (p1, s1), (p2, s2) in zip(one, each):
         assert _equal(p1, p2)
         assert all(torch.equal(a, b) for a, b in zip(_leaves(s1), _leaves(s2)))
+
+
+def test_a_layout_is_decided_once_for_leaves_described_alike(monkeypatch):
+    """How a step's leaves are grouped and batched follows from their shapes, devices,
+    dtypes and classes and the context: decided at the first step and kept, decided again
+    for leaves that differ in any of these or for another batch size (and an integer
+    update is refused whatever was decided before)."""
+    calls: list[int] = []
+    original = executor.Plan.batches
+    monkeypatch.setattr(executor, "_LAYOUTS", {})
+    monkeypatch.setattr(executor.Plan, "batches", lambda self, idx, leaves: calls.append(
+        len(idx)) or original(self, idx, leaves))
+    tx = holotx.adamw(0.1, weight_decay=0.1)
+    params = _params()
+
+    def steps(params, n=3):
+        state = tx.init(params)
+        for _ in range(n):
+            _, state = tx.update(_clones(params), state, params)
+        return len(calls)
+
+    assert steps(params) == 1  # (adamw's three rules, three steps: one decision)
+    assert steps(params) == 1
+    assert steps({k: v.float() for k, v in params.items()}) == 2
+    assert steps({k: v.reshape(-1, 1) for k, v in params.items()}) == 3
+    class Marked(torch.Tensor):  # (updates of another class: their clones keep it)
+        pass
+
+    assert steps({k: v.as_subclass(Marked) for k, v in params.items()}) == 4
+    monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", 64)
+    assert steps(params, 1) > 4
+    with pytest.raises(ValueError, match=r"dtype torch\.int64"):
+        holotx.scale(2.0).update({k: v.long() for k, v in params.items()}, holotx.EmptyState())
 
 
 def test_the_adapter_begins_every_group_before_it_finishes_any():
@@ -545,9 +579,9 @@ def test_a_step_keeps_no_intermediate_updates_alive(middle):
     made: list[Any] = []
     real_made = executor.Plan.made
 
-    def recording(plan, t, leaves, spec):
+    def recording(plan, t, leaves, spec, *rest):
         made.append([weakref.ref(x) for x in leaves])
-        return real_made(plan, t, leaves, spec)
+        return real_made(plan, t, leaves, spec, *rest)
 
     seen_dead: list[bool] = []
 
