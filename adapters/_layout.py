@@ -86,7 +86,9 @@ class StateLayout:
 
     def build(self, leaves: list[Any]) -> Any:
         """The state with these leaves (in flattening order)."""
-        return _fill(self.template, leaves)
+        if torch.compiler.is_compiling():
+            return _fill(self.template, leaves)
+        return optree.tree_unflatten(self.spec, leaves)  # (eager: a fourth of the time)
 
     def keys_per_param(self, n: int) -> list[set[str]]:
         """The keys each of the ``n`` params of the group has in its state dict."""

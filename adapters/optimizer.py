@@ -17,7 +17,7 @@ from torch.optim.optimizer import Optimizer, required
 
 import holotx
 from holotx import _validate, executor, tree
-from holotx.base import GradientTransformation, apply_updates
+from holotx.base import GradientTransformation, apply_step_updates
 from holotx.combine import chain
 from holotx.transforms import clip_by_global_norm, global_norm, scale
 
@@ -706,9 +706,9 @@ class TransformOptimizer(Optimizer):
         if self._factory is None:  # the group's lr multiplies the transform's updates
             factor = lr if factor is None else executor.scale_factor([factor, lr])
         if not upcast:
-            apply_updates(params, updates, inplace=True, scale=factor)
+            apply_step_updates(params, updates, scale=factor)
             return
-        apply_updates(tx_params, updates, inplace=True, scale=factor)
+        apply_step_updates(tx_params, updates, scale=factor)
         for i in upcast:
             params[i].copy_(tx_params[i])
 

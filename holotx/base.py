@@ -228,6 +228,25 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
             if j != i:
                 raise ValueError(f"params at {paths[j]} and at {paths[i]} are the same tensor: "
                                  "updated in place, it would take both steps")
+    new = _add_leaves(p_leaves, u_leaves, idx, inplace, scale)
+    return params if inplace else tree.unflatten(treespec, new)
+
+
+def apply_step_updates(params: list[torch.Tensor], updates: list[torch.Tensor | None],
+                       scale: ops.Scalar | list[ops.Scalar | None] | None = None) -> None:
+    """``apply_updates(params, updates, inplace=True, scale=scale)`` for a caller whose
+    ``updates`` a step of its own made from these very ``params`` (the torch.optim
+    adapter): lists of distinct tensors that the step already checked against each
+    other, which are not checked again (on a small model those checks cost as much as a
+    foreach kernel)."""
+    idx = [i for i, u in enumerate(updates) if u is not None]
+    _add_leaves(params, updates, idx, True, scale)
+
+
+def _add_leaves(p_leaves: list[Any], u_leaves: list[Any], idx: list[int], inplace: bool,
+                scale: ops.Scalar | list[ops.Scalar | None] | None) -> list[Any]:
+    """``p + scale * u`` at the leaves ``idx``: in place (``p_leaves`` returned), or a new
+    list of leaves."""
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]
@@ -245,13 +264,13 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
         if not isinstance(scale, list) and ps and ops.foreach_supported(ps) \
                 and not isinstance(alpha, torch.Tensor):
             torch._foreach_add_(ps, us, alpha=alpha)  # one factor for every leaf: one kernel
-            return params
+            return p_leaves
         for p, u, a in zip(ps, us, alphas):
             if isinstance(a, torch.Tensor):
                 p.add_(u * a)
             else:
                 p.add_(u, alpha=a)
-        return params
+        return p_leaves
     if isinstance(scale, list):
         out = [p + u * a if isinstance(a, torch.Tensor) else p.add(u, alpha=a)
                for p, u, a in zip(ps, us, alphas)]
@@ -262,7 +281,7 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     new = list(p_leaves)
     for i, p in zip(idx, out):
         new[i] = p
-    return tree.unflatten(treespec, new)
+    return new
 
 
 def _host_alpha(alpha: ops.Scalar) -> ops.Scalar:
