@@ -232,15 +232,23 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
     return params if inplace else tree.unflatten(treespec, new)
 
 
-def apply_step_updates(params: list[torch.Tensor], updates: list[torch.Tensor | None],
+def apply_step_updates(params: list[torch.Tensor], updates: Any,
                        scale: ops.Scalar | list[ops.Scalar | None] | None = None) -> None:
     """``apply_updates(params, updates, inplace=True, scale=scale)`` for a caller whose
-    ``updates`` a step of its own made from these very ``params`` (the torch.optim
-    adapter): lists of distinct tensors that the step already checked against each
-    other, which are not checked again (on a small model those checks cost as much as a
-    foreach kernel)."""
-    idx = [i for i, u in enumerate(updates) if u is not None]
-    _add_leaves(params, updates, idx, True, scale)
+    ``updates`` a step made from these very ``params`` (the torch.optim adapter's list
+    of distinct params): when the updates are a list of tensors (or ``None``) with each
+    param's shape and device, as a step's are, the rest of :func:`apply_updates`' checks
+    (which on a small model cost as much as a foreach kernel) are not repeated; anything
+    else (a user's transform in the chain returned other updates) goes through them, and
+    is refused by name."""
+    if type(updates) is not list or len(updates) != len(params) or not all(
+            u is None or (isinstance(u, torch.Tensor) and u.shape == p.shape and u.device == p.device)
+            for p, u in zip(params, updates)):
+        apply_updates(params, updates, inplace=True, scale=scale)
+        return
+    if isinstance(scale, list) and len(scale) != len(params):
+        raise ValueError(f"scale has {len(scale)} entries for {len(params)} leaves")
+    _add_leaves(params, updates, [i for i, u in enumerate(updates) if u is not None], True, scale)
 
 
 def _add_leaves(p_leaves: list[Any], u_leaves: list[Any], idx: list[int], inplace: bool,

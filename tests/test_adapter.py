@@ -1393,3 +1393,25 @@ def test_a_groups_transform_is_rebuilt_only_when_its_values_change():
     opt.param_groups[0]["lr"] = rebuilt.param_groups[0]["lr"] = lr
     assert len(step(stream[6])) == 1
     assert len(step(stream[6])) == 1
+
+
+def _first_value_only(updates, params):
+    del params
+    return [u[:1] for u in updates]  # (1,) for a (3,) param: an add would broadcast it
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_updates_that_do_not_fit_the_params_are_refused_and_change_nothing(position):
+    """A transform that is not holotx's, in the group's chain, whose updates do not have
+    the params' shapes: the step is refused by name, not broadcast into the params."""
+    bad = holotx.stateless(_first_value_only)
+
+    def factory(lr):
+        return holotx.chain(bad, holotx.sgd(lr)) if position == "first" else holotx.chain(holotx.sgd(lr), bad)
+
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    w.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    opt = TransformOptimizer([w], factory, lr=0.1)
+    with pytest.raises(ValueError, match=r"shape"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
