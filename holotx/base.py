@@ -235,15 +235,16 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False,
 def apply_step_updates(params: list[torch.Tensor], updates: Any,
                        scale: ops.Scalar | list[ops.Scalar | None] | None = None) -> None:
     """``apply_updates(params, updates, inplace=True, scale=scale)`` for a caller whose
-    ``updates`` a step made from these very ``params`` (the torch.optim adapter's list
-    of distinct params): when the updates are a list of tensors (or ``None``) with each
-    param's shape and device, as a step's are, the rest of :func:`apply_updates`' checks
-    (which on a small model cost as much as a foreach kernel) are not repeated; anything
-    else (a user's transform in the chain returned other updates) goes through them, and
-    is refused by name."""
-    if type(updates) is not list or len(updates) != len(params) or not all(
-            u is None or (isinstance(u, torch.Tensor) and u.shape == p.shape and u.device == p.device)
-            for p, u in zip(params, updates)):
+    ``updates`` a step made from these very ``params`` (the torch.optim adapter's): when
+    the params are distinct tensors and the updates a list of tensors (or ``None``) with
+    each param's shape and device, as a step's are, the rest of :func:`apply_updates`'
+    checks (which on a small model cost as much as a foreach kernel) are not repeated;
+    anything else (a param listed twice, a user's transform in the chain that returned
+    other updates) goes through them, and is refused by name."""
+    fits = type(updates) is list and len(updates) == len(params) == len(set(map(id, params))) and all(
+        u is None or (isinstance(u, torch.Tensor) and u.shape == p.shape and u.device == p.device)
+        for p, u in zip(params, updates))
+    if not fits:
         apply_updates(params, updates, inplace=True, scale=scale)
         return
     if isinstance(scale, list) and len(scale) != len(params):

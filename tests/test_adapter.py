@@ -1415,3 +1415,15 @@ def test_updates_that_do_not_fit_the_params_are_refused_and_change_nothing(posit
     with pytest.raises(ValueError, match=r"shape"):
         opt.step()
     assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+
+
+def test_a_param_listed_twice_in_a_group_is_refused_and_not_stepped_twice():
+    """torch.optim only warns about a group that lists one param twice (and then steps it
+    twice); the adapter refuses the step by name, as ``apply_updates`` does."""
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    w.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = TransformOptimizer([w, w], holotx.sgd, lr=0.1)
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
