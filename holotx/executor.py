@@ -13,8 +13,9 @@ about execution is decided here too, once per step:
 * **Grouping and the order of work** (:func:`multi_tensor_update`, which lifts a rule
   written over lists of tensors to trees): leaves grouped by device and dtype (DTensors
   apart, run under ``implicit_replication``), and each group run at once or, in eager mode
-  on a CPU, in batches of leaves that stay in cache (:meth:`Plan.batches`). Each tree a
-  step sees is flattened, and its leaves' shapes, devices and dtypes read, once
+  on a CPU, in batches of leaves that stay in cache (:meth:`Plan.batches`); decided once
+  for each description of the leaves and kept (:func:`_layout`). Each tree a step sees is
+  flattened, and its leaves' shapes, devices and dtypes read, once
   (:meth:`Plan.leaves_of`): a state or params that matches the updates is not checked leaf
   by leaf, which on a small model is most of a step.
 * **Which buffers may be written.** A step is given its inputs by a caller: the

@@ -175,8 +175,10 @@ def _cpu_scalar(plan: Plan, xs: TensorList, s: object) -> object:
     dtype), so the results are the same. Anything else as it is."""
     kind = type(s)
     if kind is list:
-        # (list.count compares by ==: an int among equal floats has the same value)
-        if not s or type(s[0]) is not float or s.count(s[0]) != len(s):
+        # (list.count compares by ==: an int among equal floats has the same value, but a
+        # -0.0 among 0.0s has another sign, which a product keeps)
+        if not s or type(s[0]) is not float or s.count(s[0]) != len(s) or (
+                not s[0] and len(set(map(repr, s))) > 1):
             return s
         s = s[0]
         kind = float

@@ -778,3 +778,13 @@ def test_host_bias_corrections_take_an_int_beta_and_counts_of_any_dtype(name):
     for got in (run(int_beta), run(float_counts, as_float64)):
         for k in params:
             torch.testing.assert_close(got[k], want[k], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_cached_scalar_keeps_the_sign_of_zero(dtype):
+    """Plain eager on a CPU, Python scalars become cached 0-d tensors (and a list of equal
+    ones, one tensor): a zero keeps its sign, in a list too, as torch's kernels keep it."""
+    xs = [torch.ones(3, dtype=dtype), torch.ones(3, dtype=dtype)]
+    for s in (0.0, -0.0, 0.0, [0.0, -0.0], [-0.0, 0.0], [-0.0, -0.0], [0.0, 0.0]):
+        for ours, theirs in zip(ops.mul(xs, s), torch._foreach_mul(xs, s)):
+            assert torch.equal(ours.signbit(), theirs.signbit()), s
