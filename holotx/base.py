@@ -256,6 +256,16 @@ def _add_leaves(p_leaves: list[Any], u_leaves: list[Any], idx: list[int], inplac
                 scale: ops.Scalar | list[ops.Scalar | None] | None) -> list[Any]:
     """``p + scale * u`` at the leaves ``idx``: in place (``p_leaves`` returned), or a new
     list of leaves."""
+    if len({executor.is_wrapper_type(type(p_leaves[i])) for i in idx}) > 1:
+        # DTensors (FSDP2's sharded params) among plain tensors: a foreach kernel takes one
+        # kind or the other, so each kind is added apart (as multi_tensor_update groups them).
+        new = list(p_leaves)
+        for wrapped in (False, True):
+            part = [i for i in idx if executor.is_wrapper_type(type(p_leaves[i])) is wrapped]
+            out = _add_leaves(p_leaves, u_leaves, part, inplace, scale)
+            for i in part:
+                new[i] = out[i]
+        return p_leaves if inplace else new
     ps = [p_leaves[i] for i in idx]
     us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype)
           for i in idx]

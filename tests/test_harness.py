@@ -356,3 +356,35 @@ def test_inject_hyperparams_no_retrace(case):
 @pytest.mark.parametrize("case", _params(INJECT_CASES))
 def test_inject_hyperparams_grad(case):
     check_inject_grad(case)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_updates_apply_to_dtensors_among_plain_tensors(inplace, one_process_mesh):
+    """A tree of params where some are DTensors (FSDP2's sharded params) and some plain
+    tensors: a step groups them apart, and so does ``apply_updates``, pure or in place,
+    with one factor or one per leaf; the adapter too."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from holotx.adapters import TransformOptimizer
+
+    def full(n, value):
+        return torch.full((n,), value, dtype=torch.float64)
+
+    def trees():
+        sharded = distribute_tensor(full(4, 1.0), one_process_mesh, [Shard(0)])
+        sharded_grad = distribute_tensor(full(4, 0.5), one_process_mesh, [Shard(0)])
+        return {"a": sharded, "b": full(3, 1.0)}, {"a": sharded_grad, "b": full(3, 0.5)}
+
+    for scale, (fa, fb) in ((None, (1.0, 1.0)), (2.0, (2.0, 2.0)), ([2.0, 3.0], (2.0, 3.0))):
+        params, grads = trees()
+        new = holotx.apply_updates(params, grads, inplace=inplace, scale=scale)
+        assert (new is params) == inplace
+        assert torch.equal(new["a"].full_tensor(), full(4, 1 + 0.5 * fa))
+        assert torch.equal(new["b"], full(3, 1 + 0.5 * fb))
+    params, grads = trees()
+    weights = [torch.nn.Parameter(params["a"]), torch.nn.Parameter(params["b"])]
+    for w, g in zip(weights, grads.values()):
+        w.grad = g
+    TransformOptimizer(weights, holotx.sgd, lr=0.1).step()
+    assert torch.equal(weights[0].detach().full_tensor(), full(4, 0.95))
+    assert torch.equal(weights[1].detach(), full(3, 0.95))
