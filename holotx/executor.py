@@ -288,7 +288,7 @@ class Plan:
         if self.compiling or self.transformed:
             return False
         for t in tensors:
-            if not t.is_cpu or (type(t) is not torch.Tensor and is_wrapper_type(type(t))):
+            if not t.is_cpu or is_wrapper(t):
                 return False
         return not (torch.is_grad_enabled() and any(map(_requires_grad, tensors)))
 
