@@ -8,6 +8,7 @@ differ in shape, dtype or device, raise a ``ValueError`` naming the offending pa
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "find_states",
     "first_device",
     "flatten",
+    "leaves_like",
     "leaves_matching",
     "map",
     "path_strings",
@@ -197,6 +199,48 @@ def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_na
     return f"{other_name} does not match the structure of {ref_name}: " + "; ".join(parts)
 
 
+_ONE_LEVEL_NODES = frozenset({dict, list, tuple})
+_TENSOR_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
+
+
+def leaves_like(tree: Any, treespec: PyTreeSpec) -> list[Any] | None:
+    """The leaves of ``tree`` if it is, without doubt, of structure ``treespec`` and one
+    ``dict``, ``list`` or ``tuple`` of plain tensors and ``None`` (the usual params, grads
+    and per-leaf state); else ``None``, and the caller flattens it (:func:`leaves_matching`
+    names any difference). A quarter of :func:`flatten`'s time on a small model:
+    ``treespec.flatten_up_to`` checks the keys (or the length) without reading every
+    leaf's type against optree's registry, and the leaves' types are checked here. Not
+    under ``torch.compile`` (dynamo gets :func:`flatten`).
+
+    Args:
+        tree: the tree whose leaves are wanted.
+        treespec: the structure it is expected to have (from :func:`flatten`).
+
+    Returns:
+        Its leaves in ``treespec``'s order (dict values by key), or ``None`` when this quick
+        path cannot tell (another structure, a nested tree, a leaf that is not a plain
+        tensor or ``None``).
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> spec = holotx.tree.structure({"w": torch.zeros(1), "b": None})
+        >>> holotx.tree.leaves_like({"w": torch.ones(1), "b": None}, spec)
+        [None, tensor([1.])]
+        >>> holotx.tree.leaves_like({"w": [torch.ones(1)], "b": None}, spec) is None
+        True
+    """
+    kind = type(tree)
+    if (torch.compiler.is_compiling() or kind not in _ONE_LEVEL_NODES or treespec.type is not kind
+            or treespec.num_nodes != treespec.num_leaves + 1 or not treespec.none_is_leaf):
+        return None
+    try:
+        leaves = treespec.flatten_up_to(tree)
+    except ValueError:  # (other keys or length: flatten names the difference)
+        return None
+    return leaves if _TENSOR_LEAVES.issuperset(builtins.map(type, leaves)) else None
+
+
 def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -> list[Any]:
     """Leaves of ``tree``, which must have exactly the structure ``treespec``.
 
@@ -220,6 +264,9 @@ def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -
             ...
         ValueError: grads does not match the structure of params: grads lacks ...
     """
+    leaves = leaves_like(tree, treespec)
+    if leaves is not None:
+        return leaves
     leaves, spec = flatten(tree)
     if spec != treespec:
         raise ValueError(_describe_mismatch(treespec, tree, ref_name, name))
