@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import ast
+import collections
+import contextlib
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pytest
@@ -754,6 +757,27 @@ def test_a_state_in_another_kind_of_dict_is_refused():
         tx.update({k: torch.ones_like(v) for k, v in params.items()}, state, params)
 
 
+def test_the_quick_flatten_of_a_known_structure_agrees_with_flatten_or_declines():
+    """``tree.leaves_like`` gives ``flatten``'s leaves for a one-level dict, list or tuple of
+    tensors and ``None`` of the expected structure (keys in any order), and declines (``None``:
+    the caller flattens, and names any difference) whatever else it is given."""
+    from collections import OrderedDict
+
+    a, b = torch.zeros(2), torch.nn.Parameter(torch.ones(3))
+    for ref, same in [({"b": a, "a": b, "c": None}, {"c": None, "a": b, "b": a}),
+                      ([a, None, b], [a, None, b]), ((a, b), (a, b)), ({}, {})]:
+        spec = holotx.tree.structure(ref)
+        assert holotx.tree.leaves_like(same, spec) == holotx.tree.flatten(same)[0]
+    spec = holotx.tree.structure({"w": a, "b": b})
+    for other in [OrderedDict(w=a, b=b), {"w": a}, {"w": a, "b": b, "c": a}, {"w": {"x": a}, "b": b},
+                  {"w": a, "b": 1.0}, [a, b], {"w": a, "b": [b]}]:
+        assert holotx.tree.leaves_like(other, spec) is None
+    assert holotx.tree.leaves_like((a, b), holotx.tree.structure([a, b])) is None
+    assert holotx.tree.leaves_like({"w": {"x": a}}, holotx.tree.structure({"w": {"x": a}})) is None
+    # (a one-level spec with a leaf that is not a tensor: the tree's leaves are checked)
+    assert holotx.tree.leaves_like({"w": a}, holotx.tree.structure({"w": 1})) == [a]
+
+
 @pytest.mark.parametrize("name", ["adamw", "adabelief", "tadam", "adamp", "adan"])
 def test_host_bias_corrections_take_an_int_beta_and_counts_of_any_dtype(name):
     """The host formula gives floats for an int beta (0: no second-moment memory), and counts
@@ -788,3 +812,62 @@ def test_a_cached_scalar_keeps_the_sign_of_zero(dtype):
     for s in (0.0, -0.0, 0.0, [0.0, -0.0], [-0.0, 0.0], [-0.0, -0.0], [0.0, 0.0]):
         for ours, theirs in zip(ops.mul(xs, s), torch._foreach_mul(xs, s)):
             assert torch.equal(ours.signbit(), theirs.signbit()), s
+
+
+def _ema_of_state_kind(make_state: Callable[[Any], Any]) -> Any:
+    """A holotx transform whose state, built by ``make_state(mu)``, keeps an EMA ``mu``."""
+    from holotx.base import own_transform
+    from holotx.executor import multi_tensor_update
+
+    def update(updates, state, params=None, **extra):
+        def kernel(g, mu, _p):
+            mu = holotx.ops.lerp_(mu, g, 0.1)
+            return mu, mu
+        new_updates, (mu,) = multi_tensor_update(kernel, updates, (state.mu,), state_names=("mu",))
+        return new_updates, make_state(mu)
+
+    return own_transform(lambda params: make_state(holotx.tree.zeros_like(params)), update)
+
+
+class _StateThatIteratesNothing(NamedTuple):
+    mu: Any
+
+    def __iter__(self):  # (optree reads a NamedTuple's slots, not its __iter__)
+        return iter(())
+
+
+class _StateKeepingMoreInItsDict(collections.namedtuple("_Base", "count")):
+    """A NamedTuple subclass whose instances keep ``mu`` in their ``__dict__``, registered
+    with optree to flatten it too."""
+
+
+def _with_mu(mu: Any) -> _StateKeepingMoreInItsDict:
+    state = _StateKeepingMoreInItsDict(0)
+    state.mu = mu
+    return state
+
+
+@pytest.mark.parametrize("kind", ["iterates_nothing", "keeps_more_in_its_dict"])
+def test_a_pure_step_writes_no_tensor_of_an_unusual_state_class(kind):
+    """Every tensor the flattened state holds is the caller's, however its NamedTuple
+    iterates or what it keeps besides its fields (found in review: a walk over the state's
+    fields that trusted ``__iter__`` let a pure step overwrite them)."""
+    if kind == "iterates_nothing":
+        tx = _ema_of_state_kind(_StateThatIteratesNothing)
+    else:
+        import warnings
+
+        import optree
+
+        # (optree warns of a NamedTuple registered anew; a second run finds it registered)
+        with warnings.catch_warnings(), contextlib.suppress(ValueError):
+            warnings.simplefilter("ignore")
+            optree.register_pytree_node(
+                _StateKeepingMoreInItsDict, lambda s: ((s.count, s.mu), None, ("count", "mu")),
+                lambda _, children: _with_mu(children[1]),
+                namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"))
+        tx = _ema_of_state_kind(_with_mu)
+    state = tx.init({"w": torch.zeros(3, dtype=F64)})
+    _, new_state = tx.update({"w": torch.ones(3, dtype=F64)}, state)
+    assert torch.equal(state.mu["w"], torch.zeros(3, dtype=F64))
+    assert torch.allclose(new_state.mu["w"], torch.full((3,), 0.1, dtype=F64), rtol=0, atol=1e-15)
