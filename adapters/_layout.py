@@ -22,6 +22,8 @@ from holotx import tree
 
 __all__ = ["StateLayout"]
 
+_TENSOR_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
+
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -89,6 +91,20 @@ class StateLayout:
         if torch.compiler.is_compiling():
             return _fill(self.template, leaves)
         return optree.tree_unflatten(self.spec, leaves)  # (eager: a fourth of the time)
+
+    def leaves(self, state: Any) -> list[Any]:
+        """The leaves of a state the group's transform returned, in flattening order.
+        Eager, one of this layout's structure whose leaves are tensors and ``None`` (every
+        step's) is taken with ``flatten_up_to``, a tenth of a flatten's time on adamw's
+        state; anything else is flattened (the caller checks its leaf count)."""
+        if not torch.compiler.is_compiling():
+            try:
+                leaves = self.spec.flatten_up_to(state)
+            except ValueError:  # (another structure)
+                leaves = None
+            if leaves is not None and _TENSOR_LEAVES.issuperset(map(type, leaves)):
+                return leaves
+        return tree.flatten(state)[0]
 
     def keys_per_param(self, n: int) -> list[set[str]]:
         """The keys each of the ``n`` params of the group has in its state dict."""

@@ -1004,8 +1004,8 @@ class _GroupRuntime:
     def scatter(self, state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor],
                 new_state: Any) -> None:
         """Write the group's new pytree state back into the per-param dicts."""
-        leaves, _ = tree.flatten(new_state)
         layout = self.layout
+        leaves = layout.leaves(new_state)
         if len(leaves) != len(layout.keys):
             raise RuntimeError(f"the transform returned a state of {len(leaves)} leaves, its init had "
                                f"{len(layout.keys)}: an update must keep the structure of its state")

@@ -1427,3 +1427,31 @@ def test_a_param_listed_twice_in_a_group_is_refused_and_not_stepped_twice():
     with pytest.raises(ValueError, match="same tensor"):
         opt.step()
     assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("returned", ["one leaf more", "a leaf nested", "the same, nested"])
+def test_a_state_returned_in_another_structure_is_refused_or_read_as_before(returned):
+    """The adapter reads the state a group's transform returns by its init's structure: one
+    with another number of leaves is refused by a ``RuntimeError`` that says so; one whose
+    leaves are the same tensors in other containers is read leaf by leaf, as before."""
+    def init(params):
+        return [torch.zeros_like(p) for p in params]
+
+    def update(updates, state, params=None):
+        new = [m + g for m, g in zip(state, updates)]
+        if returned == "one leaf more":
+            return updates, [*new, torch.zeros(1, dtype=torch.float64)]
+        if returned == "a leaf nested":
+            return updates, [[new[0], torch.zeros(1, dtype=torch.float64)], *new[1:]]
+        return updates, [[m] for m in new]
+
+    params = [nn.Parameter(torch.ones(n, dtype=torch.float64)) for n in (2, 3)]
+    opt = TransformOptimizer(params, holotx.GradientTransformation(init, update), lr=0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    if returned == "the same, nested":
+        opt.step()
+        assert all(torch.equal(opt.state[p]["state"], torch.ones_like(p)) for p in params), opt.state
+        return
+    with pytest.raises(RuntimeError, match=r"returned a state of 3 leaves, its init had 2"):
+        opt.step()
