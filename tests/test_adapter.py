@@ -1455,3 +1455,26 @@ def test_a_state_returned_in_another_structure_is_refused_or_read_as_before(retu
         return
     with pytest.raises(RuntimeError, match=r"returned a state of 3 leaves, its init had 2"):
         opt.step()
+
+
+def test_a_state_returned_in_another_kind_of_dict_is_stored_by_key():
+    """A transform whose init returns a dict and whose update returns the same keys in an
+    ``OrderedDict`` of another order has each value stored under its own key (found in
+    review: the state was read in the new dict's own order, and two keys swapped values)."""
+    from collections import OrderedDict
+
+    def init(params):
+        return {"a": [torch.zeros_like(p) for p in params], "b": [torch.zeros_like(p) for p in params]}
+
+    def update(updates, state, params=None):
+        return updates, OrderedDict([("b", [m - g for m, g in zip(state["b"], updates)]),
+                                     ("a", [m + g for m, g in zip(state["a"], updates)])])
+
+    params = [nn.Parameter(torch.ones(n, dtype=torch.float64)) for n in (2, 3)]
+    opt = TransformOptimizer(params, holotx.GradientTransformation(init, update), lr=0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in params:
+        assert torch.equal(opt.state[p]["a"], torch.ones_like(p)), opt.state[p]
+        assert torch.equal(opt.state[p]["b"], -torch.ones_like(p)), opt.state[p]
