@@ -22,8 +22,6 @@ from holotx import tree
 
 __all__ = ["StateLayout"]
 
-_TENSOR_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
-
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -95,16 +93,11 @@ class StateLayout:
     def leaves(self, state: Any) -> list[Any]:
         """The leaves of a state the group's transform returned, in flattening order.
         Eager, one of this layout's structure whose leaves are tensors and ``None`` (every
-        step's) is taken with ``flatten_up_to``, a tenth of a flatten's time on adamw's
-        state; anything else is flattened (the caller checks its leaf count)."""
-        if not torch.compiler.is_compiling():
-            try:
-                leaves = self.spec.flatten_up_to(state)
-            except ValueError:  # (another structure)
-                leaves = None
-            if leaves is not None and _TENSOR_LEAVES.issuperset(map(type, leaves)):
-                return leaves
-        return tree.flatten(state)[0]
+        step's) is taken by :func:`holotx.tree.leaves_like` (``flatten_up_to``), a tenth of
+        a flatten's time on adamw's state; anything else is flattened (the caller checks
+        its leaf count)."""
+        leaves = tree.leaves_like(state, self.spec, nested=True)
+        return tree.flatten(state)[0] if leaves is None else leaves
 
     def keys_per_param(self, n: int) -> list[set[str]]:
         """The keys each of the ``n`` params of the group has in its state dict."""

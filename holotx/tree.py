@@ -203,7 +203,7 @@ _ONE_LEVEL_NODES = frozenset({dict, list, tuple})
 _TENSOR_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
 
 
-def leaves_like(tree: Any, treespec: PyTreeSpec) -> list[Any] | None:
+def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> list[Any] | None:
     """The leaves of ``tree`` if it is, without doubt, of structure ``treespec`` and one
     ``dict``, ``list`` or ``tuple`` of plain tensors and ``None`` (the usual params, grads
     and per-leaf state); else ``None``, and the caller flattens it (:func:`leaves_matching`
@@ -215,6 +215,10 @@ def leaves_like(tree: Any, treespec: PyTreeSpec) -> list[Any] | None:
     Args:
         tree: the tree whose leaves are wanted.
         treespec: the structure it is expected to have (from :func:`flatten`).
+        nested: take a tree of any depth too, each container matched as
+            ``flatten_up_to`` matches it (a dict's values by key, whatever kind of dict:
+            for a reader that needs the leaves in ``treespec``'s order, not the same
+            containers). Default ``False``.
 
     Returns:
         Its leaves in ``treespec``'s order (dict values by key), or ``None`` when this quick
@@ -230,9 +234,11 @@ def leaves_like(tree: Any, treespec: PyTreeSpec) -> list[Any] | None:
         >>> holotx.tree.leaves_like({"w": [torch.ones(1)], "b": None}, spec) is None
         True
     """
+    if torch.compiler.is_compiling() or not treespec.none_is_leaf:
+        return None
     kind = type(tree)
-    if (torch.compiler.is_compiling() or kind not in _ONE_LEVEL_NODES or treespec.type is not kind
-            or treespec.num_nodes != treespec.num_leaves + 1 or not treespec.none_is_leaf):
+    if not nested and (kind not in _ONE_LEVEL_NODES or treespec.type is not kind
+                       or treespec.num_nodes != treespec.num_leaves + 1):
         return None
     try:
         leaves = treespec.flatten_up_to(tree)

@@ -774,6 +774,12 @@ def test_the_quick_flatten_of_a_known_structure_agrees_with_flatten_or_declines(
         assert holotx.tree.leaves_like(other, spec) is None
     assert holotx.tree.leaves_like((a, b), holotx.tree.structure([a, b])) is None
     assert holotx.tree.leaves_like({"w": {"x": a}}, holotx.tree.structure({"w": {"x": a}})) is None
+    # nested=True: any depth, each dict's values by key whatever its kind; leaves still checked
+    nested = holotx.tree.structure({"s": ({"w": a, "b": b}, None)})
+    assert holotx.tree.leaves_like({"s": (OrderedDict(b=b, w=a), a)}, nested, nested=True) == [b, a, a]
+    assert holotx.tree.leaves_like({"s": ({"w": a, "b": b}, None)}, nested) is None
+    assert holotx.tree.leaves_like({"s": ({"w": a, "b": 1.0}, None)}, nested, nested=True) is None
+    assert holotx.tree.leaves_like({"s": [{"w": a, "b": b}, None]}, nested, nested=True) is None
     # (a one-level spec with a leaf that is not a tensor: the tree's leaves are checked)
     assert holotx.tree.leaves_like({"w": a}, holotx.tree.structure({"w": 1})) == [a]
 
