@@ -413,7 +413,8 @@ def _planned(plan: Plan | None) -> Iterator[Plan | None]:
 
 def register(update: Callable[..., Any],
              prepare: Callable[[Any, Any], None] | None = None, *,
-             scaling: bool = False, state_type: Sequence[type] = ()) -> Callable[..., Any]:
+             scaling: bool = False, leafwise: bool = False,
+             state_type: Sequence[type] = ()) -> Callable[..., Any]:
     """Wrap the math of a holotx transform's ``update`` as its entry point.
 
     Called by a caller outside any step, the entry starts one: a pure step by default,
@@ -430,6 +431,12 @@ def register(update: Callable[..., Any],
     ``scaling=True`` declares the transform a final scaling: it multiplies each update by
     one value per leaf (a number, a schedule's value), so a scaling handed over before it
     may be applied after it (see :func:`chain`'s use of :func:`ask_scale`).
+
+    ``leafwise=True`` declares that each leaf's update and new state follow from that
+    leaf's update, state and param alone, with a NamedTuple state whose fields are trees
+    shaped like the updates (or ``None``), and that the transform takes no scaling handed
+    over: it may then be run on a batch of leaves at a time, as a list (see
+    :func:`multi_tensor_update`'s ``then``).
 
     ``state_type`` holds the type of the state the transform's ``init`` returned, once it
     has run: a state of another type (another transform's, or ``update``'s arguments in
@@ -454,6 +461,7 @@ def register(update: Callable[..., Any],
     entry.holotx_math = update  # type: ignore[attr-defined]
     entry.holotx_prepare = prepare  # type: ignore[attr-defined]
     entry.holotx_scaling = scaling  # type: ignore[attr-defined]
+    entry.holotx_leafwise = leafwise  # type: ignore[attr-defined]
     entry.__doc__ = update.__doc__
     return entry
 
@@ -715,6 +723,7 @@ def multi_tensor_update(
     host_counts: bool = False,
     state_dtypes: Mapping[int, Callable[[Any], Any]] | None = None,
     leaf_values: Sequence[Sequence[Any]] = (),
+    then: tuple[Any, Any, Mapping[str, Any]] | None = None,
 ) -> tuple[Any, list[Any | None]]:
     """Apply ``kernel(g, *state_lists, p, *value_lists) -> (u, *new_state_lists)`` to grouped leaves.
 
@@ -728,8 +737,17 @@ def multi_tensor_update(
     whose dtype is not the updates' (statistics kept in float32 for bfloat16 leaves) to a
     function giving its dtype from the update's. ``leaf_values`` are lists with one value per
     leaf of ``updates`` in flattening order (per-leaf scalars, flags): the kernel gets
-    each as one more list argument after ``p``, sliced like the tensors. Returns the
-    updates tree and the list of new state trees.
+    each as one more list argument after ``p``, sliced like the tensors.
+
+    ``then=(tx, tx_state, extra)`` runs the transform ``tx`` on the kernel's updates, as
+    ``call(tx, updates, tx_state, params, **extra)``, and appends its new state to the
+    states returned. Where the plan cuts the leaves into several batches and ``tx`` is
+    declared leafwise (:func:`register`), it runs on each batch right after the kernel,
+    while the batch is in cache: its buffers are then as large as a batch, not the
+    model (a fresh update per leaf freed batch by batch, where the whole tree of them
+    would be allocated and freed at every step).
+
+    Returns the updates tree and the list of new state trees.
     """
     plan = current()
     g_leaves, spec = plan.leaves_of(updates)
@@ -783,6 +801,7 @@ def multi_tensor_update(
     batches = _layout(plan, g_leaves, g_meta, spec)
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
+    by_batch = None if then is None or len(batches) < 2 else _leafwise_fields(*then, spec)
     for wrapped, complex_view, idx in batches:
         whole = len(idx) == len(g_leaves)  # (every leaf in one batch: no slicing)
         if whole:
@@ -822,11 +841,63 @@ def multi_tensor_update(
                 # A state is never written through the updates of a later transform (a
                 # momentum buffer may be the updates of a pure step).
                 plan.exclude_leaves(out)
+        if by_batch is not None:
+            _then_on_batch(then, by_batch, idx, new_u, p_leaves)
     # Updates written in place are the leaves described at the start: no need to read them again.
     same = all(map(operator.is_, new_u, g_leaves))
-    return plan.made(tree.unflatten(spec, new_u), new_u, spec, g_meta if same else None), [
-        None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states
-    ]
+    new_updates = plan.made(tree.unflatten(spec, new_u), new_u, spec, g_meta if same else None)
+    new_trees = [None if leaves is None else tree.unflatten(spec, leaves) for leaves in new_states]
+    if then is None:
+        return new_updates, new_trees
+    tx, tx_state, extra = then
+    if by_batch is None:
+        new_updates, new_tx_state = call(tx, new_updates, tx_state, params, **extra)
+    else:
+        new_tx_state = type(tx_state)._make(
+            tree.unflatten(spec, value) if per_leaf else value for per_leaf, value in by_batch)
+    return new_updates, [*new_trees, new_tx_state]
+
+
+def _leafwise_fields(tx: Any, state: Any, extra: Mapping[str, Any], spec: Any) -> list[list[Any]] | None:
+    """For :func:`multi_tensor_update`'s ``then``: ``tx``'s state as ``[per_leaf, value]``
+    per field, ``value`` the field's leaves (a list, one per leaf of the updates) or the
+    field itself where it is ``None``; ``None`` where ``tx`` cannot run batch by batch
+    (not declared leafwise, given extras, or a state of another form)."""
+    if extra or not getattr(tx.update, "holotx_leafwise", False):
+        return None
+    if not (isinstance(state, tuple) and hasattr(type(state), "_make")):
+        return None
+    fields = []
+    for value in state:
+        if value is None:
+            fields.append([False, None])
+            continue
+        leaves, field_spec = tree.flatten(value)
+        if field_spec != spec:
+            return None
+        fields.append([True, leaves])
+    return fields
+
+
+def _then_on_batch(then: tuple[Any, Any, Mapping[str, Any]], fields: list[list[Any]], idx: list[int],
+                   new_u: list[Any], p_leaves: list[Any] | None) -> None:
+    """Run ``then``'s leafwise transform on the leaves ``idx`` of the kernel's updates
+    ``new_u`` (replaced by its updates) and of its state ``fields`` (their per-leaf
+    lists updated in place), with their lists for trees."""
+    tx, tx_state, _ = then
+    state = type(tx_state)._make([leaves[i] for i in idx] if per_leaf else leaves
+                                 for per_leaf, leaves in fields)
+    params = None if p_leaves is None else [p_leaves[i] for i in idx]
+    u, new_state = call(tx, [new_u[i] for i in idx], state, params)
+    if type(u) is not list or len(u) != len(idx) or type(new_state) is not type(tx_state):
+        raise RuntimeError(f"a transform declared leafwise returned {type(u).__name__} updates and a "
+                           f"{type(new_state).__name__} state for a batch of {len(idx)} leaves")
+    for j, i in enumerate(idx):
+        new_u[i] = u[j]
+    for field, value in zip(fields, new_state):
+        if field[0]:
+            for j, i in enumerate(idx):
+                field[1][i] = value[j]
 
 
 _LAYOUTS: dict[tuple[Any, ...], list[tuple[bool, bool, list[int]]]] = {}

@@ -238,6 +238,13 @@ BATCHED = {
     "sgd_nesterov": lambda: holotx.sgd(0.1, momentum=0.9, nesterov=True),
     "lamb": lambda: holotx.lamb(0.1, weight_decay=0.1),
     "ralars": lambda: holotx.ralars(0.1),
+    "lars": lambda: holotx.lars(0.1, momentum=0.9, weight_decay=0.1),
+    "lars_nesterov": lambda: holotx.lars(0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "lars_dampened": lambda: holotx.lars(0.1, momentum=0.9, dampening=0.5, weight_decay=0.1),
+    # (an inner transform that is not leafwise runs on the whole tree after the batches)
+    "trust_ratio_chained_inner": lambda: holotx.chain(
+        holotx.scale_by_trust_ratio(weight_decay=0.1, inner=holotx.chain(holotx.trace(0.9))),
+        holotx.scale(-0.1)),
     "tadam": lambda: holotx.tadam(0.1),
     "adamp": lambda: holotx.adamp(0.1, weight_decay=0.1),
     "adan": lambda: holotx.adan(0.1),
@@ -284,6 +291,45 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
     for (p1, s1), (p2, s2) in zip(one, each):
         assert _equal(p1, p2)
         assert all(torch.equal(a, b) for a, b in zip(_leaves(s1), _leaves(s2)))
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_leafwise_inner_runs_batch_by_batch_on_buffers_freed_batch_by_batch(donate, monkeypatch):
+    """LARS's momentum runs on each batch of leaves right after the batch's trust ratios
+    and weight decay: it runs on every batch, and when it starts on one, the decayed
+    updates of the batches before are freed (a model's worth of them is never alive at
+    once; donated grads take the decay in place). The caller's grads are left as they
+    were unless donated."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(7, 5), (40,), (3, 2, 2), (64,)]
+    params = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+    grads = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+    batches: list[int] = []
+    decayed: list[weakref.ref] = []
+    original = executor._then_on_batch
+
+    def recording(then, fields, idx, new_u, p_leaves):
+        gc.collect()
+        assert not [r for r in decayed if r() is not None], "a batch's decayed updates outlived it"
+        batches.append(len(idx))
+        decayed.extend(weakref.ref(new_u[i]) for i in idx if not any(new_u[i] is g for g in given))
+        return original(then, fields, idx, new_u, p_leaves)
+
+    monkeypatch.setattr(executor, "_LAYOUTS", {})
+    monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", 256)
+    monkeypatch.setattr(executor, "_then_on_batch", recording)
+    tx = holotx.lars(0.1, momentum=0.9, weight_decay=0.1)
+    p, state, given = _clones(params), tx.init(params), _clones(grads)
+    with torch.no_grad():
+        tx.update(given, state, p, donate=donate)
+    assert sum(batches) == len(shapes)
+    assert len(batches) > 1
+    assert donate or decayed, "no fresh decayed updates were watched"
+    if not donate:
+        assert _equal(given, grads)
 
 
 def test_a_layout_is_decided_once_for_leaves_described_alike(monkeypatch):

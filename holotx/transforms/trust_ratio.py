@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -171,7 +172,13 @@ def scale_by_trust_ratio(
     def init(params):
         return TrustRatioState(EmptyState() if inner is None else inner.init(params))
 
-    def ratios_kernel(u, p, keep):
+    def decayed(u, p):
+        """The updates plus the weight decay, in the pass that measured them (they are
+        still in cache: one read of the updates and the params fewer than a pass of its
+        own)."""
+        return ops.add_(u, p, alpha=weight_decay) if decays else u
+
+    def ratios_kernel(u, p, keep, at, *, ratios):
         dtype = ops.accumulation_dtype(u[0].dtype)
         # realize: on DTensor leaves the norms become plain values (one collective), so the
         # ratios are read and applied as on plain tensors.
@@ -181,30 +188,30 @@ def scale_by_trust_ratio(
                          weight_decay=weight_decay)
         (r,) = per_leaf(r)
         # Masked-out leaves get ratio 1, of the same kind as the others (float or tensor).
-        return ([ri if k else (1.0 if isinstance(ri, float) else torch.ones_like(ri))
-                 for ri, k in zip(r, keep)],)
+        for i, ri, k in zip(at, r, keep):
+            ratios[i] = ri if k else (1.0 if isinstance(ri, float) else torch.ones_like(ri))
+        return (decayed(u, p),)
 
-    def segment_ratios_kernel(u, p, segments):
-        """Over aligned flat buffers: one ratio per tensor, returned per row as ``(rows, 1)``
+    def segment_ratios_kernel(u, p, segments, at, *, ratios):
+        """Over aligned flat buffers: one ratio per tensor, kept per row as ``(rows, 1)``
         (ones for a buffer the mask keeps out)."""
-        out = []
-        for ui, pi, (seg, keep) in zip(u, p, segments):
+        for i, ui, pi, (seg, keep) in zip(at, u, p, segments):
             if not keep:
-                out.append(ui.new_ones((ui.numel() // seg.width, 1)))
+                ratios[i] = ui.new_ones((ui.numel() // seg.width, 1))
                 continue
             dtype = ops.accumulation_dtype(ui.dtype) or ui.dtype
             r = trust_ratios(_segment_norms(pi, seg, dtype), _segment_norms(ui, seg, dtype),
                              trust_coefficient=trust_coefficient, scale_clip=scale_clip,
                              weight_decay=weight_decay)
-            out.append(per_row(r.to(ui.dtype), seg))
-        return (out,)
+            ratios[i] = per_row(r.to(ui.dtype), seg)
+        return (decayed(u, p),)
 
     def update(updates, state, params=None, **extra):
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         segments = extra.get("segments")
         tree.check_whole_tensors(params, "scale_by_trust_ratio", flat_ok=segments is not None)
-        g_leaves, spec = tree.flatten(updates)
+        g_leaves = tree.flatten(updates)[0]
         if segments is not None:
             # One bool masks every tensor of the buffers alike; a mask per tensor cannot be
             # followed into a buffer that packs them.
@@ -220,19 +227,15 @@ def scale_by_trust_ratio(
             keep = ([True] * len(g_leaves) if mask is None
                     else [_mask_flag(k) for k in _resolve(mask, params, "trust ratio mask")])
             kernel, values = ratios_kernel, keep
-        # The ratios come back as the "updates" of a kernel: one per leaf.
-        ratio_tree, _ = multi_tensor_update(kernel, updates, params=params, needs_params=True,
-                                            leaf_values=[values])
-        ratios = tree.leaves_matching(ratio_tree, spec, "ratios", "updates")
-
-        if decays:
-            updates = multi_tensor_update(
-                lambda u, p: (ops.add_(u, p, alpha=weight_decay),), updates, params=params)[0]
-        if inner is not None:
-            # The ratio is one more step after inner, which sees the extras (segments).
-            updates, inner_state = executor.call(inner, updates, state.inner, params, **extra)
-            return _scaled_by_ratios(updates, ratios), TrustRatioState(inner_state)
-        return _scaled_by_ratios(updates, ratios), state
+        # One pass measures each leaf's ratio (into ``ratios``, by the leaf's index: None
+        # where the update is None) and adds the weight decay.
+        # The ratio is one more step after inner, which sees the extras (segments).
+        ratios: list[Any] = [None] * len(g_leaves)
+        updates, states = multi_tensor_update(
+            functools.partial(kernel, ratios=ratios), updates, params=params, needs_params=True,
+            leaf_values=[values, range(len(g_leaves))],
+            then=None if inner is None else (inner, state.inner, extra))
+        return _scaled_by_ratios(updates, ratios), state if inner is None else TrustRatioState(states[-1])
 
     def prepare(state, params):
         if inner is not None:
