@@ -92,7 +92,8 @@ class EmptyState(NamedTuple):
 
 def own_transform(init: TransformInitFn, update: TransformUpdateFn,
                   prepare: Callable[[State, Params], None] | None = None, *,
-                  scaling: bool = False, leafwise: bool = False) -> GradientTransformation:
+                  scaling: bool = False, leafwise: bool = False,
+                  count_fields: int = 0) -> GradientTransformation:
     """A transform of holotx's own: ``update`` is its math, run by :mod:`holotx.executor`
     (pure by default, or with ``donate=True`` / ``donate_updates``; within the caller's
     step when a combinator runs it). ``prepare(state, params)`` evaluates its schedules
@@ -100,7 +101,8 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     :func:`holotx.executor.register`). A transform built elsewhere (a user's, written as
     optax's) is a plain :class:`GradientTransformation` and is always run pure.
     ``scaling=True`` declares that ``update`` multiplies each leaf by one value, and
-    ``leafwise=True`` that it may run on a batch of leaves at a time (see
+    ``leafwise=True`` that it may run on a batch of leaves at a time, the first
+    ``count_fields`` fields of its state step counts (see
     :func:`holotx.executor.register`)."""
     state_type: list[type] = []
 
@@ -114,7 +116,7 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     recording_init.__doc__ = init.__doc__
     return GradientTransformation(recording_init,
                                   executor.register(update, prepare, scaling=scaling, leafwise=leafwise,
-                                                    state_type=state_type))
+                                                    count_fields=count_fields, state_type=state_type))
 
 
 def identity() -> GradientTransformation:

@@ -168,6 +168,7 @@ class Plan:
         "evaluated",
         "everything_outside",
         "flattened",
+        "in_batch",
         "marked",
         "outside",
         "recording",
@@ -206,6 +207,8 @@ class Plan:
         # remembers (its inputs, and the updates one transform hands the next until that one
         # reads them), so that each is flattened and its leaves described once (leaves_of).
         self.flattened: dict[int, list[Any]] = {}
+        # Within multi_tensor_update's run of a leafwise transform on one batch (``then``).
+        self.in_batch = False
 
     # ---------------------------------------------------------------- trees
 
@@ -413,7 +416,7 @@ def _planned(plan: Plan | None) -> Iterator[Plan | None]:
 
 def register(update: Callable[..., Any],
              prepare: Callable[[Any, Any], None] | None = None, *,
-             scaling: bool = False, leafwise: bool = False,
+             scaling: bool = False, leafwise: bool = False, count_fields: int = 0,
              state_type: Sequence[type] = ()) -> Callable[..., Any]:
     """Wrap the math of a holotx transform's ``update`` as its entry point.
 
@@ -433,10 +436,12 @@ def register(update: Callable[..., Any],
     may be applied after it (see :func:`chain`'s use of :func:`ask_scale`).
 
     ``leafwise=True`` declares that each leaf's update and new state follow from that
-    leaf's update, state and param alone, with a NamedTuple state whose fields are trees
-    shaped like the updates (or ``None``), and that the transform takes no scaling handed
-    over: it may then be run on a batch of leaves at a time, as a list (see
-    :func:`multi_tensor_update`'s ``then``).
+    leaf's update, state and param alone; that its state is a NamedTuple whose fields are
+    ``None`` (and stay ``None``) or trees shaped like the updates, buffers of the updates'
+    shapes and dtypes except the first ``count_fields``, step counts (a 0-d tensor per
+    leaf); and that it takes no scaling handed over and evaluates or decides nothing
+    keyed by its state. It may then be run on a batch of leaves at a time, as lists (see
+    :func:`multi_tensor_update`'s ``then``), when its state matches the updates.
 
     ``state_type`` holds the type of the state the transform's ``init`` returned, once it
     has run: a state of another type (another transform's, or ``update``'s arguments in
@@ -462,6 +467,7 @@ def register(update: Callable[..., Any],
     entry.holotx_prepare = prepare  # type: ignore[attr-defined]
     entry.holotx_scaling = scaling  # type: ignore[attr-defined]
     entry.holotx_leafwise = leafwise  # type: ignore[attr-defined]
+    entry.holotx_count_fields = count_fields  # type: ignore[attr-defined]
     entry.__doc__ = update.__doc__
     return entry
 
@@ -801,7 +807,7 @@ def multi_tensor_update(
     batches = _layout(plan, g_leaves, g_meta, spec)
     new_u: list[Any] = [None] * len(g_leaves)
     new_states = [None if leaves is None else list(leaves) for leaves in state_leaves]
-    by_batch = None if then is None or len(batches) < 2 else _leafwise_fields(*then, spec)
+    by_batch = None if then is None or len(batches) < 2 else _leafwise_fields(*then, spec, g_meta)
     for wrapped, complex_view, idx in batches:
         whole = len(idx) == len(g_leaves)  # (every leaf in one batch: no slicing)
         if whole:
@@ -843,6 +849,7 @@ def multi_tensor_update(
                 plan.exclude_leaves(out)
         if by_batch is not None:
             _then_on_batch(then, by_batch, idx, new_u, p_leaves)
+            outs = None  # (the kernel's updates, now read: freed before the next batch makes its own)
     # Updates written in place are the leaves described at the start: no need to read them again.
     same = all(map(operator.is_, new_u, g_leaves))
     new_updates = plan.made(tree.unflatten(spec, new_u), new_u, spec, g_meta if same else None)
@@ -858,22 +865,28 @@ def multi_tensor_update(
     return new_updates, [*new_trees, new_tx_state]
 
 
-def _leafwise_fields(tx: Any, state: Any, extra: Mapping[str, Any], spec: Any) -> list[list[Any]] | None:
+def _leafwise_fields(tx: Any, state: Any, extra: Mapping[str, Any], spec: Any,
+                     g_meta: list[Any]) -> list[list[Any]] | None:
     """For :func:`multi_tensor_update`'s ``then``: ``tx``'s state as ``[per_leaf, value]``
     per field, ``value`` the field's leaves (a list, one per leaf of the updates) or the
-    field itself where it is ``None``; ``None`` where ``tx`` cannot run batch by batch
-    (not declared leafwise, given extras, or a state of another form)."""
+    field itself where it is ``None``; ``None`` where ``tx`` runs on the whole tree: not
+    declared leafwise, given extras, or a state that does not match the updates (described
+    by ``g_meta``) as its checks require. Those then run before it writes anything, and
+    name the path in the whole tree, where a batch's would have written the batches
+    before it."""
     if extra or not getattr(tx.update, "holotx_leafwise", False):
         return None
     if not (isinstance(state, tuple) and hasattr(type(state), "_make")):
         return None
+    counts = tx.update.holotx_count_fields
     fields = []
-    for value in state:
+    for k, value in enumerate(state):
         if value is None:
             fields.append([False, None])
             continue
         leaves, field_spec = tree.flatten(value)
-        if field_spec != spec:
+        if field_spec != spec or not (_counts_match(leaves, g_meta, False) if k < counts
+                                      else _meta(leaves) == g_meta):
             return None
         fields.append([True, leaves])
     return fields
@@ -888,10 +901,17 @@ def _then_on_batch(then: tuple[Any, Any, Mapping[str, Any]], fields: list[list[A
     state = type(tx_state)._make([leaves[i] for i in idx] if per_leaf else leaves
                                  for per_leaf, leaves in fields)
     params = None if p_leaves is None else [p_leaves[i] for i in idx]
-    u, new_state = call(tx, [new_u[i] for i in idx], state, params)
-    if type(u) is not list or len(u) != len(idx) or type(new_state) is not type(tx_state):
+    plan = current()
+    previous, plan.in_batch = plan.in_batch, True
+    try:
+        u, new_state = call(tx, [new_u[i] for i in idx], state, params)
+    finally:
+        plan.in_batch = previous
+    if (type(u) is not list or len(u) != len(idx) or type(new_state) is not type(tx_state)
+            or any(not per_leaf and value is not None for (per_leaf, _), value in zip(fields, new_state))):
         raise RuntimeError(f"a transform declared leafwise returned {type(u).__name__} updates and a "
-                           f"{type(new_state).__name__} state for a batch of {len(idx)} leaves")
+                           f"{type(new_state).__name__} state of another form for a batch of "
+                           f"{len(idx)} leaves")
     for j, i in enumerate(idx):
         new_u[i] = u[j]
     for field, value in zip(fields, new_state):
@@ -913,7 +933,7 @@ def _layout(plan: Plan, leaves: list[Any], meta: list[Any], spec: Any) -> list[t
     the context alone, so it is decided once for each and kept: on a small model the
     decision costs as much as a foreach kernel. Traced, decided afresh (the trace runs
     once)."""
-    if plan.compiling:
+    if plan.compiling or plan.in_batch:  # (a leafwise transform on one batch: not worth keeping)
         return _decide_layout(plan, leaves, meta, spec)
     key = (tuple(meta), tuple(map(type, leaves)), plan.transformed, CACHE_BATCH_BYTES)
     layout = _LAYOUTS.get(key)

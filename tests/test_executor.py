@@ -294,7 +294,7 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
 
 
 @pytest.mark.parametrize("donate", [False, True])
-def test_a_leafwise_inner_runs_batch_by_batch_on_buffers_freed_batch_by_batch(donate, monkeypatch):
+def test_a_leafwise_inner_runs_on_each_batch_whose_buffers_are_then_freed(donate, monkeypatch):
     """LARS's momentum runs on each batch of leaves right after the batch's trust ratios
     and weight decay: it runs on every batch, and when it starts on one, the decayed
     updates of the batches before are freed (a model's worth of them is never alive at
@@ -330,6 +330,27 @@ def test_a_leafwise_inner_runs_batch_by_batch_on_buffers_freed_batch_by_batch(do
     assert donate or decayed, "no fresh decayed updates were watched"
     if not donate:
         assert _equal(given, grads)
+
+
+@pytest.mark.parametrize("wrong", ["shape", "dtype", "missing"])
+def test_a_leafwise_inner_given_a_wrong_state_is_refused_before_any_batch_steps(wrong, monkeypatch):
+    """A momentum buffer that does not fit its leaf (the last one, here) is refused as on
+    the whole tree: the message names its path in the caller's tree, and a donated state
+    is left as it was (run batch by batch, the batches before would have stepped)."""
+    monkeypatch.setattr(executor, "_LAYOUTS", {})
+    monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", 256)
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(7, 5), (40,), (3, 4), (64,)]
+    params = {f"l{i}": torch.randn(s, generator=gen, dtype=F64) for i, s in enumerate(shapes)}
+    tx = holotx.lars(0.1, momentum=0.9, weight_decay=0.1, dampening=0.5)
+    state = tx.init(params)
+    inner = state[0].inner
+    inner.trace["l3"] = {"shape": torch.zeros(63, dtype=F64), "dtype": torch.zeros(64, dtype=torch.float32),
+                         "missing": None}[wrong]
+    before = _clones(_leaves((inner.trace, inner.count)))
+    with pytest.raises(ValueError, match=r"state\.trace .*\['l3'\]"), torch.no_grad():
+        tx.update(_clones(params), state, params, donate=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, _leaves((inner.trace, inner.count))))
 
 
 def test_a_layout_is_decided_once_for_leaves_described_alike(monkeypatch):

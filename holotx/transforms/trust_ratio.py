@@ -228,8 +228,8 @@ def scale_by_trust_ratio(
                     else [_mask_flag(k) for k in _resolve(mask, params, "trust ratio mask")])
             kernel, values = ratios_kernel, keep
         # One pass measures each leaf's ratio (into ``ratios``, by the leaf's index: None
-        # where the update is None) and adds the weight decay.
-        # The ratio is one more step after inner, which sees the extras (segments).
+        # where the update is None) and adds the weight decay; inner runs on its result
+        # (with the extras: segments), and the ratio scales inner's updates.
         ratios: list[Any] = [None] * len(g_leaves)
         updates, states = multi_tensor_update(
             functools.partial(kernel, ratios=ratios), updates, params=params, needs_params=True,
