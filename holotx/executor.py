@@ -747,11 +747,12 @@ def multi_tensor_update(
 
     ``then=(tx, tx_state, extra)`` runs the transform ``tx`` on the kernel's updates, as
     ``call(tx, updates, tx_state, params, **extra)``, and appends its new state to the
-    states returned. Where the plan cuts the leaves into several batches and ``tx`` is
-    declared leafwise (:func:`register`), it runs on each batch right after the kernel,
-    while the batch is in cache: its buffers are then as large as a batch, not the
-    model (a fresh update per leaf freed batch by batch, where the whole tree of them
-    would be allocated and freed at every step).
+    states returned. Where the plan runs the leaves in several batches (cut to stay in
+    cache, or groups of several devices or dtypes) and ``tx`` is declared leafwise
+    (:func:`register`) with a state that fits the updates, it runs on each batch right
+    after the kernel, while the batch is in cache: its buffers are then as large as a
+    batch, not the model (a fresh update per leaf freed batch by batch, where the whole
+    tree of them would be allocated and freed at every step).
 
     Returns the updates tree and the list of new state trees.
     """
@@ -886,10 +887,17 @@ def _leafwise_fields(tx: Any, state: Any, extra: Mapping[str, Any], spec: Any,
             continue
         leaves, field_spec = tree.flatten(value)
         if field_spec != spec or not (_counts_match(leaves, g_meta, False) if k < counts
-                                      else _meta(leaves) == g_meta):
+                                      else _buffers_match(leaves, g_meta)):
             return None
         fields.append([True, leaves])
     return fields
+
+
+def _buffers_match(leaves: list[Any], g_meta: list[Any]) -> bool:
+    """Whether per-leaf buffers fit the updates described by ``g_meta`` where they have a
+    tensor (a leaf whose update is ``None`` keeps whatever its state holds, untouched)."""
+    meta = _meta(leaves)
+    return meta == g_meta or all(m is None or s == m for s, m in zip(meta, g_meta))
 
 
 def _then_on_batch(then: tuple[Any, Any, Mapping[str, Any]], fields: list[list[Any]], idx: list[int],

@@ -71,6 +71,12 @@ def _equal(a: Any, b: Any) -> bool:
     return all(torch.equal(x, y) for x, y in zip(holotx.tree.flatten(a)[0], holotx.tree.flatten(b)[0]))
 
 
+def _equal_or_none(a: Any, b: Any) -> bool:
+    """:func:`_equal` where leaves may be ``None`` (no gradient) too."""
+    pairs = list(zip(holotx.tree.flatten(a)[0], holotx.tree.flatten(b)[0]))
+    return all((x is None) == (y is None) and (x is None or torch.equal(x, y)) for x, y in pairs)
+
+
 def test_a_pure_momentum_buffer_is_not_scaled_through_its_updates():
     """Pure, a momentum's updates are its new buffer: the learning rate after it must not
     scale the state through them."""
@@ -293,13 +299,15 @@ def test_batches_of_leaves_give_the_same_bits(name, donate, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(_leaves(s1), _leaves(s2)))
 
 
+@pytest.mark.parametrize("none_grad", [False, True])
 @pytest.mark.parametrize("donate", [False, True])
-def test_a_leafwise_inner_runs_on_each_batch_whose_buffers_are_then_freed(donate, monkeypatch):
+def test_a_leafwise_inner_runs_on_each_batch_whose_buffers_are_then_freed(donate, none_grad, monkeypatch):
     """LARS's momentum runs on each batch of leaves right after the batch's trust ratios
     and weight decay: it runs on every batch, and when it starts on one, the decayed
     updates of the batches before are freed (a model's worth of them is never alive at
-    once; donated grads take the decay in place). The caller's grads are left as they
-    were unless donated."""
+    once; donated grads take the decay in place). A leaf without a gradient (an unused
+    layer's) is skipped and keeps its state. The results equal one batch of every leaf,
+    and the caller's grads are left as they were unless donated."""
     import gc
     import weakref
 
@@ -307,29 +315,43 @@ def test_a_leafwise_inner_runs_on_each_batch_whose_buffers_are_then_freed(donate
     shapes = [(7, 5), (40,), (3, 2, 2), (64,)]
     params = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
     grads = [torch.randn(s, generator=gen, dtype=F64) for s in shapes]
+    if none_grad:
+        grads[1] = None
     batches: list[int] = []
     decayed: list[weakref.ref] = []
+    handed: list[Any] = []  # (the grads of the step running)
     original = executor._then_on_batch
 
     def recording(then, fields, idx, new_u, p_leaves):
         gc.collect()
         assert not [r for r in decayed if r() is not None], "a batch's decayed updates outlived it"
         batches.append(len(idx))
-        decayed.extend(weakref.ref(new_u[i]) for i in idx if not any(new_u[i] is g for g in given))
+        decayed.extend(weakref.ref(new_u[i]) for i in idx if not any(new_u[i] is g for g in handed))
         return original(then, fields, idx, new_u, p_leaves)
 
     monkeypatch.setattr(executor, "_LAYOUTS", {})
     monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", 256)
     monkeypatch.setattr(executor, "_then_on_batch", recording)
-    tx = holotx.lars(0.1, momentum=0.9, weight_decay=0.1)
-    p, state, given = _clones(params), tx.init(params), _clones(grads)
-    with torch.no_grad():
-        tx.update(given, state, p, donate=donate)
-    assert sum(batches) == len(shapes)
+    tx = holotx.lars(0.1, momentum=0.9, weight_decay=0.1, dampening=0.5)
+
+    def step():
+        state, given = tx.init(params), _clones(grads)
+        handed[:] = given
+        with torch.no_grad():
+            updates, state = tx.update(given, state, _clones(params), donate=donate)
+        if not donate:
+            assert _equal_or_none(given, grads)
+        return updates, state
+
+    batched = step()
+    assert sum(batches) == len(shapes) - none_grad
     assert len(batches) > 1
     assert donate or decayed, "no fresh decayed updates were watched"
-    if not donate:
-        assert _equal(given, grads)
+    monkeypatch.setattr(executor, "CACHE_BATCH_BYTES", 1 << 30)
+    whole = step()
+    assert sum(batches) == len(shapes) - none_grad, "one batch ran batch by batch"
+    assert _equal_or_none(batched[0], whole[0])
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(batched[1]), _leaves(whole[1])))
 
 
 @pytest.mark.parametrize("wrong", ["shape", "dtype", "missing"])
