@@ -7,6 +7,7 @@
     python examples/benchmark.py --threads 1 --sets tiny --no-compile   # fixed cost per step
     python examples/benchmark.py --sets resnet50 --no-compile --optimizers adamw lars \
         --batch-bytes 0 2097152 8388608   # the adapter with eager CPU batches of several sizes
+    python examples/benchmark.py --sets resnet50 --no-compile --optimizers lars --peak-memory
 
 For each parameter set (a ResNet-50-shaped list of 161 float32 tensors, 25.6 M values;
 1000 small tensors, 5 M values; and "tiny", 10 tensors of 1,000 values, a small model whose
@@ -43,11 +44,16 @@ to the same reference as the other rows (torch's fused kernel where torch has on
 Holocron's class); AdamW's row gives the floor as a ratio to torch's fused AdamW, which
 moves its 28 B/param. With ``--no-compile`` the floor is
 modelled instead, as the bytes over a bandwidth measured once (:func:`measure_bandwidth`).
+
+With ``--peak-memory`` each eager row also gives the most memory its step's fresh tensors
+take at once ("fresh MiB", one more step run under :func:`peak_fresh_bytes`): the buffers a
+step allocates on top of params, grads and state (a pure step's new state included).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -57,6 +63,7 @@ import sys
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -64,6 +71,8 @@ from typing import Any
 
 import torch
 import torch._inductor.config
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import holotx
 from holotx import executor
@@ -434,6 +443,43 @@ def with_batch_bytes(step: Callable[[], object], batch_bytes: int) -> Callable[[
     return stepped
 
 
+class _FreshBytes(TorchDispatchMode):
+    """Counts the storage of every tensor an op returns in memory none of its operands
+    had (not an in-place or ``out=`` result, nor a view), for as long as the tensor object
+    returned lives (a view of it that outlives it is not followed: an approximation, close
+    for an optimizer step's buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {x.untyped_storage().data_ptr() for x in pytree.tree_leaves((args, kwargs))
+                if isinstance(x, torch.Tensor)}
+        for x in pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in seen:
+                seen.add(x.untyped_storage().data_ptr())
+                size = x.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(x, self._freed, size)
+        return out
+
+    def _freed(self, size: int) -> None:
+        self.live -= size
+
+
+def peak_fresh_bytes(step: Callable[[], object]) -> int:
+    """The most bytes of tensors made by one call of ``step`` alive at once (eager steps
+    only: a compiled one would compile again under the counting mode)."""
+    counter = _FreshBytes()
+    with counter:
+        step()
+    gc.collect()
+    return counter.peak
+
+
 def median_ms(step: Callable[[], object], steps: int, warmup: int, period: int = 1) -> float:
     """The median over ``steps`` timings of the mean time per step over ``period`` steps."""
     for _ in range(warmup * period):
@@ -484,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time a per-tensor rule's donated step compiled over the list of tensors")
     parser.add_argument("--adapter-compiled", action="store_true",
                         help="also time torch.compile(opt.step) of the adapter (slow to compile)")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="also give each eager row's peak of fresh tensors in one step (MiB)")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let inductor reuse its on-disk cache (first steps then look cheaper)")
     args = parser.parse_args(argv)
@@ -512,7 +560,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n{set_name}: {len(shapes)} float32 tensors, {numel / 1e6:.2f} M values; "
               f"measured bandwidth {bandwidth / 1e9:.1f} GB/s")
         header = (f"{'optimizer':<16} {'implementation':<31} {'ms/step':>8} {'x ref':>8} "
-                  f"{'x floor':>8}  first step")
+                  f"{'x floor':>8}  " + ("fresh MiB  " if args.peak_memory else "") + "first step")
         print(header)
         print("-" * len(header))
         for key in args.optimizers:
@@ -547,6 +595,9 @@ def run(args: argparse.Namespace) -> None:
             if not args.no_compile:
                 steps_by_label["memory floor"] = floor_step(algo, numel)
             results = measure(steps_by_label, args.steps, args.warmup, args.rounds, algo.period)
+            fresh = {label: peak_fresh_bytes(step) / 2**20 for label, step in steps_by_label.items()
+                     if args.peak_memory and label not in ("memory floor", "holotx adapter, fused")
+                     and "compiled" not in label}
             del steps_by_label
             measured_floor = results.pop("memory floor", None)
             floor_ms = measured_floor[1] if measured_floor else model_floor_ms
@@ -556,8 +607,11 @@ def run(args: argparse.Namespace) -> None:
             for label, ms, first in rows:
                 vs_fused = f"{ms / reference:7.2f}x" if reference else f"{'-':>8}"
                 first_s = f"[{first:.2f} s]" if "compiled" in label or "fused" in label else ""
+                mib = fresh.get(label)
+                memory = "" if not args.peak_memory else (
+                    f"{'-':>9}  " if mib is None else f"{mib:9.{3 if mib < 10 else 1}f}  ")
                 print(f"{algo.name:<16} {label:<31} {ms:8.{_decimals(ms)}f} {vs_fused} "
-                      f"{ms / floor_ms:7.2f}x  {first_s}")
+                      f"{ms / floor_ms:7.2f}x  {memory}{first_s}")
             how = (f"timed as kernels: {algo.bytes_per_param * numel / floor_ms / 1e6:.1f} GB/s"
                    if measured_floor else "modelled from the measured bandwidth")
             vs_fused = f"{floor_ms / reference:7.2f}x" if reference else f"{'-':>8}"

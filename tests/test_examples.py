@@ -191,6 +191,36 @@ def test_benchmark_times_the_adapter_at_several_batch_sizes(keep_threads, capsys
     assert before == executor.CACHE_BATCH_BYTES
 
 
+def test_the_benchmark_counts_the_fresh_tensors_a_step_keeps_alive_at_once():
+    """``peak_fresh_bytes``: a new tensor counts for its storage while it lives; an
+    in-place or ``out=`` result and a view count nothing."""
+    benchmark = load_example("benchmark")
+    x, out = torch.zeros(1 << 16), torch.empty(1 << 16)
+
+    def two_at_once():
+        a = x + 1  # 256 KiB
+        b = a * 2  # another 256 KiB, while a lives
+        del a
+        c = b + 1  # a freed: still two at once
+        return c.sum()
+
+    assert benchmark.peak_fresh_bytes(two_at_once) == 2 * x.nbytes + 4
+    assert benchmark.peak_fresh_bytes(lambda: (x.add_(1), torch.add(x, 1, out=out), x.view(2, -1))) == 0
+
+
+def test_benchmark_gives_the_peak_memory_of_each_eager_row(keep_threads, capsys):
+    benchmark = load_example("benchmark")
+    benchmark.main(["--sets", "tiny", "--optimizers", "sgd", "--steps", "1", "--warmup", "0", "--rounds", "1",
+                    "--no-compile", "--threads", "1", "--peak-memory"])
+    out = capsys.readouterr().out
+    assert "fresh MiB" in out
+    rows = {line[17:48].strip(): line[48:].split() for line in out.splitlines() if line.startswith("SGD")}
+    # (ms, x ref, x floor, fresh MiB): the pure step makes a new momentum buffer (40 KB), the
+    # donated one nothing
+    assert float(rows["holotx pure"][3]) > 0.03
+    assert float(rows["holotx donated"][3]) < 0.001
+
+
 def test_benchmark_runs_holocron_side_by_side(keep_threads, capsys):
     """Holocron's own class (pylocron) and kozistr's pytorch-optimizer (both test
     dependencies) are timed beside holotx's paths."""
