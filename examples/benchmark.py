@@ -45,9 +45,10 @@ Holocron's class); AdamW's row gives the floor as a ratio to torch's fused AdamW
 moves its 28 B/param. With ``--no-compile`` the floor is
 modelled instead, as the bytes over a bandwidth measured once (:func:`measure_bandwidth`).
 
-With ``--peak-memory`` each eager row also gives the most memory its step's fresh tensors
-take at once ("fresh MiB", one more step run under :func:`peak_fresh_bytes`): the buffers a
-step allocates on top of params, grads and state (a pure step's new state included).
+With ``--peak-memory`` each eager row also gives the most memory that the tensors its
+step's ops return anew take at once ("fresh MiB", one more step run under
+:func:`peak_fresh_bytes`): the buffers a step allocates on top of params, grads and state
+(a pure step's new params and state included; temporaries inside one kernel are not seen).
 """
 
 from __future__ import annotations
