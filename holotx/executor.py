@@ -1031,8 +1031,8 @@ _NOT_A_TENSOR = (object(), None, None)
 
 
 _describe = operator.attrgetter("shape", "device", "dtype")
-_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
-_PLAIN_LEAVES = _PLAIN_TENSORS | {type(None)}
+_PLAIN_TENSORS = tree._PLAIN_TENSORS
+_PLAIN_LEAVES = tree._TENSOR_LEAVES
 
 
 def _meta(leaves: Sequence[Any]) -> list[Any]:

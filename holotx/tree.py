@@ -200,7 +200,9 @@ def _describe_mismatch(ref: PyTreeSpec, other_tree: Any, ref_name: str, other_na
 
 
 _ONE_LEVEL_NODES = frozenset({dict, list, tuple})
-_TENSOR_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, type(None)})
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+"""The tensor classes that are certainly leaves of a plain tensor (no subclass, no DTensor)."""
+_TENSOR_LEAVES = _PLAIN_TENSORS | {type(None)}
 
 
 def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> list[Any] | None:
