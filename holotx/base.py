@@ -92,8 +92,8 @@ class EmptyState(NamedTuple):
 
 def own_transform(init: TransformInitFn, update: TransformUpdateFn,
                   prepare: Callable[[State, Params], None] | None = None, *,
-                  scaling: bool = False, leafwise: bool = False,
-                  count_fields: int = 0) -> GradientTransformation:
+                  scaling: bool = False, leafwise: bool = False, count_fields: int = 0,
+                  kept_fields: dict[str, tuple[bool, str]] | None = None) -> GradientTransformation:
     """A transform of holotx's own: ``update`` is its math, run by :mod:`holotx.executor`
     (pure by default, or with ``donate=True`` / ``donate_updates``; within the caller's
     step when a combinator runs it). ``prepare(state, params)`` evaluates its schedules
@@ -102,7 +102,8 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     optax's) is a plain :class:`GradientTransformation` and is always run pure.
     ``scaling=True`` declares that ``update`` multiplies each leaf by one value, and
     ``leafwise=True`` that it may run on a batch of leaves at a time, the first
-    ``count_fields`` fields of its state step counts (see
+    ``count_fields`` fields of its state step counts; ``kept_fields`` says which optional
+    fields of its state its options keep, ``{field: (kept, "option=value")}`` (see
     :func:`holotx.executor.register`)."""
     state_type: list[type] = []
 
@@ -116,7 +117,8 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     recording_init.__doc__ = init.__doc__
     return GradientTransformation(recording_init,
                                   executor.register(update, prepare, scaling=scaling, leafwise=leafwise,
-                                                    count_fields=count_fields, state_type=state_type))
+                                                    count_fields=count_fields, state_type=state_type,
+                                                    kept_fields=kept_fields))
 
 
 def identity() -> GradientTransformation:

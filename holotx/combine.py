@@ -64,13 +64,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
+    def check(state):
+        if len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
+
     def prepare(state, params):
+        check(state)  # (before any transform's math: a chain within a chain runs after others)
         for t, s in zip(transforms, state):
             executor.prepare(t, s, params)
 
     def update(updates, state, params=None, **extra):
-        if len(state) != len(transforms):
-            raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
+        check(state)
         updates, new_state = _run_in_sequence(transforms, state, updates, params, extra)
         return updates, tuple(new_state)
 
@@ -128,17 +132,20 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
     def init(params):
         return {n: t.init(params) for n, t in transforms}
 
-    def update(updates, state, params=None, **extra):
+    def check(state):
         if set(state) != set(names):
             raise ValueError(f"named_chain state has keys {sorted(state)}, expected {sorted(names)}")
+
+    def update(updates, state, params=None, **extra):
+        check(state)
         updates, new_states = _run_in_sequence([t for _, t in transforms], [state[n] for n in names],
                                                updates, params, extra)
         return updates, dict(zip(names, new_states))
 
     def prepare(state, params):
+        check(state)  # (before any transform's math, as chain's)
         for n, t in transforms:
-            if n in state:
-                executor.prepare(t, state[n], params)
+            executor.prepare(t, state[n], params)
 
     return own_transform(init, update, prepare)
 

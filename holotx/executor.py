@@ -417,7 +417,8 @@ def _planned(plan: Plan | None) -> Iterator[Plan | None]:
 def register(update: Callable[..., Any],
              prepare: Callable[[Any, Any], None] | None = None, *,
              scaling: bool = False, leafwise: bool = False, count_fields: int = 0,
-             state_type: Sequence[type] = ()) -> Callable[..., Any]:
+             state_type: Sequence[type] = (),
+             kept_fields: Mapping[str, tuple[bool, str]] | None = None) -> Callable[..., Any]:
     """Wrap the math of a holotx transform's ``update`` as its entry point.
 
     Called by a caller outside any step, the entry starts one: a pure step by default,
@@ -445,14 +446,22 @@ def register(update: Callable[..., Any],
 
     ``state_type`` holds the type of the state the transform's ``init`` returned, once it
     has run: a state of another type (another transform's, or ``update``'s arguments in
-    the wrong order) is refused by name before anything runs."""
+    the wrong order) is refused by name before anything runs.
+
+    ``kept_fields`` maps each field of the state that the transform's options decide to
+    ``(kept, because)``: whether this transform keeps it (``False``: it is ``None``), and
+    the option that decides it (``"amsgrad=True"``). A state whose field says otherwise
+    (made by the transform with other options, a checkpoint of another run) is refused by
+    name, where the math would silently run the other variant.
+
+    Both are checked in the prepare phase of a step, for every transform of the tree
+    before any math (a donated chain's first transforms would otherwise have written their
+    state when a later one refuses its own), and again when the update runs (compiled,
+    where the prepare phase does not run)."""
 
     def entry(updates, state, params=None, *, donate: bool = False, donate_updates: bool | None = None,
               **extra):
-        if state_type and type(state) is not state_type[0]:
-            raise ValueError(f"state is a {type(state).__name__}, not the {state_type[0].__name__} this "
-                             "transform's init returns: a state from another transform, or update's "
-                             "arguments in the wrong order? (update(updates, state, params))")
+        _check_state_form(entry, state)
         plan = _active()
         if plan is None:
             plan = _new_plan(updates, state, params, donate=donate,
@@ -468,6 +477,8 @@ def register(update: Callable[..., Any],
     entry.holotx_scaling = scaling  # type: ignore[attr-defined]
     entry.holotx_leafwise = leafwise  # type: ignore[attr-defined]
     entry.holotx_count_fields = count_fields  # type: ignore[attr-defined]
+    entry.holotx_state_type = state_type  # type: ignore[attr-defined]
+    entry.holotx_kept_fields = dict(kept_fields or {})  # type: ignore[attr-defined]
     entry.__doc__ = update.__doc__
     return entry
 
@@ -553,9 +564,33 @@ def _prepare_step(plan: Plan, entry: Callable[..., Any], state: Any, params: Any
 
 
 def _prepare_entry(entry: Callable[..., Any], state: Any, params: Any) -> None:
+    _check_state_form(entry, state)
     prepare_fn = getattr(entry, "holotx_prepare", None)
     if prepare_fn is not None:
         prepare_fn(state, params)
+
+
+def _check_state_form(entry: Callable[..., Any], state: Any) -> None:
+    """The state's type and optional fields, as :func:`register` declared them for the
+    transform whose entry point ``entry`` is."""
+    state_type = getattr(entry, "holotx_state_type", ())
+    if state_type and type(state) is not state_type[0]:
+        raise ValueError(f"state is a {type(state).__name__}, not the {state_type[0].__name__} this "
+                         "transform's init returns: a state from another transform, or update's "
+                         "arguments in the wrong order? (update(updates, state, params))")
+    for field, (kept, because) in getattr(entry, "holotx_kept_fields", {}).items():
+        value = getattr(state, field, None)
+        if kept == (value is not None):
+            continue
+        name = entry.holotx_math.__qualname__.split(".<locals>")[0]
+        if kept:
+            raise ValueError(f"{name}: state.{field} is None, but this transform keeps it ({because}): "
+                             "the state of a transform made with other options? Make the state with "
+                             "this transform's init")
+        raise ValueError(f"{name}: state.{field} holds a {type(value).__name__}, but this transform "
+                         f"keeps none ({because}): the state of a transform made with other options "
+                         "(its math would run that variant)? Make the state with this transform's init, "
+                         f"or drop the field: state._replace({field}=None)")
 
 
 def prepare(tx: Any, state: Any, params: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 
 import holotx
 from holotx import transforms as T
+from holotx.flat import make_step
 
 F64 = torch.float64
 
@@ -247,7 +248,6 @@ def _assert_same_steps(a, b, params, gen, steps=3):
 def test_a_bad_lr_from_a_schedule_names_lr_and_changes_nothing(value):
     """A schedule's value is checked in the step's first phase, before any buffer is
     written: the donated step raises naming lr, and params and state are as they were."""
-    from holotx.flat import make_step
 
     def schedule(count):
         return value if int(count) == 1 else 1e-3
@@ -555,6 +555,78 @@ def test_a_state_from_another_transform_or_swapped_arguments_is_named(name):
     with pytest.raises(ValueError, match=r"wrong order|does not match"):
         tx.update(good_grads(), params, state)  # state and params swapped
     tx.update(good_grads(), state, params)  # control
+
+
+# (transform with an option that keeps a state field, the same with the option off, the
+# field, the option's words in the message)
+OPTIONAL_FIELDS = {
+    "scale_by_adam": (lambda: T.scale_by_adam(amsgrad=True), lambda: T.scale_by_adam(), "nu_max", "amsgrad"),
+    "adamw": (lambda: holotx.adamw(0.1, amsgrad=True), lambda: holotx.adamw(0.1), "nu_max", "amsgrad"),
+    "adamp": (lambda: holotx.adamp(0.1, amsgrad=True), lambda: holotx.adamp(0.1), "nu_max", "amsgrad"),
+    "adabelief": (lambda: holotx.adabelief(0.1, amsgrad=True), lambda: holotx.adabelief(0.1), "nu_max",
+                  "amsgrad"),
+    "tadam": (lambda: holotx.tadam(0.1, amsgrad=True), lambda: holotx.tadam(0.1), "nu_max", "amsgrad"),
+    "adan-amsgrad": (lambda: holotx.adan(0.1, amsgrad=True), lambda: holotx.adan(0.1), "nu_max", "amsgrad"),
+    "adan-previous-grad": (lambda: T.scale_by_adan(track_previous_grad=True),
+                           lambda: T.scale_by_adan(track_previous_grad=False), "prev_grad",
+                           "track_previous_grad"),
+    "radam": (lambda: T.scale_by_adam(amsgrad=True), lambda: T.scale_by_radam(), "nu_max", "RAdam"),
+    "trace": (lambda: T.trace(0.9, dampening=0.1), lambda: T.trace(0.9), "count", "dampening"),
+    "sgd": (lambda: holotx.sgd(0.1, momentum=0.9, dampening=0.5), lambda: holotx.sgd(0.1, momentum=0.9),
+            "count", "dampening"),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize(("case", "direction"), [
+    (case, direction) for case in OPTIONAL_FIELDS for direction in ("kept-not-given", "given-not-kept")
+    if not (case == "radam" and direction == "kept-not-given")])  # (RAdam keeps no optional field)
+def test_a_state_made_with_other_options_is_refused_naming_the_field(case, direction, donate):
+    """A state whose optional buffer says another variant (an AMSGrad state for Adam
+    without it, a momentum state without step counts for a dampened one) used to run that
+    variant silently, or fail inside a kernel: it is refused by field and option, by a
+    transform whose init never ran, with nothing changed."""
+    with_field, without_field, field, option = OPTIONAL_FIELDS[case]
+    kept = direction == "kept-not-given"
+    made, stepped = (without_field, with_field) if kept else (with_field, without_field)
+    params = make_params()
+    state = made().init(params)
+    before = _snapshot(params, state)
+    words = "is None, but this transform keeps it" if direction == "kept-not-given" else "keeps none"
+    with pytest.raises(ValueError, match=rf"state\.{field} .*{words} \({option}"):
+        stepped().update(good_grads(), state, params, donate=donate)
+    assert _unchanged(before, params, state)
+    made().update(good_grads(), state, params)  # control: the transform it was made by steps it
+
+
+def _first_writes_then_second_refuses():
+    """(chain, its state): the first transform of a donated chain would write its buffer,
+    the second's state is refused."""
+    first = T.trace(0.9)
+    for second, state_of_second in [
+        (T.scale_by_adam(amsgrad=True), T.scale_by_adam()),  # an optional field
+        (T.scale_by_adam(), T.trace(0.9)),  # another transform's state
+        (holotx.chain(T.scale(1.0), T.scale(2.0)), holotx.chain(T.scale(1.0))),  # a chain's length
+        (holotx.named_chain(("a", T.scale(1.0))), holotx.named_chain(("b", T.scale(1.0)))),  # its names
+    ]:
+        yield holotx.chain(first, second), lambda p, s=state_of_second: (first.init(p), s.init(p))
+
+
+@pytest.mark.parametrize("case", range(4), ids=["optional-field", "state-type", "chain-length",
+                                                 "named-chain-keys"])
+def test_a_donated_chain_refuses_a_later_transforms_state_before_the_first_writes(case):
+    """The state's form (type, optional fields, a chain's length or names) is checked for
+    every transform of the tree in the step's prepare phase: the momentum before the
+    refused transform has not moved its buffer."""
+    tx, make_state = list(_first_writes_then_second_refuses())[case]
+    params = make_params()
+    tx.init(params)  # (records the state types)
+    state = make_state(params)
+    state[0].trace["head"]["w"].fill_(1.0)
+    before = _snapshot(params, state)
+    with pytest.raises(ValueError, match="state"):
+        make_step(tx, donate=True)(params, good_grads(), state)
+    assert _unchanged(before, params, state)
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd", "scale_by_adam"])

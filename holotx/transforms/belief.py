@@ -124,4 +124,4 @@ def scale_by_belief(
         )
         return u, ScaleByBeliefState(count, mu, nu, nu_max)
 
-    return own_transform(init, update)
+    return own_transform(init, update, kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})

@@ -198,4 +198,4 @@ def scale_by_radam(
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 
-    return own_transform(init, update)
+    return own_transform(init, update, kept_fields={"nu_max": (False, "RAdam has no amsgrad variant")})
