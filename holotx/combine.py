@@ -355,7 +355,13 @@ def partition(
             for name, t in transforms.items()
         })
 
+    def check(state):
+        if set(state.inner_states) != set(transforms):
+            raise ValueError(f"partition state has labels {sorted(map(repr, state.inner_states))}, expected "
+                             f"{sorted(map(repr, transforms))}")
+
     def update(updates, state, params=None, **extra):
+        check(state)
         u_leaves, spec = tree.flatten(updates)
         p_leaves = None if params is None else tree.leaves_matching(params, spec, "params", "updates")
         labels = labels_of(updates if params is None else params, u_leaves)
@@ -369,9 +375,9 @@ def partition(
         return tree.unflatten(spec, out), PartitionState(new_states)
 
     def prepare(state, params):
+        check(state)  # (before any transform's math, as chain's)
         for name, t in transforms.items():
-            if name in state.inner_states:
-                executor.prepare(t, state.inner_states[name], params)
+            executor.prepare(t, state.inner_states[name], params)
 
     return own_transform(init, update, prepare)
 

@@ -449,7 +449,8 @@ def register(update: Callable[..., Any],
     the wrong order) is refused by name before anything runs.
 
     ``kept_fields`` maps each field of the state that the transform's options decide to
-    ``(kept, because)``: whether this transform keeps it (``False``: it is ``None``), and
+    ``(kept, because)``: whether this transform keeps it (``False``: it is ``None``, or an
+    empty NamedTuple such as ``EmptyState``), and
     the option that decides it (``"amsgrad=True"``). A state whose field says otherwise
     (made by the transform with other options, a checkpoint of another run) is refused by
     name, where the math would silently run the other variant.
@@ -479,6 +480,8 @@ def register(update: Callable[..., Any],
     entry.holotx_count_fields = count_fields  # type: ignore[attr-defined]
     entry.holotx_state_type = state_type  # type: ignore[attr-defined]
     entry.holotx_kept_fields = dict(kept_fields or {})  # type: ignore[attr-defined]
+    # (Its name for messages, read here: traced by dynamo, a str method of a qualname is not.)
+    entry.holotx_name = update.__qualname__.split(".<locals>")[0]  # type: ignore[attr-defined]
     entry.__doc__ = update.__doc__
     return entry
 
@@ -578,19 +581,29 @@ def _check_state_form(entry: Callable[..., Any], state: Any) -> None:
         raise ValueError(f"state is a {type(state).__name__}, not the {state_type[0].__name__} this "
                          "transform's init returns: a state from another transform, or update's "
                          "arguments in the wrong order? (update(updates, state, params))")
-    for field, (kept, because) in getattr(entry, "holotx_kept_fields", {}).items():
-        value = getattr(state, field, None)
-        if kept == (value is not None):
+    kept_fields = getattr(entry, "holotx_kept_fields", None)
+    if not kept_fields:
+        return
+    name = entry.holotx_name
+    for field, (kept, because) in kept_fields.items():
+        if not hasattr(state, field):
+            raise ValueError(f"{name}: state is a {type(state).__name__}, which has no field {field}: a "
+                             "state from another transform?")
+        value = getattr(state, field)
+        # (An empty NamedTuple, EmptyState, holds nothing either: a wrapper without its inner.)
+        held = value is not None and not (isinstance(value, tuple) and not value)
+        if kept == held:
             continue
-        name = entry.holotx_math.__qualname__.split(".<locals>")[0]
         if kept:
-            raise ValueError(f"{name}: state.{field} is None, but this transform keeps it ({because}): "
+            if all(v is None for v in state):
+                continue  # (init over params that are None: a transform given no leaf keeps nothing)
+            raise ValueError(f"{name}: state.{field} holds nothing, but this transform keeps it ({because}): "
                              "the state of a transform made with other options? Make the state with "
                              "this transform's init")
         raise ValueError(f"{name}: state.{field} holds a {type(value).__name__}, but this transform "
                          f"keeps none ({because}): the state of a transform made with other options "
                          "(its math would run that variant)? Make the state with this transform's init, "
-                         f"or drop the field: state._replace({field}=None)")
+                         f"or drop the field (state._replace({field}=None))")
 
 
 def prepare(tx: Any, state: Any, params: Any) -> None:

@@ -574,6 +574,8 @@ OPTIONAL_FIELDS = {
     "trace": (lambda: T.trace(0.9, dampening=0.1), lambda: T.trace(0.9), "count", "dampening"),
     "sgd": (lambda: holotx.sgd(0.1, momentum=0.9, dampening=0.5), lambda: holotx.sgd(0.1, momentum=0.9),
             "count", "dampening"),
+    "lars": (lambda: holotx.lars(0.1, momentum=0.9), lambda: holotx.lars(0.1, momentum=0.0), "inner",
+             "an inner transform|inner=None"),
 }
 
 
@@ -592,11 +594,15 @@ def test_a_state_made_with_other_options_is_refused_naming_the_field(case, direc
     params = make_params()
     state = made().init(params)
     before = _snapshot(params, state)
-    words = "is None, but this transform keeps it" if direction == "kept-not-given" else "keeps none"
+    words = "holds nothing, but this transform keeps it" if kept else "keeps none"
     with pytest.raises(ValueError, match=rf"state\.{field} .*{words} \({option}"):
         stepped().update(good_grads(), state, params, donate=donate)
     assert _unchanged(before, params, state)
     made().update(good_grads(), state, params)  # control: the transform it was made by steps it
+
+
+def _all_labelled_a(params):
+    return holotx.tree.map(lambda _: "a", params)
 
 
 def _first_writes_then_second_refuses():
@@ -608,12 +614,14 @@ def _first_writes_then_second_refuses():
         (T.scale_by_adam(), T.trace(0.9)),  # another transform's state
         (holotx.chain(T.scale(1.0), T.scale(2.0)), holotx.chain(T.scale(1.0))),  # a chain's length
         (holotx.named_chain(("a", T.scale(1.0))), holotx.named_chain(("b", T.scale(1.0)))),  # its names
+        (holotx.partition({"a": T.trace(0.5), "b": T.trace(0.5)}, _all_labelled_a),
+         holotx.partition({"a": T.trace(0.5)}, _all_labelled_a)),  # its labels
     ]:
         yield holotx.chain(first, second), lambda p, s=state_of_second: (first.init(p), s.init(p))
 
 
-@pytest.mark.parametrize("case", range(4), ids=["optional-field", "state-type", "chain-length",
-                                                 "named-chain-keys"])
+@pytest.mark.parametrize("case", range(5), ids=["optional-field", "state-type", "chain-length",
+                                                 "named-chain-keys", "partition-labels"])
 def test_a_donated_chain_refuses_a_later_transforms_state_before_the_first_writes(case):
     """The state's form (type, optional fields, a chain's length or names) is checked for
     every transform of the tree in the step's prepare phase: the momentum before the
@@ -627,6 +635,38 @@ def test_a_donated_chain_refuses_a_later_transforms_state_before_the_first_write
     with pytest.raises(ValueError, match="state"):
         make_step(tx, donate=True)(params, good_grads(), state)
     assert _unchanged(before, params, state)
+
+
+@pytest.mark.parametrize("inner", ["adam-amsgrad", "sgd-dampened", "adan"])
+@pytest.mark.parametrize("router", ["masked", "partition"])
+def test_a_transform_given_no_leaf_keeps_nothing_and_is_not_refused(router, inner):
+    """Masked away from a bare tensor, a transform's init gets params ``None`` and every field
+    of its state is ``None``, the fields its options keep too: a state of nothing, not one
+    made with other options."""
+    make = {"adam-amsgrad": lambda: holotx.adam(0.1, amsgrad=True),
+            "sgd-dampened": lambda: holotx.sgd(0.1, momentum=0.9, dampening=0.5),
+            "adan": lambda: holotx.adan(0.1)}[inner]
+    tx = (holotx.masked(make(), False) if router == "masked"
+          else holotx.partition({"a": holotx.sgd(0.1), "b": make()}, "a"))
+    params = torch.ones(3, dtype=F64)
+    updates, _ = tx.update(torch.ones(3, dtype=F64), tx.init(params), params)
+    expected = torch.ones(3, dtype=F64) if router == "masked" else torch.full((3,), -0.1, dtype=F64)
+    assert torch.equal(updates, expected)
+
+
+def test_a_state_without_the_field_is_named_as_another_transforms():
+    """A transform whose init never ran (so no state type is recorded) given another
+    transform's state: the state's type is named, not a field said to be missing."""
+    params = make_params()
+    with pytest.raises(ValueError, match="state is a TraceState, which has no field nu_max"):
+        T.scale_by_adam(amsgrad=True).update(good_grads(), T.trace(0.9).init(params), params)
+
+
+def test_a_state_made_with_other_options_is_named_under_a_full_graph_compile():
+    params = {"w": torch.ones(3, dtype=F64)}
+    step = torch.compile(make_step(holotx.adam(0.1), donate=True), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"scale_by_adam: state\.nu_max holds a dict"):
+        step(params, {"w": torch.ones(3, dtype=F64)}, holotx.adam(0.1, amsgrad=True).init(params))
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd", "scale_by_adam"])

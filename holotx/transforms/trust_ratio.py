@@ -241,7 +241,10 @@ def scale_by_trust_ratio(
         if inner is not None:
             executor.prepare(inner, state.inner, params)
 
-    return own_transform(init, update, prepare)
+    # (A state with a momentum buffer given to a ratio without inner would pass it through,
+    # unused: LARS with momentum resumed as LARS without.)
+    return own_transform(init, update, prepare, kept_fields={
+        "inner": (inner is not None, "an inner transform" if inner is not None else "inner=None")})
 
 
 def _mask_flag(value: Any) -> bool:
