@@ -269,6 +269,9 @@ class TransformOptimizer(Optimizer):
         self._fused_groups: dict[int, tuple[list[torch.Tensor], FusedGroup | str]] = {}
         self._runtimes: dict[int, _GroupRuntime] = {}
         self._built: dict[int, tuple[Any, GradientTransformation]] = {}
+        # Per group (by id, with the group): the tensors its numbers were last given as to a
+        # compiled step (see _hyperparameters).
+        self._number_tensors: dict[int, tuple[dict[str, Any], dict[str, tuple[Any, Any]]]] = {}
         # Per schedule group (by id): the group and the lr last published in it.
         self._lr_published: dict[int, tuple[dict[str, Any], _lr.ScheduledLR]] = {}
         # The hyperparameters are checked before the params are read, as torch.optim's
@@ -731,15 +734,19 @@ class TransformOptimizer(Optimizer):
         lr = _lr.as_float(group.get("lr"))
         if compiling:
             device = group["params"][0].device
+            entry = self._number_tensors.get(id(group))
+            if entry is None or entry[0] is not group:
+                entry = self._number_tensors[id(group)] = (group, {})
+            made = entry[1]
             for name, value in values.items():
                 if name in self._tensor_args and _is_numeric(value) and not _is_zero(value):
                     # Shaped (1,), which the factory gets as a 0-d view (_as_factory_value):
                     # dynamo (torch 2.13) traces a 0-d float input as a symbolic Python
                     # float, and one the step never computes with (AdamP's wd_ratio without
                     # weight decay) makes it trace the whole step a second time.
-                    values[name] = _as_tensor(value, device, shape=(1,))
+                    values[name] = _number_tensor(made, name, value, device, (1,))
             if self._factory is None and _is_numeric(lr):
-                lr = _as_tensor(lr, device)
+                lr = _number_tensor(made, "lr", lr, device, ())
         return values, lr
 
     def _working_copies(self, params, grads):
@@ -913,6 +920,7 @@ class TransformOptimizer(Optimizer):
         _lr.register(self)
         self._runtimes = {}
         self._built = {}
+        self._number_tensors = {}
         for group in self.param_groups:
             if any(p in self.state for p in group["params"]):
                 self._new_runtime(group, self._signature(group), fresh=False)
@@ -955,6 +963,7 @@ class TransformOptimizer(Optimizer):
         self._fused_groups = {}
         self._runtimes = {}
         self._built = {}
+        self._number_tensors = {}
         for group in self.param_groups:
             if any(p in self.state for p in group["params"]):
                 self._new_runtime(group, self._signature(group), fresh=False)
@@ -1241,6 +1250,27 @@ def _lr_from_checkpoint(g: int, group: dict[str, Any], candidate: dict[str, Any]
         return _lr.restored_group(candidate, own, saved_schedule == _lr.describe(own), binding)
     except ValueError as err:
         raise ValueError(f"param group {g} of the checkpoint does not fit this optimizer: {err}") from err
+
+
+def _number_tensor(made: dict[str, tuple[Any, Any]], name: str, value: Any, device: torch.device,
+                   shape: tuple[int, ...]) -> Any:
+    """:func:`_as_tensor` of a group's value, the tensors made at its last step again where
+    the value is the same Python number (or tuple of them): making them took a sixth of a
+    fused step on a small model (each ``torch.tensor`` a few microseconds). A tensor value
+    is converted at every step: it may have changed in place. One group's names never share
+    a tensor (a graph's inputs that alias one another would guard on it)."""
+    plain = isinstance(value, (int, float)) or (
+        isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value))
+    if not plain:
+        return _as_tensor(value, device, shape)
+    # (By repr, which tells -0.0 from 0.0 and matches a NaN, and round-trips a float.)
+    key = (repr(value), device, shape)
+    hit = made.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    tensor = _as_tensor(value, device, shape)
+    made[name] = (key, tensor)
+    return tensor
 
 
 def _as_tensor(value: Any, device: torch.device, shape: tuple[int, ...] = ()) -> Any:

@@ -178,6 +178,47 @@ def test_no_recompile_when_hyperparameters_change(eager_backend):
     assert len(eager_backend) == 1, f"{len(eager_backend)} graphs for one group"
 
 
+def test_unchanged_numbers_reach_the_fused_step_as_the_same_tensors(eager_backend, monkeypatch):
+    """A group's numbers enter the graph as tensors made once and given again while the
+    value stays (each made a sixth of a small model's step); a changed number gets a new
+    one, a tensor lr (changed in place by the user) is read at every step, and no two
+    names share a tensor (aliased graph inputs would be guarded on). The steps equal the
+    unfused optimizer's throughout."""
+    from holotx.adapters import optimizer as adapter_module
+
+    made = []
+
+    def counting(value, device, shape=()):
+        made.append(value)
+        return as_tensor(value, device, shape)
+
+    as_tensor = adapter_module._as_tensor
+    monkeypatch.setattr(adapter_module, "_as_tensor", counting)
+    m, plain_m = model(), model()
+    opt = TransformOptimizer(m.parameters(), holotx.adamw, lr=1e-2, weight_decay=1e-2, eps=1e-2, fused=True)
+    plain = TransformOptimizer(plain_m.parameters(), holotx.adamw, lr=1e-2, weight_decay=1e-2, eps=1e-2)
+    lrs = [1e-2, 1e-2, 1e-2, 2e-2, 1e-2, torch.tensor([1e-2]), None]  # None: the tensor, filled in place
+    counts = []
+    for step, lr in enumerate(lrs):
+        for o in (opt, plain):
+            if lr is None:
+                o.param_groups[0]["lr"].fill_(3e-2)
+            elif step == 0 or lr != lrs[step - 1] or isinstance(lr, torch.Tensor):
+                o.param_groups[0]["lr"] = lr.clone() if isinstance(lr, torch.Tensor) else lr
+        for mm, o in ((m, opt), (plain_m, plain)):
+            o.zero_grad()
+            backward(mm, step)
+            o.step()
+        assert_same(m, opt, plain_m, plain, f"step {step}")
+        counts.append(len(made))
+    # Step 0 makes lr, betas (the pair, and each of its two), eps and weight decay; steps 1-2
+    # nothing; 3 and 4 a new lr each; 5 and 6 a tensor lr, converted at each step.
+    assert [b - a for a, b in zip([0, *counts], counts)] == [6, 0, 0, 1, 1, 1, 1], counts
+    tensors = [t for _, t in opt._number_tensors[id(opt.param_groups[0])][1].values()]
+    assert len({id(t) for t in tensors}) == len(tensors) == 4  # lr = eps = weight decay, 3 tensors
+    assert len(eager_backend) == 1
+
+
 def test_params_grads_and_state_are_views_of_flat_buffers(eager_backend):
     m = model()
     opt = TransformOptimizer(m.parameters(), holotx.adam, lr=1e-2, fused=True)
