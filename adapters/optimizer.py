@@ -1263,8 +1263,11 @@ def _number_tensor(made: dict[str, tuple[Any, Any]], name: str, value: Any, devi
         isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value))
     if not plain:
         return _as_tensor(value, device, shape)
-    # (By repr, which tells -0.0 from 0.0 and matches a NaN, and round-trips a float.)
-    key = (repr(value), device, shape)
+    # (By the plain number's repr, which round-trips a float, tells -0.0 from 0.0 and matches
+    # a NaN; a subclass's own __repr__ may not show its value.)
+    numbers = value if isinstance(value, (tuple, list)) else (value,)
+    key = (tuple(float.__repr__(v) if isinstance(v, float) else int.__repr__(v) for v in numbers),
+           device, shape)
     hit = made.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
