@@ -93,7 +93,8 @@ class EmptyState(NamedTuple):
 def own_transform(init: TransformInitFn, update: TransformUpdateFn,
                   prepare: Callable[[State, Params], None] | None = None, *,
                   scaling: bool = False, leafwise: bool = False, count_fields: int = 0,
-                  kept_fields: dict[str, tuple[bool, str]] | None = None) -> GradientTransformation:
+                  kept_fields: dict[str, tuple[bool, str]] | None = None,
+                  state_type: type | None = None) -> GradientTransformation:
     """A transform of holotx's own: ``update`` is its math, run by :mod:`holotx.executor`
     (pure by default, or with ``donate=True`` / ``donate_updates``; within the caller's
     step when a combinator runs it). ``prepare(state, params)`` evaluates its schedules
@@ -103,21 +104,24 @@ def own_transform(init: TransformInitFn, update: TransformUpdateFn,
     ``scaling=True`` declares that ``update`` multiplies each leaf by one value, and
     ``leafwise=True`` that it may run on a batch of leaves at a time, the first
     ``count_fields`` fields of its state step counts; ``kept_fields`` says which optional
-    fields of its state its options keep, ``{field: (kept, "option=value")}`` (see
-    :func:`holotx.executor.register`)."""
-    state_type: list[type] = []
+    fields of its state its options keep, ``{field: (kept, "option=value")}``; and
+    ``state_type``, the class of the state ``init`` returns, lets a state of another class
+    be refused before this transform's ``init`` has run in the process (a checkpoint
+    loaded into a fresh one; else the class is recorded when ``init`` first runs). See
+    :func:`holotx.executor.register`."""
+    recorded: list[type] = [] if state_type is None else [state_type]
 
     def recording_init(params: Params) -> State:
         state = init(params)
         # (A stateless transform's EmptyState is not checked: it takes what it is given.)
-        if not state_type and not isinstance(state, EmptyState):
-            state_type.append(type(state))
+        if not recorded and not isinstance(state, EmptyState):
+            recorded.append(type(state))
         return state
 
     recording_init.__doc__ = init.__doc__
     return GradientTransformation(recording_init,
                                   executor.register(update, prepare, scaling=scaling, leafwise=leafwise,
-                                                    count_fields=count_fields, state_type=state_type,
+                                                    count_fields=count_fields, state_type=recorded,
                                                     kept_fields=kept_fields))
 
 

@@ -262,7 +262,7 @@ def masked(inner: GradientTransformation, mask: Any | Callable[[Params], Any]) -
     def prepare(state, params):
         executor.prepare(inner, state.inner_state, params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=MaskedState)
 
 
 def freeze(mask: Any | Callable[[Params], Any]) -> GradientTransformation:
@@ -379,7 +379,7 @@ def partition(
         for name, t in transforms.items():
             executor.prepare(t, state.inner_states[name], params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=PartitionState)
 
 
 # ---------------------------------------------------------------- conditional steps
@@ -478,7 +478,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
     def prepare(state, params):
         executor.prepare(inner, state.inner_state, params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=ApplyIfFiniteState)
 
 
 class MultiStepsState(NamedTuple):
@@ -572,4 +572,4 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     def prepare(state, params):
         executor.prepare(inner, state.inner_state, params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=MultiStepsState)

@@ -160,6 +160,6 @@ def inject_hyperparams(
             current(state.count, state.hyperparams)
 
         # What a factory builds is run as it is: a user's transform pure (executor.call).
-        return own_transform(init, update, prepare)
+        return own_transform(init, update, prepare, state_type=InjectHyperparamsState)
 
     return build

@@ -637,6 +637,26 @@ def test_a_donated_chain_refuses_a_later_transforms_state_before_the_first_write
     assert _unchanged(before, params, state)
 
 
+@pytest.mark.parametrize("second", ["scale_by_adam", "trace", "lookahead", "masked", "inject_hyperparams"])
+def test_a_state_of_another_class_is_refused_before_any_math_though_init_never_ran(second):
+    """A state loaded into a fresh process meets transforms whose init never ran: each
+    declares its state's class, so a state of another class in the second place of a
+    donated chain is refused by name before the first transform writes its buffer (it
+    used to fail with an AttributeError after)."""
+    make = {"scale_by_adam": T.scale_by_adam, "trace": lambda: T.trace(0.5),
+            "lookahead": lambda: holotx.lookahead(holotx.sgd(0.1)),
+            "masked": lambda: holotx.masked(holotx.sgd(0.1), True),
+            "inject_hyperparams": lambda: holotx.inject_hyperparams(holotx.adam)(lr=0.1)}[second]
+    params = make_params()
+    first = T.trace(0.9)
+    state = (first.init(params), holotx.chain(T.trace(0.1), T.scale(1.0)).init(params))
+    state[0].trace["head"]["w"].fill_(1.0)
+    before = _snapshot(params, state)
+    with pytest.raises(ValueError, match=r"state is a tuple, not the \w+State this transform's init returns"):
+        make_step(holotx.chain(first, make()), donate=True)(params, good_grads(), state)
+    assert _unchanged(before, params, state)
+
+
 @pytest.mark.parametrize("inner", ["adam-amsgrad", "sgd-dampened", "adan"])
 @pytest.mark.parametrize("router", ["masked", "partition"])
 def test_a_transform_given_no_leaf_keeps_nothing_and_is_not_refused(router, inner):

@@ -279,4 +279,5 @@ def scale_by_adam(
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 
-    return own_transform(init, update, kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
+    return own_transform(init, update, state_type=ScaleByAdamState,
+                         kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})

@@ -240,7 +240,8 @@ def scale_by_adamp(
         )
         return u, ScaleByAdamState(count, mu, nu, nu_max)
 
-    return own_transform(init, update, kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
+    return own_transform(init, update, state_type=ScaleByAdamState,
+                         kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
 
 
 def _project_segments(u: ops.TensorList, p: ops.TensorList, g: ops.TensorList, segments: list[Any],

@@ -155,6 +155,6 @@ def scale_by_adan(
         )
         return u, ScaleByAdanState(*new)
 
-    return own_transform(init, update, kept_fields={
+    return own_transform(init, update, state_type=ScaleByAdanState, kept_fields={
         "nu_max": (amsgrad, f"amsgrad={amsgrad}"),
         "prev_grad": (track_previous_grad, f"track_previous_grad={track_previous_grad}")})

@@ -195,4 +195,4 @@ def scale_by_ademamix(
         )
         return u, ScaleByAdEMAMixState(count, mu, nu, mu_slow)
 
-    return own_transform(init, update)
+    return own_transform(init, update, state_type=ScaleByAdEMAMixState)

@@ -124,4 +124,5 @@ def scale_by_belief(
         )
         return u, ScaleByBeliefState(count, mu, nu, nu_max)
 
-    return own_transform(init, update, kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
+    return own_transform(init, update, state_type=ScaleByBeliefState,
+                         kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})

@@ -108,5 +108,5 @@ def trace(
                                               state_names=("state.count", "state.trace"), count_states=1)
         return u, TraceState(count, buf)
 
-    return own_transform(init, update, leafwise=True, count_fields=1,
+    return own_transform(init, update, state_type=TraceState, leafwise=True, count_fields=1,
                          kept_fields={"count": (not undampened, f"dampening={dampening!r}")})

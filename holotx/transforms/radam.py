@@ -198,4 +198,5 @@ def scale_by_radam(
         )
         return u, ScaleByAdamState(count, mu, nu, None)
 
-    return own_transform(init, update, kept_fields={"nu_max": (False, "RAdam has no amsgrad variant")})
+    return own_transform(init, update, state_type=ScaleByAdamState,
+                         kept_fields={"nu_max": (False, "RAdam has no amsgrad variant")})

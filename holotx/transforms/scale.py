@@ -128,7 +128,7 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], Scalar]) -> GradientTra
         factor = executor.evaluate(schedule, state.count)
         return _scaled(updates, factor), ScaleByScheduleState(next_count(state.count))
 
-    return own_transform(init, update, prepare, scaling=True)
+    return own_transform(init, update, prepare, scaling=True, state_type=ScaleByScheduleState)
 
 
 def scale_by_lr(lr: ScalarOrSchedule) -> GradientTransformation:

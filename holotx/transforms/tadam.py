@@ -191,7 +191,8 @@ def scale_by_tadam(
         )
         return u, ScaleByTAdamState(count, mu, nu, nu_max, weight_sum)
 
-    return own_transform(init, update, kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
+    return own_transform(init, update, state_type=ScaleByTAdamState,
+                         kept_fields={"nu_max": (amsgrad, f"amsgrad={amsgrad}")})
 
 
 def _student_t_weight(mahalanobis: torch.Tensor, numel: torch.Tensor, dof: float | None) -> torch.Tensor:

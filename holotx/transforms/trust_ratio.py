@@ -243,7 +243,7 @@ def scale_by_trust_ratio(
 
     # (A state with a momentum buffer given to a ratio without inner would pass it through,
     # unused: LARS with momentum resumed as LARS without.)
-    return own_transform(init, update, prepare, kept_fields={
+    return own_transform(init, update, prepare, state_type=TrustRatioState, kept_fields={
         "inner": (inner is not None, "an inner transform" if inner is not None else "inner=None")})
 
 

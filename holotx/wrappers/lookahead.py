@@ -153,4 +153,4 @@ def lookahead(
         decide_syncs(state.count, sync_period)
         executor.prepare(inner, state.inner_state, params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=LookaheadState)

@@ -212,7 +212,7 @@ def scout(
         decide_syncs(state.count, sync_period)
         executor.prepare(inner, state.inner_state, params)
 
-    return own_transform(init, update, prepare)
+    return own_transform(init, update, prepare, state_type=ScoutState)
 
 
 def _check_segments(segments: Any, n: int, holocron: bool) -> list[Any]:
