@@ -590,8 +590,9 @@ def _check_state_form(entry: Callable[..., Any], state: Any) -> None:
             raise ValueError(f"{name}: state is a {type(state).__name__}, which has no field {field}: a "
                              "state from another transform?")
         value = getattr(state, field)
-        # (An empty NamedTuple, EmptyState, holds nothing either: a wrapper without its inner.)
-        held = value is not None and not (isinstance(value, tuple) and not value)
+        # (An empty NamedTuple, EmptyState, holds nothing either: a wrapper without its inner.
+        # A plain () is a tree: over params that are an empty tuple.)
+        held = value is not None and not (isinstance(value, tuple) and not value and type(value) is not tuple)
         if kept == held:
             continue
         if kept:

@@ -658,14 +658,18 @@ def test_a_state_of_another_class_is_refused_before_any_math_though_init_never_r
 
 
 @pytest.mark.parametrize("inner", ["adam-amsgrad", "sgd-dampened", "adan"])
-@pytest.mark.parametrize("router", ["masked", "partition"])
+@pytest.mark.parametrize("router", ["masked", "partition", "empty-tuple"])
 def test_a_transform_given_no_leaf_keeps_nothing_and_is_not_refused(router, inner):
     """Masked away from a bare tensor, a transform's init gets params ``None`` and every field
     of its state is ``None``, the fields its options keep too: a state of nothing, not one
-    made with other options."""
+    made with other options. Over params that are an empty tuple, each field is ``()``."""
     make = {"adam-amsgrad": lambda: holotx.adam(0.1, amsgrad=True),
             "sgd-dampened": lambda: holotx.sgd(0.1, momentum=0.9, dampening=0.5),
             "adan": lambda: holotx.adan(0.1)}[inner]
+    if router == "empty-tuple":
+        tx = make()
+        assert tx.update((), tx.init(()), ())[0] == ()
+        return
     tx = (holotx.masked(make(), False) if router == "masked"
           else holotx.partition({"a": holotx.sgd(0.1), "b": make()}, "a"))
     params = torch.ones(3, dtype=F64)
