@@ -444,13 +444,13 @@ def register(update: Callable[..., Any],
     keyed by its state. It may then be run on a batch of leaves at a time, as lists (see
     :func:`multi_tensor_update`'s ``then``), when its state matches the updates.
 
-    ``state_type`` holds the type of the state the transform's ``init`` returned, once it
-    has run: a state of another type (another transform's, or ``update``'s arguments in
-    the wrong order) is refused by name before anything runs.
+    ``state_type`` holds the class of the state the transform's ``init`` returns: declared
+    by the transform, or recorded when its ``init`` first runs (``chain``'s tuple,
+    ``named_chain``'s dict). A state of another class (another transform's, or
+    ``update``'s arguments in the wrong order) is refused by name before anything runs.
 
     ``kept_fields`` maps each field of the state that the transform's options decide to
-    ``(kept, because)``: whether this transform keeps it (``False``: it is ``None``, or an
-    empty NamedTuple such as ``EmptyState``), and
+    ``(kept, because)``: whether this transform keeps it (``False``: it is ``None``), and
     the option that decides it (``"amsgrad=True"``). A state whose field says otherwise
     (made by the transform with other options, a checkpoint of another run) is refused by
     name, where the math would silently run the other variant.
@@ -590,15 +590,13 @@ def _check_state_form(entry: Callable[..., Any], state: Any) -> None:
             raise ValueError(f"{name}: state is a {type(state).__name__}, which has no field {field}: a "
                              "state from another transform?")
         value = getattr(state, field)
-        # (An empty NamedTuple, EmptyState, holds nothing either: a wrapper without its inner.
-        # A plain () is a tree: over params that are an empty tuple.)
-        held = value is not None and not (isinstance(value, tuple) and not value and type(value) is not tuple)
+        held = value is not None
         if kept == held:
             continue
         if kept:
             if all(v is None for v in state):
                 continue  # (init over params that are None: a transform given no leaf keeps nothing)
-            raise ValueError(f"{name}: state.{field} holds nothing, but this transform keeps it ({because}): "
+            raise ValueError(f"{name}: state.{field} is None, but this transform keeps it ({because}): "
                              "the state of a transform made with other options? Make the state with "
                              "this transform's init")
         raise ValueError(f"{name}: state.{field} holds a {type(value).__name__}, but this transform "

@@ -575,14 +575,16 @@ OPTIONAL_FIELDS = {
     "sgd": (lambda: holotx.sgd(0.1, momentum=0.9, dampening=0.5), lambda: holotx.sgd(0.1, momentum=0.9),
             "count", "dampening"),
     "lars": (lambda: holotx.lars(0.1, momentum=0.9), lambda: holotx.lars(0.1, momentum=0.0), "inner",
-             "an inner transform|inner=None"),
+             "inner=None"),
 }
 
 
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
 @pytest.mark.parametrize(("case", "direction"), [
     (case, direction) for case in OPTIONAL_FIELDS for direction in ("kept-not-given", "given-not-kept")
-    if not (case == "radam" and direction == "kept-not-given")])  # (RAdam keeps no optional field)
+    # (RAdam keeps no optional field; LARS's momentum refuses a state without its buffer as
+    # another class's: test_a_state_of_another_class_is_refused_...)
+    if not (case in ("radam", "lars") and direction == "kept-not-given")])
 def test_a_state_made_with_other_options_is_refused_naming_the_field(case, direction, donate):
     """A state whose optional buffer says another variant (an AMSGrad state for Adam
     without it, a momentum state without step counts for a dampened one) used to run that
@@ -594,7 +596,7 @@ def test_a_state_made_with_other_options_is_refused_naming_the_field(case, direc
     params = make_params()
     state = made().init(params)
     before = _snapshot(params, state)
-    words = "holds nothing, but this transform keeps it" if kept else "keeps none"
+    words = "is None, but this transform keeps it" if kept else "keeps none"
     with pytest.raises(ValueError, match=rf"state\.{field} .*{words} \({option}"):
         stepped().update(good_grads(), state, params, donate=donate)
     assert _unchanged(before, params, state)
@@ -634,6 +636,20 @@ def test_a_donated_chain_refuses_a_later_transforms_state_before_the_first_write
     before = _snapshot(params, state)
     with pytest.raises(ValueError, match="state"):
         make_step(tx, donate=True)(params, good_grads(), state)
+    assert _unchanged(before, params, state)
+
+
+def test_a_trust_ratio_keeps_a_stateless_inner_and_refuses_lars_momentum_missing():
+    """An inner that keeps nothing (clipping, a scale) has an EmptyState: kept, not refused.
+    LARS with momentum given the state of LARS without: refused by its momentum's class."""
+    params = make_params()
+    for inner in (holotx.clip_by_global_norm(1.0), T.scale(1.0), holotx.identity()):
+        tx = holotx.scale_by_trust_ratio(inner=inner)
+        tx.update(good_grads(), tx.init(params), params)
+    state = holotx.lars(0.1, momentum=0.0).init(params)
+    before = _snapshot(params, state)
+    with pytest.raises(ValueError, match=r"state is a EmptyState, not the TraceState"):
+        holotx.lars(0.1, momentum=0.9).update(good_grads(), state, params, donate=True)
     assert _unchanged(before, params, state)
 
 
@@ -679,11 +695,28 @@ def test_a_transform_given_no_leaf_keeps_nothing_and_is_not_refused(router, inne
 
 
 def test_a_state_without_the_field_is_named_as_another_transforms():
-    """A transform whose init never ran (so no state type is recorded) given another
-    transform's state: the state's type is named, not a field said to be missing."""
+    """A transform whose init never ran given another transform's state: the state's class
+    is named (declared by the transform), not a field said to be missing."""
     params = make_params()
-    with pytest.raises(ValueError, match="state is a TraceState, which has no field nu_max"):
+    with pytest.raises(ValueError, match="state is a TraceState, not the ScaleByAdamState"):
         T.scale_by_adam(amsgrad=True).update(good_grads(), T.trace(0.9).init(params), params)
+
+
+def test_a_state_without_a_declared_field_is_named_where_no_class_is_declared():
+    """A transform of holotx's own that declares kept fields but no state class, given a
+    state without the field before its init ran: named as another transform's state."""
+    from typing import NamedTuple
+
+    from holotx.base import own_transform
+
+    class State(NamedTuple):
+        extra: object
+
+    tx = own_transform(lambda params: State(None), lambda u, s, p=None, **e: (u, s),
+                       kept_fields={"extra": (False, "extra=False")})
+    with pytest.raises(ValueError, match="state is a TraceState, which has no field extra"):
+        tx.update(good_grads(), T.trace(0.9).init(make_params()), make_params())
+    tx.update(good_grads(), State(None), make_params())  # control
 
 
 def test_a_state_made_with_other_options_is_named_under_a_full_graph_compile():

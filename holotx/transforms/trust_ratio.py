@@ -172,6 +172,16 @@ def scale_by_trust_ratio(
     def init(params):
         return TrustRatioState(EmptyState() if inner is None else inner.init(params))
 
+    def check_no_inner_state(state):
+        # A state with a momentum buffer given to a ratio without inner would pass it
+        # through, unused: LARS with momentum resumed as LARS without. (With an inner, its
+        # own checks refuse an EmptyState.)
+        if inner is None and not isinstance(state.inner, EmptyState):
+            raise ValueError(f"scale_by_trust_ratio: state.inner holds a {type(state.inner).__name__}, but "
+                             "this transform keeps none (inner=None; LARS: momentum=0): the state of a "
+                             "transform made with other options (its inner's buffers would pass through, "
+                             "unused)? Make the state with this transform's init")
+
     def decayed(u, p):
         """The updates plus the weight decay, in the pass that measured them (they are
         still in cache: one read of the updates and the params fewer than a pass of its
@@ -207,6 +217,7 @@ def scale_by_trust_ratio(
         return (decayed(u, p),)
 
     def update(updates, state, params=None, **extra):
+        check_no_inner_state(state)
         if params is None:
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         segments = extra.get("segments")
@@ -238,13 +249,11 @@ def scale_by_trust_ratio(
         return _scaled_by_ratios(updates, ratios), state if inner is None else TrustRatioState(states[-1])
 
     def prepare(state, params):
+        check_no_inner_state(state)
         if inner is not None:
             executor.prepare(inner, state.inner, params)
 
-    # (A state with a momentum buffer given to a ratio without inner would pass it through,
-    # unused: LARS with momentum resumed as LARS without.)
-    return own_transform(init, update, prepare, state_type=TrustRatioState, kept_fields={
-        "inner": (inner is not None, "an inner transform" if inner is not None else "inner=None")})
+    return own_transform(init, update, prepare, state_type=TrustRatioState)
 
 
 def _mask_flag(value: Any) -> bool:
