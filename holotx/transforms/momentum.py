@@ -109,4 +109,7 @@ def trace(
         return u, TraceState(count, buf)
 
     return own_transform(init, update, state_type=TraceState, leafwise=True, count_fields=1,
-                         kept_fields={"count": (not undampened, f"dampening={dampening!r}")})
+                         # (A tensor's value is not formatted: traced by dynamo under
+                         # inject_hyperparams, repr would break the graph.)
+                         kept_fields={"count": (not undampened, f"dampening={dampening!r}" if isinstance(
+                             dampening, (int, float)) else "dampening given as a tensor")})
