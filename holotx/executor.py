@@ -836,7 +836,9 @@ def multi_tensor_update(
             unmatched.append((name, leaves))
         state_leaves.append(leaves)
     if params is None:
-        if needs_params:
+        # (Updates with no tensor, a transform routed no leaf: masked or partition over one
+        # bare tensor, give it None params too, and there is nothing to step.)
+        if needs_params and any(g is not None for g in g_leaves):
             raise ValueError("this transform needs params: call update(updates, state, params)")
         p_leaves = None
     else:

@@ -694,6 +694,28 @@ def test_a_transform_given_no_leaf_keeps_nothing_and_is_not_refused(router, inne
     assert torch.equal(updates, expected)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lars", "lamb", "ralars", "adamp"])
+@pytest.mark.parametrize("router", ["masked", "partition"])
+def test_a_rule_that_reads_params_routed_no_leaf_of_a_bare_tensor_steps_nothing(router, name):
+    """Over params that are one bare tensor, a transform that gets no leaf is given updates
+    and params ``None``: a rule that reads params has nothing to step there, and used to
+    raise that it needs params. Params given as ``None`` to updates that have a tensor
+    still raise."""
+    def make():
+        return getattr(holotx, name)(0.1, weight_decay=0.1)
+
+    tx = holotx.masked(make(), False) if router == "masked" else holotx.partition(
+        {"a": holotx.sgd(0.1), "b": make()}, "a")
+    params = torch.ones(3, dtype=F64)
+    state = tx.init(params)
+    for donate in (False, True):
+        updates, state = tx.update(torch.ones(3, dtype=F64), state, params, donate=donate)
+        expected = torch.ones(3, dtype=F64) if router == "masked" else torch.full((3,), -0.1, dtype=F64)
+        assert torch.equal(updates, expected)
+    with pytest.raises(ValueError, match="needs params"):
+        make().update(good_grads(), make().init(make_params()), None)
+
+
 def test_a_state_without_the_field_is_named_as_another_transforms():
     """A transform whose init never ran given another transform's state: the state's class
     is named (declared by the transform), not a field said to be missing."""

@@ -200,11 +200,11 @@ def scale_by_adamp(
                                 zeros_like(params) if amsgrad else None)
 
     def update(updates, state, params=None, **extra):
-        if params is None:
+        leaves = tree.flatten(updates)[0]
+        if params is None and any(g is not None for g in leaves):  # (no tensor: no leaf routed here)
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
         segments = extra.get("segments")
         tree.check_whole_tensors(params, "scale_by_adamp", flat_ok=segments is not None)
-        leaves = tree.flatten(updates)[0]
         leaf_segments = ([None] * len(leaves) if segments is None
                          else check_segments(segments, leaves, "scale_by_adamp"))
         if projection == "official" and any(s is not None and s.channels is None for s in leaf_segments):

@@ -218,11 +218,11 @@ def scale_by_trust_ratio(
 
     def update(updates, state, params=None, **extra):
         check_no_inner_state(state)
-        if params is None:
+        g_leaves = tree.flatten(updates)[0]
+        if params is None and any(g is not None for g in g_leaves):  # (no tensor: no leaf routed here)
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         segments = extra.get("segments")
         tree.check_whole_tensors(params, "scale_by_trust_ratio", flat_ok=segments is not None)
-        g_leaves = tree.flatten(updates)[0]
         if segments is not None:
             # One bool masks every tensor of the buffers alike; a mask per tensor cannot be
             # followed into a buffer that packs them.
