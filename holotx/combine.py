@@ -395,7 +395,7 @@ def _select_tree(cond: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _all_finite(updates: Any) -> torch.Tensor:
-    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    leaves = [x for x in tree.leaves(updates) if x is not None]
     if not leaves:
         return torch.ones((), dtype=torch.bool)
     device = leaves[0].device

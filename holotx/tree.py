@@ -24,6 +24,7 @@ __all__ = [
     "find_states",
     "first_device",
     "flatten",
+    "leaves",
     "leaves_like",
     "leaves_matching",
     "map",
@@ -52,10 +53,64 @@ def flatten(tree: Any) -> tuple[list[Any], PyTreeSpec]:
         >>> holotx.tree.path_strings(spec)
         ["['a']", "['b']"]
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _needs_boxes(tree) & _NEEDS_BOXES:
         leaves, spec = optree.tree_flatten(_box_constants(tree), none_is_leaf=True)
         return [x.value if isinstance(x, _Boxed) else x for x in leaves], spec
     return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def leaves(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` (``None`` included), in :func:`flatten`'s order, without its
+    structure.
+
+    Traced by ``torch.compile``, a tree of dicts (with string keys), lists, tuples and
+    NamedTuples holding tensors, ``None`` and numbers is walked here, where optree's
+    flattening would run as Python building a structure that nobody reads.
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        Its leaves in order, ``None`` included.
+
+    Example:
+        >>> import torch
+        >>> import holotx
+        >>> holotx.tree.leaves({"b": torch.zeros(1), "a": None})
+        [None, tensor([0.])]
+    """
+    if torch.compiler.is_compiling():
+        found: list[Any] = []
+        if _traced_leaves(tree, found):
+            return found
+        return flatten(tree)[0]
+    return optree.tree_leaves(tree, none_is_leaf=True)
+
+
+def _traced_leaves(node: Any, found: list[Any]) -> bool:
+    """Append the leaves of ``node`` to ``found`` in optree's order, and return ``True``;
+    ``False`` at the first node this walk does not know as optree does (a dict with keys
+    other than strings, a subclass of a container, another registered node type)."""
+    kind = type(node)
+    if kind is dict:
+        keys = list(node)
+        for key in keys:
+            if type(key) is not str:
+                return False
+        # (optree orders a dict's entries by key; loops, not all() of a generator: see _needs_boxes)
+        for key in sorted(keys):  # noqa: SIM110
+            if not _traced_leaves(node[key], found):
+                return False
+        return True
+    if kind is list or kind is tuple or (kind.__bases__ == (tuple,) and hasattr(kind, "_fields")):
+        for value in node:  # noqa: SIM110
+            if not _traced_leaves(value, found):
+                return False
+        return True
+    if node is None or isinstance(node, torch.Tensor) or kind in (bool, int, float, str):
+        found.append(node)
+        return True
+    return False
 
 
 def structure(tree: Any) -> PyTreeSpec:
@@ -93,7 +148,8 @@ def unflatten(treespec: PyTreeSpec, leaves: Sequence[Any]) -> Any:
         {'w': 10, 'b': [20, None]}
     """
 
-    if torch.compiler.is_compiling() and not all(isinstance(x, torch.Tensor) for x in leaves):
+    if (torch.compiler.is_compiling() and not _all_tensors(leaves)
+            and _spec_needs_boxes(treespec, leaves, 0)[0] & _NEEDS_BOXES):
         boxed = [x if isinstance(x, torch.Tensor) else _Boxed(x) for x in leaves]
         return _unbox(optree.tree_unflatten(treespec, boxed))
     return optree.tree_unflatten(treespec, leaves)
@@ -125,6 +181,54 @@ def _map_containers(node: Any, fn: Callable[[Any], Any]) -> Any:
         values = [_map_containers(value, fn) for value in node]
         return type(node)(*values) if hasattr(node, "_fields") else tuple(values)
     return fn(node)
+
+
+_HOLDS_OTHER, _HOLDS_CONSTANT, _NEEDS_BOXES = 1, 2, 4
+
+
+def _needs_boxes(node: Any) -> int:
+    """What ``node`` holds, as flags: ``_NEEDS_BOXES`` where a dict (at any depth) has
+    leaves that are all constants (``None``, bools, numbers, strings), which dynamo cannot
+    flatten unboxed (:class:`_Boxed`). Traced, any other tree (of
+    tensors, NamedTuples holding ``None`` among them) goes to optree as it is: rebuilding
+    every container boxed costs dynamo as much as the flattening itself."""
+    if isinstance(node, dict):
+        values: Any = node.values()
+    elif isinstance(node, (list, tuple)):
+        values = node
+    elif node is None or isinstance(node, (bool, int, float, str)):
+        return _HOLDS_CONSTANT
+    else:
+        return _HOLDS_OTHER
+    held = 0
+    for value in values:  # (a loop: dynamo traces a generator expression at far greater cost)
+        held |= _needs_boxes(value)
+    if isinstance(node, dict) and held & (_HOLDS_OTHER | _HOLDS_CONSTANT) == _HOLDS_CONSTANT:
+        held |= _NEEDS_BOXES
+    return held
+
+
+def _all_tensors(leaves: Sequence[Any]) -> bool:
+    for x in leaves:  # noqa: SIM110 (a generator costs dynamo more)
+        if not isinstance(x, torch.Tensor):
+            return False
+    return True
+
+
+def _spec_needs_boxes(treespec: PyTreeSpec, leaves: Sequence[Any], at: int) -> tuple[int, int]:
+    """:func:`_needs_boxes` of the tree that ``treespec`` and ``leaves`` (from index
+    ``at``) would make, and the index after its leaves."""
+    if treespec.type is None:  # (a leaf; a property, where is_leaf() is a call for dynamo)
+        x = leaves[at]
+        constant = x is None or isinstance(x, (bool, int, float, str))
+        return (_HOLDS_CONSTANT if constant else _HOLDS_OTHER), at + 1
+    held = 0
+    for child in treespec.children():
+        flags, at = _spec_needs_boxes(child, leaves, at)
+        held |= flags
+    if issubclass(treespec.type, dict) and held & (_HOLDS_OTHER | _HOLDS_CONSTANT) == _HOLDS_CONSTANT:
+        held |= _NEEDS_BOXES
+    return held, at
 
 
 def _box_constants(tree: Any) -> Any:
@@ -211,8 +315,9 @@ def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> lis
     and per-leaf state); else ``None``, and the caller flattens it (:func:`leaves_matching`
     names any difference). A quarter of :func:`flatten`'s time on a small model:
     ``treespec.flatten_up_to`` checks the keys (or the length) without reading every
-    leaf's type against optree's registry, and the leaves' types are checked here. Not
-    under ``torch.compile`` (dynamo gets :func:`flatten`).
+    leaf's type against optree's registry, and the leaves' types are checked here.
+    Traced by ``torch.compile``, a walk of ``treespec`` that requires every container of
+    the same class, at every depth (see :func:`_traced_leaves_in`).
 
     Args:
         tree: the tree whose leaves are wanted.
@@ -236,8 +341,11 @@ def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> lis
         >>> holotx.tree.leaves_like({"w": [torch.ones(1)], "b": None}, spec) is None
         True
     """
-    if torch.compiler.is_compiling() or not treespec.none_is_leaf:
+    if not treespec.none_is_leaf:
         return None
+    if torch.compiler.is_compiling():
+        leaves: list[Any] = []
+        return leaves if _traced_leaves_in(tree, treespec, leaves) else None
     kind = type(tree)
     if not nested and (kind not in _ONE_LEVEL_NODES or treespec.type is not kind
                        or treespec.num_nodes != treespec.num_leaves + 1):
@@ -247,6 +355,41 @@ def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> lis
     except ValueError:  # (other keys or length: flatten names the difference)
         return None
     return leaves if _TENSOR_LEAVES.issuperset(builtins.map(type, leaves)) else None
+
+
+def _traced_leaves_in(node: Any, treespec: PyTreeSpec, leaves: list[Any]) -> bool:
+    """Traced by ``torch.compile``: append the leaves of ``node`` to ``leaves`` and return
+    ``True`` if it has exactly the structure ``treespec`` (every container of the same
+    class: dicts with the same keys, lists, tuples, NamedTuples of the same length) and
+    its leaves are plain tensors or ``None``; ``False`` where it cannot tell (the caller
+    flattens, and names any difference). Dynamo runs optree's flattening as Python, a
+    new structure built node by node, at about twenty times the cost of this walk, and a
+    step flattens each of its states."""
+    if treespec.type is None:  # (a leaf)
+        if node is None or type(node) is torch.Tensor or type(node) is torch.nn.Parameter:
+            leaves.append(node)
+            return True
+        return False
+    kind = treespec.type
+    if type(node) is not kind:
+        return False
+    children = treespec.children()
+    if kind is dict:
+        keys = treespec.entries()
+        if len(node) != len(keys):
+            return False
+        for key, child in zip(keys, children):
+            if key not in node or not _traced_leaves_in(node[key], child, leaves):
+                return False
+        return True
+    if kind is list or kind is tuple or (issubclass(kind, tuple) and hasattr(kind, "_fields")):
+        if len(node) != len(children):
+            return False
+        for value, child in zip(node, children):  # noqa: SIM110 (a generator costs dynamo more)
+            if not _traced_leaves_in(value, child, leaves):
+                return False
+        return True
+    return False  # (another node type: optree's own rules)
 
 
 def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -> list[Any]:
@@ -368,6 +511,11 @@ def segments_of(x: Any) -> Any:
     return _segments_registry().get(x)
 
 
+def _path_of(tree: Any, i: int) -> str:
+    """The path of ``tree``'s leaf ``i``, for a message."""
+    return path_strings(flatten(tree)[1])[i]
+
+
 def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> None:
     """Refuse params that pack several tensors into one for ``rule``, which reduces over
     whole tensors.
@@ -382,11 +530,10 @@ def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> Non
     """
     if params is None:
         return
-    leaves, spec = flatten(params)
-    for i, p in enumerate(leaves):
+    for i, p in enumerate(leaves(params)):
         if not flat_ok and getattr(p, FLAT_BUFFER_MARK, False):
             raise ValueError(
-                f"{rule} computes per-tensor norms, sums or cosines, but params at {path_strings(spec)[i]} "
+                f"{rule} computes per-tensor norms, sums or cosines, but params at {_path_of(params, i)} "
                 "is a flat buffer packing several tensors (FlatLayout.bind): this rule has no flat path "
                 "(pass segments= where it takes them), run it on the tensors themselves")
         # FSDP1 marks its flat parameters (_is_flat_param) and, with use_orig_params=True,
@@ -394,7 +541,7 @@ def check_whole_tensors(params: Any, rule: str, *, flat_ok: bool = False) -> Non
         if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
             raise ValueError(
                 f"{rule} computes per-tensor norms, sums or cosines, but params at "
-                f"{path_strings(spec)[i]} is sharded by FSDP1 (FullyShardedDataParallel), whose "
+                f"{_path_of(params, i)} is sharded by FSDP1 (FullyShardedDataParallel), whose "
                 "flat shards hide the tensors' boundaries: use FSDP2 "
                 "(torch.distributed.fsdp.fully_shard), whose DTensor params holotx reduces whole; "
                 "elementwise rules (sgd, adam, adamw, adabelief, adan, ademamix) run under FSDP1")
@@ -509,7 +656,7 @@ def first_device(tree: Any) -> torch.device:
         >>> holotx.tree.first_device({"a": None, "b": torch.zeros(1)}), holotx.tree.first_device({})
         (device(type='cpu'), device(type='cpu'))
     """
-    for x in flatten(tree)[0]:
+    for x in leaves(tree):
         if isinstance(x, torch.Tensor):
             return x.device
     return torch.device("cpu")

@@ -19,6 +19,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optree
 import pytest
 import torch
 
@@ -966,3 +967,100 @@ def test_a_pure_step_writes_no_tensor_of_an_unusual_state_class(kind):
     _, new_state = tx.update({"w": torch.ones(3, dtype=F64)}, state)
     assert torch.equal(state.mu["w"], torch.zeros(3, dtype=F64))
     assert torch.allclose(new_state.mu["w"], torch.full((3,), 0.1, dtype=F64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("name", ["adamw", "tadam", "lars", "adamp", "lookahead_adamw", "scout_lamb"])
+def test_a_traced_step_flattens_its_updates_once(name, monkeypatch):
+    """Dynamo runs optree's flattening as Python, building a structure node by node (most
+    of the tracing time of a small step): a traced step flattens only the updates it is
+    given, and reads every other tree of the same structure (params, each state buffer,
+    the updates one transform hands the next) by a walk of that structure. Its result is
+    eager's."""
+    import optree
+
+    flattened = []
+
+    def counting_flatten(*args, **kwargs):
+        flattened.append(1)
+        return optree.tree_flatten(*args, **kwargs)
+
+    counting = type("CountingOptree", (), {name: staticmethod(getattr(optree, name))
+                                           for name in ("tree_unflatten", "tree_leaves")})
+    counting.tree_flatten = staticmethod(counting_flatten)
+    monkeypatch.setattr(holotx.tree, "optree", counting)
+    wrapper, _, inner = name.rpartition("_")
+    tx = getattr(holotx, inner)(1e-2)
+    if wrapper:
+        tx = getattr(holotx, wrapper)(tx)
+    params = {"w": torch.linspace(-1.0, 1.0, 6, dtype=F64).reshape(2, 3), "b": torch.ones(2, dtype=F64)}
+    grads = {"w": torch.full((2, 3), 0.5, dtype=F64), "b": torch.tensor([0.25, -1.0], dtype=F64)}
+    state = tx.init(params)
+    compiled = torch.compile(tx.update, fullgraph=True, backend="eager")
+    flattened.clear()  # (init's)
+    updates, new_state = compiled(grads, state, params)
+    assert len(flattened) == 1
+    eager = holotx.tree.leaves(tx.update(grads, state, params))
+    for a, b in zip(holotx.tree.leaves((updates, new_state)), eager, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_traced_tree_walks_agree_with_optree_or_decline():
+    """Traced, ``tree.leaves`` walks dicts (string keys, in optree's sorted order), lists,
+    tuples and NamedTuples itself and gives optree's leaves, whatever the leaves are;
+    ``tree.leaves_like`` takes only a tree whose every container is of the structure's
+    class (no other kind of dict, as ``flatten`` compares them), with tensor or ``None``
+    leaves, and declines anything else (``None``: the caller flattens, and names any
+    difference)."""
+    from collections import OrderedDict
+
+    class Pair(NamedTuple):
+        first: Any
+        second: Any
+
+    class SubPair(Pair):
+        pass
+
+    a, b, c = torch.zeros(2), torch.ones(3), torch.full((1,), 2.0)
+    trees = [
+        {"z": a, "a": [b, None, (c, 1.5)], "m": Pair(None, {"y": True, "x": "s"})},
+        OrderedDict(z=a, a=b),  # (insertion order: optree's own flattening)
+        {2: a, 1: b},  # (keys that are not strings: optree's own flattening)
+        SubPair(a, b),  # (a NamedTuple's subclass: optree's own flattening)
+        [None, 3, {}],
+        a,
+    ]
+
+    def read(trees):
+        return [holotx.tree.leaves(t) for t in trees]
+
+    traced = torch.compile(read, fullgraph=True, backend="eager")(trees)
+    for got, t in zip(traced, trees, strict=True):
+        want = optree.tree_leaves(t, none_is_leaf=True)
+        assert len(got) == len(want)
+        for x, y in zip(got, want):
+            assert (torch.equal(x, y) if isinstance(y, torch.Tensor) else x == y and type(x) is type(y))
+
+    ref = {"s": (Pair(a, b), None), "t": [c]}
+    matching = {"t": [c], "s": (Pair(b, a), None)}
+    others = [
+        {"s": (Pair(a, b), None)},  # a key fewer
+        {"s": (Pair(a, b), None), "t": [c], "u": a},  # a key more
+        OrderedDict(s=(Pair(a, b), None), t=[c]),  # another kind of dict
+        {"s": (SubPair(a, b), None), "t": [c]},  # another NamedTuple class
+        {"s": [Pair(a, b), None], "t": [c]},  # a list for a tuple
+        {"s": (Pair(a, b), None), "t": [c, c]},  # a list of another length
+        {"s": (Pair(a, 1.0), None), "t": [c]},  # a leaf that is not a tensor
+        {"s": (Pair(a, [b]), None), "t": [c]},  # a subtree for a leaf
+    ]
+
+    def like(ref, matching, others):
+        spec = holotx.tree.structure(ref)
+        return holotx.tree.leaves_like(matching, spec), [holotx.tree.leaves_like(o, spec) for o in others]
+
+    got, declined = torch.compile(like, fullgraph=True, backend="eager")(ref, matching, others)
+    want = optree.tree_leaves(matching, none_is_leaf=True)
+    assert len(got) == len(want)
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(got, want))
+    assert declined == [None] * len(others)

@@ -200,7 +200,7 @@ def scale_by_adamp(
                                 zeros_like(params) if amsgrad else None)
 
     def update(updates, state, params=None, **extra):
-        leaves = tree.flatten(updates)[0]
+        leaves = tree.leaves(updates)
         if params is None and any(g is not None for g in leaves):  # (no tensor: no leaf routed here)
             raise ValueError("scale_by_adamp needs params: call update(updates, state, params)")
         segments = extra.get("segments")

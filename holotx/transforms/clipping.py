@@ -31,7 +31,7 @@ def global_norm(updates) -> torch.Tensor:
         >>> holotx.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "c": None})
         tensor(5.)
     """
-    leaves = [x for x in tree.flatten(updates)[0] if x is not None]
+    leaves = [x for x in tree.leaves(updates) if x is not None]
     if not leaves:
         return torch.zeros(())
     dtype = torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32

@@ -208,8 +208,8 @@ def _student_t_weight(mahalanobis: torch.Tensor, numel: torch.Tensor, dof: float
 def _check_segments(segments: Any, updates: Any, weight_sums: Any) -> list[Any]:
     """Per leaf, its flat-buffer segments (``None`` without), checked against the weight
     sums the state holds: one per tensor of a buffer, or a 0-d one per leaf."""
-    leaves = tree.flatten(updates)[0]
-    sums = tree.flatten(weight_sums)[0]
+    leaves = tree.leaves(updates)
+    sums = tree.leaves(weight_sums)
     if segments is None:
         if any(isinstance(w, torch.Tensor) and w.dim() > 0 for w in sums):
             raise ValueError("scale_by_tadam: state.weight_sum holds one value per tensor of a flat buffer "

@@ -218,7 +218,7 @@ def scale_by_trust_ratio(
 
     def update(updates, state, params=None, **extra):
         check_no_inner_state(state)
-        g_leaves = tree.flatten(updates)[0]
+        g_leaves = tree.leaves(updates)
         if params is None and any(g is not None for g in g_leaves):  # (no tensor: no leaf routed here)
             raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
         segments = extra.get("segments")

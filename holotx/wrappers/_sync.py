@@ -49,7 +49,7 @@ def decide_syncs(counts: Any, sync_period: int) -> None:
     the path of the flags it is given (a step that does not synchronise reads no slow
     weights) instead of computing both and selecting with ``torch.where``. Counts that
     cannot be read for free (not plain CPU tensors) are left to the step."""
-    executor.decide(lambda: [(c, (int(c) + 1) % sync_period == 0) for c in tree.flatten(counts)[0]
+    executor.decide(lambda: [(c, (int(c) + 1) % sync_period == 0) for c in tree.leaves(counts)
                              if type(c) is torch.Tensor and c.device.type == "cpu" and c.dim() == 0])
 
 
@@ -163,7 +163,7 @@ def run_inner(name: str, inner: GradientTransformation, updates: Any, inner_stat
 def count_steps(updates: Any, counts: Any, sync_period: int) -> tuple[Any, list[Any]]:
     """The new per-leaf counts, and one flag per leaf of ``updates`` (flattening order;
     ``False`` at ``None`` leaves): whether its window ends at this step."""
-    n = len(tree.flatten(updates)[0])
+    n = len(tree.leaves(updates))
     flags: list[Any] = [False] * n
 
     def kernel(u, count, _p, index):

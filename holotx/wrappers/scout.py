@@ -175,7 +175,7 @@ def scout(
         tree.check_whole_tensors(params, "scout", flat_ok=extra.get("segments") is not None and not holocron)
         fast, inner_state = run_inner("scout", inner, updates, state.inner_state, params, extra,
                                       holocron=holocron)
-        leaves = tree.flatten(fast)[0]
+        leaves = tree.leaves(fast)
         segments = _check_segments(extra.get("segments"), len(leaves), holocron)
         flags: list[Any] = [False] * len(leaves)
         sums: list[Any] = [None] * len(leaves)
