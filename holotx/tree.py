@@ -148,8 +148,8 @@ def unflatten(treespec: PyTreeSpec, leaves: Sequence[Any]) -> Any:
         {'w': 10, 'b': [20, None]}
     """
 
-    if (torch.compiler.is_compiling() and not _all_tensors(leaves)
-            and _spec_needs_boxes(treespec, leaves, 0)[0] & _NEEDS_BOXES):
+    if torch.compiler.is_compiling() and not _all_tensors(leaves) and (
+            not _made_in_trace(treespec) or _spec_needs_boxes(treespec, leaves, 0)[0] & _NEEDS_BOXES):
         boxed = [x if isinstance(x, torch.Tensor) else _Boxed(x) for x in leaves]
         return _unbox(optree.tree_unflatten(treespec, boxed))
     return optree.tree_unflatten(treespec, leaves)
@@ -206,6 +206,13 @@ def _needs_boxes(node: Any) -> int:
     if isinstance(node, dict) and held & (_HOLDS_OTHER | _HOLDS_CONSTANT) == _HOLDS_CONSTANT:
         held |= _NEEDS_BOXES
     return held
+
+
+def _made_in_trace(treespec: PyTreeSpec) -> bool:
+    """Traced, whether ``treespec`` is dynamo's Python stand-in for a structure, made by a
+    flattening within the trace: one made outside it (handed in by the caller) is optree's
+    C++ object, whose methods dynamo cannot call without breaking the graph."""
+    return type(treespec) is not optree.PyTreeSpec
 
 
 def _all_tensors(leaves: Sequence[Any]) -> bool:
@@ -344,6 +351,8 @@ def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> lis
     if not treespec.none_is_leaf:
         return None
     if torch.compiler.is_compiling():
+        if not _made_in_trace(treespec):
+            return None
         leaves: list[Any] = []
         return leaves if _traced_leaves_in(tree, treespec, leaves) else None
     kind = type(tree)

@@ -987,6 +987,7 @@ def test_a_traced_step_flattens_its_updates_once(name, monkeypatch):
 
     counting = type("CountingOptree", (), {name: staticmethod(getattr(optree, name))
                                            for name in ("tree_unflatten", "tree_leaves")})
+    counting.PyTreeSpec = optree.PyTreeSpec
     counting.tree_flatten = staticmethod(counting_flatten)
     monkeypatch.setattr(holotx.tree, "optree", counting)
     wrapper, _, inner = name.rpartition("_")
@@ -1064,3 +1065,9 @@ def test_the_traced_tree_walks_agree_with_optree_or_decline():
     assert len(got) == len(want)
     assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(got, want))
     assert declined == [None] * len(others)
+
+    # A structure made outside the trace is optree's C++ object, which dynamo cannot walk
+    # without breaking the graph: declined, and the caller flattens.
+    outside = holotx.tree.structure(ref)
+    traced = torch.compile(lambda t: holotx.tree.leaves_like(t, outside), fullgraph=True, backend="eager")
+    assert traced(matching) is None
