@@ -210,8 +210,9 @@ class Plan:
         self.flattened: dict[int, list[Any]] = {}
         # Within multi_tensor_update's run of a leafwise transform on one batch (``then``).
         self.in_batch = False
-        # Traced: the structures this step's trees had (see leaves_of).
-        self.traced_structures: list[Any] = []
+        # Traced: the structures this step's trees had, each with the tree it was made
+        # from (see leaves_of).
+        self.traced_structures: list[tuple[Any, Any]] = []
 
     # ---------------------------------------------------------------- trees
 
@@ -231,14 +232,20 @@ class Plan:
             # node: a tree with a structure this step has seen (the updates that one
             # transform hands the next, a state's buffers) is read by a walk of it instead,
             # at a twentieth of the cost (tree.leaves_like).
-            known = self.traced_structures if like is None else [like]
-            for spec in known:
-                leaves = tree.leaves_like(t, spec)
+            # (A structure rebuilds dicts in the order of the tree it was made from: it is
+            # taken for a tree whose dicts list their keys in that order, so that the
+            # step's results keep eager's order.)
+            if like is not None:
+                leaves = tree.leaves_like(t, like)
                 if leaves is not None:
+                    return leaves, like
+            for spec, made_from in self.traced_structures:
+                leaves = tree.leaves_like(t, spec)
+                if leaves is not None and tree._same_key_order(t, made_from):
                     return leaves, spec
             leaves, spec = tree.flatten(t)
             if len(self.traced_structures) < 4:
-                self.traced_structures.append(spec)
+                self.traced_structures.append((spec, t))
             return leaves, spec
         hit = self.flattened.get(id(t))
         if hit is not None:

@@ -183,27 +183,24 @@ def _map_containers(node: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(node)
 
 
-_HOLDS_OTHER, _HOLDS_CONSTANT, _NEEDS_BOXES = 1, 2, 4
+_HOLDS_TENSOR, _HOLDS_NON_TENSOR, _NEEDS_BOXES = 1, 2, 4
 
 
 def _needs_boxes(node: Any) -> int:
-    """What ``node`` holds, as flags: ``_NEEDS_BOXES`` where a dict (at any depth) has
-    leaves that are all constants (``None``, bools, numbers, strings), which dynamo cannot
-    flatten unboxed (:class:`_Boxed`). Traced, any other tree (of
-    tensors, NamedTuples holding ``None`` among them) goes to optree as it is: rebuilding
-    every container boxed costs dynamo as much as the flattening itself."""
+    """What ``node`` holds, as flags: ``_NEEDS_BOXES`` where a dict (at any depth) holds
+    no tensor, which dynamo cannot flatten unboxed (:class:`_Boxed`). Traced, any other
+    tree (of tensors, NamedTuples holding ``None`` among them) goes to optree as it is:
+    rebuilding every container boxed costs dynamo as much as the flattening itself."""
     if isinstance(node, dict):
         values: Any = node.values()
     elif isinstance(node, (list, tuple)):
         values = node
-    elif node is None or isinstance(node, (bool, int, float, str)):
-        return _HOLDS_CONSTANT
     else:
-        return _HOLDS_OTHER
+        return _HOLDS_TENSOR if isinstance(node, torch.Tensor) else _HOLDS_NON_TENSOR
     held = 0
     for value in values:  # (a loop: dynamo traces a generator expression at far greater cost)
         held |= _needs_boxes(value)
-    if isinstance(node, dict) and held & (_HOLDS_OTHER | _HOLDS_CONSTANT) == _HOLDS_CONSTANT:
+    if isinstance(node, dict) and held & (_HOLDS_TENSOR | _HOLDS_NON_TENSOR) == _HOLDS_NON_TENSOR:
         held |= _NEEDS_BOXES
     return held
 
@@ -226,14 +223,12 @@ def _spec_needs_boxes(treespec: PyTreeSpec, leaves: Sequence[Any], at: int) -> t
     """:func:`_needs_boxes` of the tree that ``treespec`` and ``leaves`` (from index
     ``at``) would make, and the index after its leaves."""
     if treespec.type is None:  # (a leaf; a property, where is_leaf() is a call for dynamo)
-        x = leaves[at]
-        constant = x is None or isinstance(x, (bool, int, float, str))
-        return (_HOLDS_CONSTANT if constant else _HOLDS_OTHER), at + 1
+        return (_HOLDS_TENSOR if isinstance(leaves[at], torch.Tensor) else _HOLDS_NON_TENSOR), at + 1
     held = 0
     for child in treespec.children():
         flags, at = _spec_needs_boxes(child, leaves, at)
         held |= flags
-    if issubclass(treespec.type, dict) and held & (_HOLDS_OTHER | _HOLDS_CONSTANT) == _HOLDS_CONSTANT:
+    if issubclass(treespec.type, dict) and held & (_HOLDS_TENSOR | _HOLDS_NON_TENSOR) == _HOLDS_NON_TENSOR:
         held |= _NEEDS_BOXES
     return held, at
 
@@ -336,8 +331,8 @@ def leaves_like(tree: Any, treespec: PyTreeSpec, *, nested: bool = False) -> lis
 
     Returns:
         Its leaves in ``treespec``'s order (dict values by key), or ``None`` when this quick
-        path cannot tell (another structure, a nested tree, a leaf that is not a plain
-        tensor or ``None``).
+        path cannot tell (another structure, a nested tree in eager mode, a leaf that is not
+        a plain tensor or ``None``).
 
     Example:
         >>> import torch
@@ -399,6 +394,24 @@ def _traced_leaves_in(node: Any, treespec: PyTreeSpec, leaves: list[Any]) -> boo
                 return False
         return True
     return False  # (another node type: optree's own rules)
+
+
+def _same_key_order(tree: Any, other: Any) -> bool:
+    """Whether every dict of ``tree`` lists its keys in the order of ``other``'s dict at the
+    same place (the two of one structure): a structure rebuilds its dicts in the order of
+    the tree it was made from."""
+    if type(tree) is dict:
+        if list(tree) != list(other):
+            return False
+        pairs: Any = zip(tree.values(), other.values())
+    elif isinstance(tree, (list, tuple)):
+        pairs = zip(tree, other)
+    else:
+        return True
+    for a, b in pairs:  # noqa: SIM110 (a generator costs dynamo more)
+        if not _same_key_order(a, b):
+            return False
+    return True
 
 
 def leaves_matching(tree: Any, treespec: PyTreeSpec, name: str, ref_name: str) -> list[Any]:

@@ -1071,3 +1071,31 @@ def test_the_traced_tree_walks_agree_with_optree_or_decline():
     outside = holotx.tree.structure(ref)
     traced = torch.compile(lambda t: holotx.tree.leaves_like(t, outside), fullgraph=True, backend="eager")
     assert traced(matching) is None
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_traced_trees_keep_eager_key_order_and_box_dicts_without_a_tensor():
+    """Traced, a step's results list their dict keys as eager's do (a structure the step
+    remembers is reused only for a tree whose dicts have its key order), and a dict that
+    holds no tensor (a dtype beside a ``None``: constants to dynamo) is still boxed
+    through optree."""
+    def reordered(updates, _params):
+        return {key: updates[key] for key in reversed(list(updates))}
+
+    params = {"w": torch.ones(2, dtype=F64), "b": torch.ones(1, dtype=F64)}
+    grads = {"w": torch.full((2,), -0.5, dtype=F64), "b": torch.full((1,), 0.5, dtype=F64)}
+    tx = holotx.chain(holotx.scale(2.0), holotx.stateless(reordered), holotx.scale_by_adam())
+    state = tx.init(params)
+    eager_updates, eager_state = tx.update(grads, state, params)
+    updates, new_state = torch.compile(tx.update, fullgraph=True, backend="eager")(grads, state, params)
+    assert list(eager_updates) == list(updates) == ["b", "w"]
+    assert list(new_state[2].mu) == list(eager_state[2].mu) == ["b", "w"]
+
+    def round_trip(tree):
+        leaves, spec = holotx.tree.flatten(tree)
+        return holotx.tree.unflatten(spec, leaves), holotx.tree.leaves(tree)
+
+    tree = {"meta": {"dtype": torch.float32, "scale": None}, "w": torch.ones(1)}
+    rebuilt, leaves = torch.compile(round_trip, fullgraph=True, backend="eager")(tree)
+    assert rebuilt["meta"] == tree["meta"]
+    assert leaves[:2] == [torch.float32, None]
